@@ -1,0 +1,47 @@
+# simile: the two commands of the README are `make demo` and `make test`.
+# Both install what is missing (the torch wheel in a cached virtualenv, Debian packages)
+# and are quick when nothing is.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# The cached torch virtualenv that tch builds and links against (LIBTORCH_USE_PYTORCH).
+TORCH_VENV := $(shell scripts/bootstrap-torch.sh)
+ifeq ($(TORCH_VENV),)
+$(error installing torch==2.13.0 failed; see the messages above)
+endif
+export PATH := $(TORCH_VENV)/bin:$(PATH)
+export LIBTORCH_USE_PYTORCH := 1
+# Debian packages the demo and the tests need.
+APT_PACKAGES := fonts-aenigma
+
+.PHONY: help build test demo bench deps fmt clean
+
+help:
+	@echo "make demo   run the pipeline on the built-in Font-ID data"
+	@echo "make test   formatting, clippy and all tests (what CI runs)"
+	@echo "make build  release binaries in target/release"
+	@echo "make bench  benchmarks against FAISS / OML (long)"
+
+deps:
+	@scripts/bootstrap-apt.sh $(APT_PACKAGES)
+
+build:
+	cargo build --release --bins
+
+test: deps
+	@scripts/step fmt cargo fmt --check
+	@scripts/step clippy cargo clippy --all-targets -- -D warnings
+	@scripts/step tests cargo test --all-targets
+
+demo: deps build
+	$(MAKE) --no-print-directory -f pipelines/Makefile demo BIN=$(CURDIR)/target/release
+
+bench: build
+	@for b in bench/*.sh; do echo "== $$b"; bash "$$b" || exit 1; done
+
+fmt:
+	cargo fmt
+
+clean:
+	cargo clean
+	rm -rf work

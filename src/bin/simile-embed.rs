@@ -1,0 +1,314 @@
+//! simile-embed: turn a dataset into an embeddings file (`emb.npy` + `emb.ids.npy`); `merge`
+//! joins shard parts; `import` makes a model folder from a PyTorch checkpoint or TorchScript
+//! file; `classify` runs a model folder's classification head (a check of weights and
+//! preprocessing).
+use clap::{Args, Parser, Subcommand};
+use simile::cli::user_error;
+use simile::dataset::Split;
+use simile::device::DeviceArg;
+use simile::image::{Preprocess, ResizeMode};
+use simile::model::embed::{self, EmbedOptions, OnBadImage};
+use simile::model::{self, import, ArchSpec, Compute, ModelSpec, Pool};
+use simile::npy::DType;
+use simile::shard::ShardSpec;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "simile-embed",
+    version,
+    about = "Turn a dataset into an embeddings file with a model folder or a zoo key",
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:
+  simile-embed --dataset work/dataset.parquet --model smallcnn --out work/emb.npy
+  simile-embed --dataset work/dataset.parquet --model efficientnet-lite0-imagenet \\
+      --split validation --batch-size 64 --compute bf16 --out work/emb.npy
+  simile-embed --dataset d.parquet --model work/model --out work/emb.npy --shard 0/4
+  simile-embed merge --out work/emb.npy        # joins work/emb.part-*-of-*.npy
+  simile-embed import --arch resnet18 --weights resnet18.pth --size 224 --resize crop --out work/r18
+  simile-embed import --torchscript traced.pt --size 224 --out work/ts
+  simile-embed classify --model efficientnet-lite0-imagenet cat.png
+
+Zoo keys: smallcnn (untrained baseline, random weights with seed 0), efficientnet-lite0-imagenet.
+Writes OUT, OUT's .ids.npy (dataset ids, in id order) and OUT.manifest.json, atomically; with
+--on-bad-image skip, also <stem>.skipped.tsv listing the rows left out.
+Exit codes: 0 ok, 2 bad input, 1 internal failure."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    embed: EmbedArgs,
+}
+
+#[derive(Args)]
+struct EmbedArgs {
+    /// The dataset (`dataset.parquet` from simile-prepare).
+    #[arg(long)]
+    dataset: Option<PathBuf>,
+    /// A model folder (model.json + weights) or a zoo key.
+    #[arg(long)]
+    model: Option<String>,
+    /// The embeddings file to write (`.npy`).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Which rows: validation, train, inference or all.
+    #[arg(long, default_value = "all")]
+    split: String,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// auto, cpu, cuda or cuda:<i>.
+    #[arg(long, default_value = "auto")]
+    device: DeviceArg,
+    /// Precision of the forward pass: fp32, bf16 (fast on CPUs with AMX), fp16 (CUDA only).
+    #[arg(long, default_value = "fp32")]
+    compute: Compute,
+    /// Element type of the output file: f32 or f16.
+    #[arg(long, default_value = "f32")]
+    out_dtype: String,
+    /// Compute only shard i of n (0-based): rows [M*i/n, M*(i+1)/n) in id order.
+    #[arg(long)]
+    shard: Option<ShardSpec>,
+    /// A corrupt, missing or truncated image: `error` (default; lists every bad file before
+    /// anything runs) or `skip` (left out and listed in <stem>.skipped.tsv).
+    #[arg(long, default_value = "error")]
+    on_bad_image: OnBadImage,
+    /// Image root overriding the one recorded in the dataset.
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Keep decoded images in memory up to this many MiB (else they are decoded twice).
+    #[arg(long, default_value_t = 2048)]
+    cache_mib: usize,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Join shard parts `<stem>.part-<i>-of-<n>.npy` (with their ids files and manifests)
+    /// into one embeddings file; refuses gaps, duplicates and parts from different inputs.
+    Merge {
+        /// The merged embeddings file; its parts are found beside it unless listed.
+        #[arg(long)]
+        out: PathBuf,
+        /// The parts, if not all `<stem>.part-*` files beside --out.
+        parts: Vec<PathBuf>,
+    },
+    /// Make a model folder from a PyTorch state dict (.pth, .ckpt, .safetensors) for one of
+    /// simile's architectures, or from a TorchScript file.
+    Import(ImportArgs),
+    /// Print the top classes of images through a model folder's classification head.
+    Classify {
+        #[arg(long)]
+        model: String,
+        #[arg(long, default_value_t = 5)]
+        top: i64,
+        #[arg(long, default_value = "cpu")]
+        device: DeviceArg,
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// The model folder to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Architecture of the state dict: smallcnn, resnet18, resnet34, resnet50,
+    /// efficientnet-lite0, vits16, vits14.
+    #[arg(long, conflicts_with = "torchscript", requires = "weights")]
+    arch: Option<String>,
+    /// The state dict (.pth, .pt, .ckpt read through the torch Python; .safetensors directly).
+    #[arg(long, requires = "arch")]
+    weights: Option<PathBuf>,
+    /// A TorchScript file (torch.jit.trace / torch.jit.script) returning [batch, dim].
+    #[arg(long)]
+    torchscript: Option<PathBuf>,
+    /// Input side in pixels.
+    #[arg(long, default_value_t = 224)]
+    size: u32,
+    /// pad (OML default: longest side, white padding), stretch, or crop (shorter side to
+    /// size/crop-ratio, centre crop).
+    #[arg(long, default_value = "pad")]
+    resize: ResizeMode,
+    #[arg(long, default_value_t = 0.875)]
+    crop_ratio: f64,
+    /// Channel mean, three comma-separated values on the 0..1 scale (default ImageNet's).
+    #[arg(long, value_parser = parse3, default_value = "0.485,0.456,0.406")]
+    mean: [f32; 3],
+    #[arg(long, value_parser = parse3, default_value = "0.229,0.224,0.225")]
+    std: [f32; 3],
+    /// L2-normalise the embeddings.
+    #[arg(long)]
+    normalise: bool,
+    /// Pooling of the convolutional backbones: avg or gem.
+    #[arg(long, default_value = "avg")]
+    pool: String,
+    #[arg(long, default_value_t = 3.0)]
+    gem_p: f64,
+    /// The checkpoint has a projection `proj` to this many dimensions.
+    #[arg(long)]
+    proj_dim: Option<i64>,
+    /// smallcnn's first-block width.
+    #[arg(long)]
+    width: Option<i64>,
+}
+
+fn parse3(s: &str) -> Result<[f32; 3], String> {
+    let v: Vec<f32> = s
+        .split(',')
+        .map(|x| x.trim().parse::<f32>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("'{s}': expected three numbers, e.g. 0.5,0.5,0.5"))?;
+    v.try_into()
+        .map_err(|_| format!("'{s}': expected exactly three numbers"))
+}
+
+fn main() {
+    simile::cli::run(|| {
+        let cli = Cli::parse();
+        match cli.cmd {
+            Some(Cmd::Merge { out, parts }) => {
+                let s = simile::embeddings::merge_parts(&out, &parts)?;
+                eprintln!(
+                    "merged {} parts into {} ({} rows x {})",
+                    s.parts,
+                    out.display(),
+                    s.rows,
+                    s.dim
+                );
+                Ok(())
+            }
+            Some(Cmd::Import(a)) => run_import(a),
+            Some(Cmd::Classify {
+                model,
+                top,
+                device,
+                images,
+            }) => {
+                let dev = simile::device::resolve(device)?;
+                let m = model::Model::load(&model, dev)?;
+                let res = embed::classify_files(&m, &images, top)?;
+                for (f, classes) in images.iter().zip(res) {
+                    let cs: Vec<String> =
+                        classes.iter().map(|(c, p)| format!("{c}:{p:.4}")).collect();
+                    println!("{}\t{}", f.display(), cs.join("\t"));
+                }
+                Ok(())
+            }
+            None => run_embed(cli.embed),
+        }
+    })
+}
+
+fn run_embed(a: EmbedArgs) -> anyhow::Result<()> {
+    let (Some(dataset), Some(model), Some(out)) = (a.dataset, a.model, a.out) else {
+        return Err(user_error(
+            "simile-embed needs --dataset, --model and --out (or a subcommand: merge, import, classify); see --help",
+        ));
+    };
+    let split = match a.split.as_str() {
+        "all" => None,
+        s => Some(
+            s.parse::<Split>()
+                .map_err(|e| user_error(format!("--split {e} or all")))?,
+        ),
+    };
+    let out_dtype = match a.out_dtype.as_str() {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        o => {
+            return Err(user_error(format!(
+                "--out-dtype '{o}': expected f32 or f16"
+            )))
+        }
+    };
+    let opts = EmbedOptions {
+        dataset,
+        model,
+        out,
+        split,
+        batch_size: a.batch_size,
+        device: a.device,
+        compute: a.compute,
+        out_dtype,
+        shard: a.shard,
+        on_bad_image: a.on_bad_image,
+        root: a.root,
+        cache_mib: a.cache_mib,
+    };
+    let s = embed::run(&opts, |d| eprintln!("device: {d}"))?;
+    println!(
+        "wrote {} ({} x {}) and {} in {:.1} s ({:.0} images/s; decode {:.1} s) on {}",
+        s.out.display(),
+        s.rows,
+        s.dim,
+        s.ids.display(),
+        s.seconds,
+        s.rows as f64 / s.seconds.max(1e-9),
+        s.decode_seconds,
+        s.device
+    );
+    if let Some(l) = &s.skipped_list {
+        println!(
+            "skipped {} unreadable images, listed in {}",
+            s.skipped,
+            l.display()
+        );
+    }
+    Ok(())
+}
+
+fn run_import(a: ImportArgs) -> anyhow::Result<()> {
+    let input = Preprocess {
+        size: a.size,
+        resize: a.resize,
+        crop_ratio: a.crop_ratio,
+        mean: a.mean,
+        std: a.std,
+    };
+    input.validate()?;
+    if let Some(ts) = a.torchscript {
+        let spec = import::import_torchscript(&ts, input, a.normalise, &a.out)?;
+        println!(
+            "wrote {} (TorchScript, {}-d embeddings, input {} px {})",
+            a.out.display(),
+            spec.embedding_dim,
+            spec.input.size,
+            spec.input.resize
+        );
+        return Ok(());
+    }
+    let (Some(arch), Some(weights)) = (a.arch, a.weights) else {
+        return Err(user_error(
+            "import needs --arch and --weights (a state dict), or --torchscript",
+        ));
+    };
+    let mut spec = ArchSpec::new(&arch);
+    spec.pool = match a.pool.as_str() {
+        "avg" => Pool::Avg,
+        "gem" => Pool::Gem,
+        p => return Err(user_error(format!("--pool '{p}': expected avg or gem"))),
+    };
+    spec.gem_p = a.gem_p;
+    spec.proj_dim = a.proj_dim;
+    spec.width = a.width;
+    let mspec = ModelSpec::new(spec, a.normalise, input)?;
+    let r = import::import_state_dict(&weights, mspec.clone(), &a.out)?;
+    println!(
+        "wrote {} ({arch}, {}-d embeddings): {} tensors loaded, prefix '{}' stripped",
+        a.out.display(),
+        mspec.embedding_dim,
+        r.loaded,
+        r.prefix
+    );
+    if !r.dropped.is_empty() {
+        println!("dropped {} entries:", r.dropped.len());
+        for d in r.dropped.iter().take(20) {
+            println!("  {d}");
+        }
+        if r.dropped.len() > 20 {
+            println!("  ... and {} more", r.dropped.len() - 20);
+        }
+    }
+    Ok(())
+}

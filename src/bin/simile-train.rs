@@ -1,0 +1,95 @@
+//! simile-train: train an embedding network on a dataset's train split, validating on its
+//! validation split; writes a model folder `simile-embed` reads. Everything it does is in
+//! `simile::train`.
+use clap::Parser;
+use simile::device::DeviceArg;
+use simile::model::Compute;
+use simile::train::{self, TrainOptions};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "simile-train",
+    version,
+    about = "Train an embedding network (OML's recipe: sampler, miner, loss) into a model folder",
+    after_help = "Examples:
+  simile-train --dataset work/fontid/dataset.parquet --config pipelines/configs/fontid.toml --out work/model
+  simile-train --dataset d.parquet --config c.toml --out m --set optimizer.lr=3e-4 --set epochs=20
+  simile-train --dataset d.parquet --config c.toml --out m --resume      # after a kill
+  simile-train --dataset d.parquet --config c.toml --out m --compute bf16
+
+Writes into OUT: model.json + model.safetensors (the best weights by metric_for_checkpointing),
+config.toml (the resolved config), train_log.parquet (one row per step), val_metrics.parquet (one
+row per validation), checkpoints/last and checkpoints/best, and a manifest. Decoded images are
+cached once per dataset and input size in ${SIMILE_CACHE:-~/.cache/simile}/images (--cache-dir).
+Training runs on one device (no multi-GPU). Exit codes: 0 ok, 2 bad input, 1 internal failure."
+)]
+struct Cli {
+    /// The dataset (`dataset.parquet` from simile-prepare): trains on split 'train',
+    /// validates on split 'validation'.
+    #[arg(long)]
+    dataset: PathBuf,
+    /// The training config (TOML); see pipelines/configs/ and schemas/train.md.
+    #[arg(long)]
+    config: PathBuf,
+    /// The model folder to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Override one config key, e.g. --set optimizer.lr=3e-4 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Continue from OUT/checkpoints/last.
+    #[arg(long)]
+    resume: bool,
+    /// auto, cpu, cuda or cuda:<i>.
+    #[arg(long, default_value = "auto")]
+    device: DeviceArg,
+    /// fp32, or bf16 (bf16 forward/backward with fp32 master weights; fast on CPUs with AMX).
+    #[arg(long, default_value = "fp32")]
+    compute: Compute,
+    /// Folder of the decoded-image cache.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Testing: checkpoint after this many steps and stop (as a kill would).
+    #[arg(long, hide = true)]
+    stop_after_steps: Option<usize>,
+}
+
+fn main() {
+    simile::cli::run(|| {
+        let c = Cli::parse();
+        let opts = TrainOptions {
+            dataset: c.dataset,
+            config: c.config,
+            sets: c.sets,
+            out: c.out,
+            resume: c.resume,
+            device: c.device,
+            compute: c.compute,
+            cache_dir: c.cache_dir,
+            stop_after_steps: c.stop_after_steps,
+        };
+        let s = train::run(&opts, |d| eprintln!("simile-train: device {d}"))?;
+        if s.stopped {
+            println!(
+                "simile-train: stopped after step {} (checkpoint in {})",
+                s.steps,
+                s.out.join("checkpoints/last").display()
+            );
+            return Ok(());
+        }
+        let best = match &s.best {
+            Some((k, v, e)) => format!("best {k} = {v:.4} (epoch {e})"),
+            None => "no validation split: the model is the last weights".into(),
+        };
+        println!(
+            "simile-train: {} epochs, {} steps, {:.0} images/s, {:.1} s; {best} -> {}",
+            s.epochs,
+            s.steps,
+            s.images_per_s,
+            s.seconds,
+            s.out.display()
+        );
+        Ok(())
+    })
+}

@@ -1,0 +1,177 @@
+//! Exact k-nearest-neighbour search: what `simile-distance` runs.
+//!
+//! The data flow, in the order of the submodules:
+//! - [`rows`]: a side's embeddings as a memory-mapped `.npy` plus the map from side positions
+//!   (queries or gallery rows, in id order) to `.npy` rows; the finiteness and norm pre-pass.
+//! - [`kernel`]: packing and the fused CPU micro-kernels (fp32 FMA, bf16 dot products) that
+//!   score a tile of queries against gallery rows and filter the scores against each query's
+//!   admission threshold in registers, so most scores never reach memory.
+//! - [`topk`]: each query's candidate buffer (threshold-filtered insertion, compacted by
+//!   selection), which keeps the k best estimates plus every estimate within the error bound.
+//! - [`tensor`]: the same search through libtorch (matmul + topk on any device: CUDA, or the
+//!   CPU for tests and `--backend torch`).
+//! - [`search`]: the blocked driver (query chunks x streamed gallery blocks, in parallel),
+//!   then exact re-scoring of the candidates in f64 and the final ordering by
+//!   (distance, gallery id).
+//! - [`stage`]: the stage around it: datasets, ids, exclusions, shards, output and manifest.
+//! - [`merge`]: joining shard parts into the global result.
+//!
+//! Exactness: the fast paths rank by the expansion `||g||^2 - 2 q.g` (or `-q.g`), whose
+//! floating-point error is bounded per query (see [`search::error_bound`]); every gallery row
+//! whose estimate is within twice that bound of the k-th best is kept and re-scored directly,
+//! so cancellation can neither drop a true neighbour nor misreport a distance.
+pub mod exact;
+pub mod kernel;
+pub mod merge;
+pub mod rows;
+pub mod search;
+pub mod stage;
+pub mod tensor;
+pub mod topk;
+
+use std::fmt;
+use std::str::FromStr;
+
+/// The distance reported for a (query, gallery) pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Metric {
+    /// Euclidean distance (not squared): OML's.
+    #[default]
+    L2,
+    /// `1 - cos(q, g)`, normalising on the fly; a zero vector has cosine 0 with everything.
+    Cosine,
+    /// Negative inner product.
+    Dot,
+}
+
+impl Metric {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Metric::L2 => "l2",
+            Metric::Cosine => "cosine",
+            Metric::Dot => "dot",
+        }
+    }
+}
+
+impl FromStr for Metric {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "l2" => Ok(Metric::L2),
+            "cosine" => Ok(Metric::Cosine),
+            "dot" => Ok(Metric::Dot),
+            _ => Err(format!("'{s}': expected l2, cosine or dot")),
+        }
+    }
+}
+
+impl fmt::Display for Metric {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Precision of the candidate search (re-scoring is always exact).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Compute {
+    /// f32 products with a proven error bound: exact results.
+    #[default]
+    Fp32,
+    /// bf16 products, a fixed margin of extra candidates re-scored exactly: approximate at
+    /// the margin (recall is measured, not guaranteed).
+    Bf16,
+}
+
+impl Compute {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compute::Fp32 => "fp32",
+            Compute::Bf16 => "bf16",
+        }
+    }
+}
+
+impl FromStr for Compute {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fp32" => Ok(Compute::Fp32),
+            "bf16" => Ok(Compute::Bf16),
+            _ => Err(format!("'{s}': expected fp32 or bf16")),
+        }
+    }
+}
+
+impl fmt::Display for Compute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which implementation computes the candidates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// `torch` on a CUDA device, `native` on the CPU.
+    #[default]
+    Auto,
+    /// simile's own CPU kernels (AVX-512 where the CPU has it).
+    Native,
+    /// libtorch's matmul + topk, on the chosen device.
+    Torch,
+}
+
+impl FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Backend::Auto),
+            "native" => Ok(Backend::Native),
+            "torch" => Ok(Backend::Torch),
+            _ => Err(format!("'{s}': expected auto, native or torch")),
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Auto => "auto",
+            Backend::Native => "native",
+            Backend::Torch => "torch",
+        })
+    }
+}
+
+/// The engine a search runs on, resolved from `--backend` and `--device`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    Native,
+    Torch(tch::Device),
+}
+
+impl Engine {
+    pub fn resolve(backend: Backend, device: tch::Device) -> crate::Result<Engine> {
+        match (backend, device) {
+            (Backend::Native, tch::Device::Cpu) | (Backend::Auto, tch::Device::Cpu) => {
+                Ok(Engine::Native)
+            }
+            (Backend::Native, d) => Err(crate::Error::input(format!(
+                "--backend native runs on the CPU only, but --device is {}; use --backend torch (or auto)",
+                crate::device::describe(d)
+            ))),
+            (_, d) => Ok(Engine::Torch(d)),
+        }
+    }
+
+    pub fn describe(self) -> String {
+        match self {
+            Engine::Native => format!(
+                "cpu ({} threads, {})",
+                rayon::current_num_threads(),
+                kernel::Isa::detect().describe()
+            ),
+            Engine::Torch(d) => format!("{} via libtorch", crate::device::describe(d)),
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! `simile-distance merge`: joins shard parts into the result of the unsharded run.
+//!
+//! Query-shard parts hold disjoint queries: they are concatenated in part order (which is id
+//! order). Gallery-shard parts hold, for every query, its top-k within one slice of the
+//! gallery: per query, the lists are merged by (distance, gallery id) and cut at k. Distances
+//! are exact and computed the same way in every part, so the result is the unsharded one.
+//! Parts are streamed, never loaded whole.
+use crate::error::{Error, Result};
+use crate::io;
+use crate::manifest::ManifestBuilder;
+use crate::neighbors::{NeighborsMeta, NeighborsWriter};
+use crate::shard;
+use crate::table;
+use arrow::array::{Array, Float32Array, Int64Array};
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// What a merge did.
+#[derive(Clone, Debug)]
+pub struct MergeSummary {
+    pub out: PathBuf,
+    pub parts: usize,
+    pub kind: String,
+    pub queries: usize,
+    pub gallery: usize,
+    pub rows: u64,
+    pub seconds: f64,
+}
+
+impl std::fmt::Display for MergeSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "simile-distance merge: {} {}-shard parts, {} queries x {} gallery: {:.2} s ({} rows -> {})",
+            self.parts,
+            self.kind,
+            self.queries,
+            self.gallery,
+            self.seconds,
+            self.rows,
+            self.out.display()
+        )
+    }
+}
+
+/// Streams one part's rows, query by query.
+struct Cursor {
+    path: PathBuf,
+    reader: ParquetRecordBatchReader,
+    q: Vec<i64>,
+    g: Vec<i64>,
+    d: Vec<f32>,
+    i: usize,
+    last_q: Option<i64>,
+}
+
+impl Cursor {
+    fn open(path: &Path) -> Result<Cursor> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(|e| Error::format(path, format!("not a readable Parquet file: {e}")))?
+            .with_batch_size(1 << 16)
+            .build()
+            .map_err(|e| Error::format(path, format!("cannot read: {e}")))?;
+        Ok(Cursor {
+            path: path.to_path_buf(),
+            reader,
+            q: Vec::new(),
+            g: Vec::new(),
+            d: Vec::new(),
+            i: 0,
+            last_q: None,
+        })
+    }
+
+    fn column<'a, T: 'static>(
+        &self,
+        b: &'a arrow::array::RecordBatch,
+        name: &str,
+    ) -> Result<&'a T> {
+        b.column_by_name(name)
+            .and_then(|c| c.as_any().downcast_ref::<T>())
+            .ok_or_else(|| {
+                Error::input(format!(
+                    "{}: column '{name}' missing or of the wrong type; not a neighbours file",
+                    self.path.display()
+                ))
+            })
+    }
+
+    /// The next row's query id, reading the next batch when needed.
+    fn peek(&mut self) -> Result<Option<i64>> {
+        while self.i >= self.q.len() {
+            let Some(b) = self.reader.next() else {
+                return Ok(None);
+            };
+            let b = b.map_err(|e| Error::format(&self.path, format!("cannot read: {e}")))?;
+            let q = self.column::<Int64Array>(&b, "query_id")?;
+            let g = self.column::<Int64Array>(&b, "gallery_id")?;
+            let d = self.column::<Float32Array>(&b, "distance")?;
+            if q.null_count() + g.null_count() + d.null_count() > 0 {
+                return Err(Error::input(format!(
+                    "{}: null values in a neighbours file",
+                    self.path.display()
+                )));
+            }
+            self.q = q.values().to_vec();
+            self.g = g.values().to_vec();
+            self.d = d.values().to_vec();
+            self.i = 0;
+        }
+        let q = self.q[self.i];
+        if let Some(last) = self.last_q {
+            if q < last {
+                return Err(Error::input(format!(
+                    "{}: not sorted by query_id (query {q} after {last})",
+                    self.path.display()
+                )));
+            }
+        }
+        Ok(Some(q))
+    }
+
+    /// Appends the rows of query `qid` (which must be next) to `out`.
+    fn take(&mut self, qid: i64, out: &mut Vec<(f32, i64)>) -> Result<()> {
+        while self.peek()? == Some(qid) {
+            out.push((self.d[self.i], self.g[self.i]));
+            self.i += 1;
+            self.last_q = Some(qid);
+        }
+        Ok(())
+    }
+}
+
+/// Merges the parts of `out` (found beside it when `parts` is empty) into `out`.
+pub fn merge(out: &Path, parts: &[PathBuf]) -> Result<MergeSummary> {
+    let started = std::time::Instant::now();
+    let paths = shard::discover(out, parts)?;
+    for p in &paths {
+        io::ensure_distinct(p, out)?;
+    }
+    let set = shard::validate(&paths)?;
+    let m0 = &set.manifests[0];
+    if m0.stage != "distance" {
+        return Err(Error::input(format!(
+            "{} was written by simile-{}, not simile-distance",
+            set.paths[0].display(),
+            m0.stage
+        )));
+    }
+    let kind = m0
+        .params
+        .get("shard")
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .ok_or_else(|| {
+            Error::input(format!(
+                "{}: its manifest names no shard kind (query or gallery)",
+                set.paths[0].display()
+            ))
+        })?;
+    let metas: Vec<NeighborsMeta> = set
+        .paths
+        .iter()
+        .map(|p| NeighborsMeta::from_kv(p, &table::read_meta(p)?))
+        .collect::<Result<_>>()?;
+    let mut meta = metas[0].clone();
+    meta.complete = true;
+    meta.extra.remove("simile.shard");
+    match kind.as_str() {
+        "query" => meta.n_queries = metas.iter().map(|m| m.n_queries).sum(),
+        "gallery" => meta.n_gallery = metas.iter().map(|m| m.n_gallery).sum(),
+        other => {
+            return Err(Error::input(format!(
+                "{}: unknown shard kind '{other}'",
+                set.paths[0].display()
+            )))
+        }
+    }
+    let k = meta.k;
+    let mut writer = NeighborsWriter::create(out, &meta)?;
+    let mut cursors: Vec<Cursor> = set
+        .paths
+        .iter()
+        .map(|p| Cursor::open(p))
+        .collect::<Result<_>>()?;
+    let mut list: Vec<(f32, i64)> = Vec::new();
+    let mut ids: Vec<i64> = Vec::new();
+    let mut dists: Vec<f32> = Vec::new();
+    let mut emit = |qid: i64, list: &mut Vec<(f32, i64)>, cut: bool| -> Result<()> {
+        if cut {
+            list.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            list.truncate(k);
+        }
+        ids.clear();
+        dists.clear();
+        for &(d, g) in list.iter() {
+            ids.push(g);
+            dists.push(d);
+        }
+        writer.push(qid, &ids, &dists)
+    };
+    if kind == "query" {
+        let mut last: Option<i64> = None;
+        for c in cursors.iter_mut() {
+            while let Some(q) = c.peek()? {
+                if last.is_some_and(|l| q <= l) {
+                    return Err(Error::input(format!(
+                        "{}: query {q} also appears in an earlier part; query-shard parts must hold disjoint queries",
+                        c.path.display()
+                    )));
+                }
+                list.clear();
+                c.take(q, &mut list)?;
+                emit(q, &mut list, false)?;
+                last = Some(q);
+            }
+        }
+    } else {
+        loop {
+            let mut next: Option<i64> = None;
+            for c in cursors.iter_mut() {
+                if let Some(q) = c.peek()? {
+                    next = Some(next.map_or(q, |n: i64| n.min(q)));
+                }
+            }
+            let Some(q) = next else { break };
+            list.clear();
+            for c in cursors.iter_mut() {
+                c.take(q, &mut list)?;
+            }
+            emit(q, &mut list, true)?;
+        }
+    }
+    let rows = writer.finish()?;
+    let mut params = m0.params.clone();
+    params["shard"] = serde_json::Value::Null;
+    let mut mb = ManifestBuilder::new("distance", params);
+    for (role, rec) in &m0.inputs {
+        mb.input_record(role, rec.clone());
+    }
+    mb.rows("queries", meta.n_queries as u64)
+        .rows("gallery", meta.n_gallery as u64)
+        .rows("neighbors", rows)
+        .rows("parts", set.count as u64);
+    mb.write(out)?;
+    Ok(MergeSummary {
+        out: out.to_path_buf(),
+        parts: set.count,
+        kind,
+        queries: meta.n_queries,
+        gallery: meta.n_gallery,
+        rows,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,24 @@
+//! simile: a metric-learning toolkit. Six stage binaries over this library.
+pub mod error;
+pub mod io;
+pub use error::{Error, Result};
+pub mod cli;
+pub mod dataset;
+pub mod device;
+pub mod embeddings;
+pub mod fonts;
+pub mod image;
+pub mod knn;
+pub mod loss;
+pub mod manifest;
+pub mod metrics;
+pub mod miner;
+pub mod model;
+pub mod neighbors;
+pub mod npy;
+pub mod progress;
+pub mod retrieval;
+pub mod sampler;
+pub mod shard;
+pub mod table;
+pub mod train;

@@ -1,0 +1,357 @@
+//! The embedding-based metrics of the score stage: FNMR@FMR over every non-excluded
+//! (query, gallery) pair, recomputed in blocks from memory-mapped embeddings, and PCF.
+use super::fnmr::{self, Counts, Pass};
+use super::pcf;
+use crate::dataset::{Dataset, Split};
+use crate::error::{Error, Result};
+use crate::npy::{self, Npy};
+use crate::retrieval::QueryGallery;
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+/// The distances a neighbours file can hold (its `metric`), recomputed the same way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DistanceKind {
+    /// Euclidean, not squared.
+    L2,
+    /// 1 - cosine similarity.
+    Cosine,
+    /// Negative inner product.
+    Dot,
+}
+
+impl DistanceKind {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "l2" | "" => Ok(DistanceKind::L2),
+            "cosine" => Ok(DistanceKind::Cosine),
+            "dot" => Ok(DistanceKind::Dot),
+            _ => Err(Error::input(format!(
+                "unknown distance metric '{s}' in the neighbours file (expected l2, cosine or dot)"
+            ))),
+        }
+    }
+}
+
+/// A memory-mapped embeddings file and the dataset ids of its rows.
+pub struct Embeddings {
+    pub npy: Npy,
+    pub dim: usize,
+    row_of: HashMap<i64, usize>,
+}
+
+impl Embeddings {
+    /// Opens `path` for `ds`: rows map to ids through the sibling `<stem>.ids.npy`, else
+    /// the rows must be those of `split` in id order, or of the whole dataset.
+    pub fn open(path: &Path, ds: &Dataset, split: Option<Split>) -> Result<Embeddings> {
+        crate::shard::refuse_part(path)?;
+        crate::manifest::check_upstream(path, "dataset", &ds.file)?;
+        let npy = Npy::open(path)?;
+        let (m, dim) = npy.expect_matrix()?;
+        if dim == 0 {
+            return Err(Error::input(format!(
+                "{}: embeddings of width 0",
+                path.display()
+            )));
+        }
+        let ids_file = npy::ids_path(path);
+        let ids: Vec<i64> = if ids_file.exists() {
+            let ids = Npy::open(&ids_file)?.to_i64_vec()?;
+            if ids.len() != m {
+                return Err(Error::input(format!(
+                    "{}: {} ids for the {m} rows of {}",
+                    ids_file.display(),
+                    ids.len(),
+                    path.display()
+                )));
+            }
+            ids
+        } else {
+            let split_rows = split.map(|s| ds.rows_of_split(s)).unwrap_or_default();
+            if split.is_some() && m == split_rows.len() {
+                split_rows.iter().map(|&r| ds.ids[r]).collect()
+            } else if m == ds.len() {
+                ds.ids.clone()
+            } else {
+                return Err(Error::input(format!(
+                    "{}: {m} rows and no {} beside it, so the rows must be {} in id order: expected {}{} rows",
+                    path.display(),
+                    ids_file.display(),
+                    match split {
+                        Some(s) => format!("the rows of split '{s}' or of the whole dataset"),
+                        None => "the rows of the dataset".into(),
+                    },
+                    split
+                        .map(|_| format!("{} or ", split_rows.len()))
+                        .unwrap_or_default(),
+                    ds.len()
+                )));
+            }
+        };
+        let row_of = ids.iter().enumerate().map(|(r, &id)| (id, r)).collect();
+        Ok(Embeddings { npy, dim, row_of })
+    }
+
+    /// The embedding rows of `ids`; an error names the first id without one.
+    pub fn rows_of(&self, ids: &[i64]) -> Result<Vec<usize>> {
+        ids.iter()
+            .map(|id| {
+                self.row_of.get(id).copied().ok_or_else(|| {
+                    Error::input(format!(
+                        "{}: no embedding for dataset id {id}",
+                        self.npy.path().display()
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// Copies the given rows into `out` (row-major f32) and refuses NaN or infinite values.
+    pub fn gather(&self, rows: &[usize], out: &mut Vec<f32>) -> Result<()> {
+        out.clear();
+        out.reserve(rows.len() * self.dim);
+        let mut one = Vec::with_capacity(self.dim);
+        for &r in rows {
+            self.npy.read_rows_f32(r, r + 1, &mut one);
+            if one.iter().any(|v| !v.is_finite()) {
+                return Err(Error::input(format!(
+                    "{}: row {r} has a NaN or infinite value",
+                    self.npy.path().display()
+                )));
+            }
+            out.extend_from_slice(&one);
+        }
+        Ok(())
+    }
+}
+
+/// A block of rows prepared for the distance product: row-major, unit rows for cosine,
+/// with squared norms for L2.
+struct Prepared {
+    x: Vec<f32>,
+    sq: Vec<f32>,
+    n: usize,
+}
+
+fn prepare(mut x: Vec<f32>, d: usize, kind: DistanceKind) -> Prepared {
+    // d > 0: `Embeddings::open` refuses zero-width embeddings.
+    let n = x.len() / d;
+    let mut sq = Vec::new();
+    match kind {
+        DistanceKind::L2 => {
+            sq = x
+                .chunks_exact(d)
+                .map(|r| r.iter().map(|v| v * v).sum())
+                .collect();
+        }
+        DistanceKind::Cosine => {
+            for r in x.chunks_exact_mut(d) {
+                let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                r.iter_mut().for_each(|v| *v /= norm);
+            }
+        }
+        DistanceKind::Dot => {}
+    }
+    Prepared { x, sq, n }
+}
+
+/// `out[i][j] = q_i . g_j` for row-major `q` (m x d) and `g` (n x d).
+fn inner_products(q: &[f32], m: usize, g: &[f32], n: usize, d: usize, out: &mut Vec<f32>) {
+    out.clear();
+    out.resize(m * n, 0.0);
+    if m == 0 || n == 0 || d == 0 {
+        return;
+    }
+    assert!(q.len() >= m * d && g.len() >= n * d);
+    // SAFETY: the pointers and strides describe row-major q (m x d), g read as its transpose
+    // (d x n), and out (m x n); the asserts and the resize above give their lengths.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            d,
+            n,
+            1.0,
+            q.as_ptr(),
+            d as isize,
+            1,
+            g.as_ptr(),
+            1,
+            d as isize,
+            0.0,
+            out.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
+
+const QUERY_BLOCK: usize = 1024;
+/// Queries per parallel task: one small product and its classification.
+const QUERY_TASK: usize = 64;
+const GALLERY_BLOCK: usize = 4096;
+/// Prepared gallery blocks are kept between query blocks and passes up to this size.
+const GALLERY_CACHE_BYTES: usize = 512 << 20;
+
+thread_local! {
+    static IP: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Exact FNMR@FMR over every non-excluded (query, gallery) pair of `qg`, distances
+/// recomputed from the embeddings in blocks (pure Rust products, parallel over queries);
+/// memory bounded by the block sizes.
+pub fn fnmr_from_embeddings(
+    qg: &QueryGallery,
+    q_emb: &Embeddings,
+    g_emb: &Embeddings,
+    kind: DistanceKind,
+    fmr: &[f64],
+) -> Result<Vec<Option<f64>>> {
+    if q_emb.dim != g_emb.dim {
+        return Err(Error::input(format!(
+            "{} has width {} but {} has width {}",
+            q_emb.npy.path().display(),
+            q_emb.dim,
+            g_emb.npy.path().display(),
+            g_emb.dim
+        )));
+    }
+    let d = q_emb.dim;
+    let q_rows = q_emb.rows_of(&qg.queries.ids)?;
+    let g_rows = g_emb.rows_of(&qg.gallery.ids)?;
+    let nq = q_rows.len();
+    let ng = g_rows.len();
+    let gather = |e: &Embeddings, rows: &[usize]| -> Result<Prepared> {
+        let mut buf = Vec::new();
+        e.gather(rows, &mut buf)?;
+        Ok(prepare(buf, d, kind))
+    };
+    let cache: Option<Vec<Prepared>> = if ng * d * 4 <= GALLERY_CACHE_BYTES {
+        Some(
+            (0..ng)
+                .step_by(GALLERY_BLOCK)
+                .map(|g0| gather(g_emb, &g_rows[g0..(g0 + GALLERY_BLOCK).min(ng)]))
+                .collect::<Result<_>>()?,
+        )
+    } else {
+        None
+    };
+    let threads = rayon::current_num_threads();
+    let feed = |pass: &Pass| -> Result<Counts> {
+        let states: Vec<Mutex<Counts>> = (0..threads + 1)
+            .map(|_| Mutex::new(Counts::new(pass)))
+            .collect();
+        for q0 in (0..nq).step_by(QUERY_BLOCK) {
+            let q1 = (q0 + QUERY_BLOCK).min(nq);
+            let qp = gather(q_emb, &q_rows[q0..q1])?;
+            for (bi, g0) in (0..ng).step_by(GALLERY_BLOCK).enumerate() {
+                let owned;
+                let gp = match &cache {
+                    Some(c) => &c[bi],
+                    None => {
+                        owned = gather(g_emb, &g_rows[g0..(g0 + GALLERY_BLOCK).min(ng)])?;
+                        &owned
+                    }
+                };
+                (0..qp.n.div_ceil(QUERY_TASK))
+                    .into_par_iter()
+                    .for_each(|task| {
+                        let t0 = task * QUERY_TASK;
+                        let m = QUERY_TASK.min(qp.n - t0);
+                        let t = rayon::current_thread_index().map_or(threads, |t| t.min(threads));
+                        let mut c = states[t].lock().expect("no panics while counting");
+                        IP.with(|ip| {
+                            let mut ip = ip.borrow_mut();
+                            inner_products(&qp.x[t0 * d..], m, &gp.x, gp.n, d, &mut ip);
+                            for (i, row) in ip.chunks_exact(gp.n).enumerate() {
+                                let q = q0 + t0 + i;
+                                for (j, &p) in row.iter().enumerate() {
+                                    let g = g0 + j;
+                                    if qg.is_excluded(q, g) {
+                                        continue;
+                                    }
+                                    let dist = match kind {
+                                        DistanceKind::L2 => {
+                                            (qp.sq[t0 + i] + gp.sq[j] - 2.0 * p).max(0.0).sqrt()
+                                        }
+                                        DistanceKind::Cosine => 1.0 - p,
+                                        DistanceKind::Dot => -p,
+                                    };
+                                    c.add(pass, dist, qg.is_positive(q, g));
+                                }
+                            }
+                        });
+                    });
+            }
+        }
+        let mut it = states
+            .into_iter()
+            .map(|m| m.into_inner().expect("no panics while counting"));
+        let first = it.next().expect("at least one state");
+        Ok(it.fold(first, |a, b| a.merge(&b)))
+    };
+    fnmr::streaming_fnmr(fmr, feed)
+}
+
+/// FNMR@FMR from an exhaustive neighbours file: every non-excluded pair is in it.
+pub fn fnmr_from_lists(distance: &[f32], hits: &[bool], fmr: &[f64]) -> Vec<Option<f64>> {
+    let pos: Vec<f32> = distance
+        .iter()
+        .zip(hits)
+        .filter(|(_, &h)| h)
+        .map(|(&d, _)| d)
+        .collect();
+    let mut neg: Vec<f32> = distance
+        .iter()
+        .zip(hits)
+        .filter(|(_, &h)| !h)
+        .map(|(&d, _)| d)
+        .collect();
+    fnmr::fnmr_at_fmr(&pos, &mut neg, fmr)
+}
+
+/// One item PCF is computed over: which embeddings file (0 queries', 1 gallery's) and row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Item {
+    pub source: u8,
+    pub row: usize,
+}
+
+/// PCF of a set of items, streamed from their embeddings files.
+pub fn pcf_of_items(
+    items: &[Item],
+    sources: [&Embeddings; 2],
+    r: &[f64],
+) -> Result<Vec<Option<f64>>> {
+    let d = sources[0].dim;
+    if sources[1].dim != d {
+        return Err(Error::input(format!(
+            "{} has width {} but {} has width {}",
+            sources[0].npy.path().display(),
+            d,
+            sources[1].npy.path().display(),
+            sources[1].dim
+        )));
+    }
+    let mut rows = Vec::new();
+    let mut one = Vec::new();
+    pcf::pcf_of_rows(items.len(), d, r, |s, e, out| {
+        out.clear();
+        // Items are sorted by source then row, so runs share one file.
+        for src in 0..2u8 {
+            rows.clear();
+            rows.extend(
+                items[s..e]
+                    .iter()
+                    .filter(|i| i.source == src)
+                    .map(|i| i.row),
+            );
+            if !rows.is_empty() {
+                sources[src as usize].gather(&rows, &mut one)?;
+                out.extend_from_slice(&one);
+            }
+        }
+        Ok(())
+    })
+}

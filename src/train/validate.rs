@@ -1,0 +1,138 @@
+//! Validation while training, through the same library code as the stages: the validation
+//! embeddings are searched with `knn::search` (as `simile-distance`: L2, exact, the one
+//! exclusion rule of `retrieval`) and scored with `metrics::evaluate` and the default metric
+//! set (as `simile-score`), so a number in `val_metrics.parquet` is the number
+//! `simile-embed` + `simile-distance` + `simile-score` give for the same weights.
+use super::data::{self, ImageCache};
+use crate::dataset::{Dataset, Split};
+use crate::error::{Error, Result};
+use crate::image::Preprocess;
+use crate::knn::rows::Rows;
+use crate::knn::search::{self, Job};
+use crate::knn::{Backend, Compute, Engine, Metric};
+use crate::metrics::{self, AggregateOptions, Relevance, Scores};
+use crate::model::Net;
+use crate::npy::{self, DType, Npy};
+use crate::retrieval::{QueryGallery, SequenceRule};
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+/// What validation needs, prepared once.
+pub struct Validator {
+    pub qg: QueryGallery,
+    /// Dataset rows to embed (queries and gallery, ascending).
+    pub rows: Vec<usize>,
+    q_map: Vec<usize>,
+    g_map: Vec<usize>,
+    n_gt: Vec<usize>,
+    categories: Option<Vec<Option<String>>>,
+}
+
+impl Validator {
+    /// None when the dataset has no validation split.
+    pub fn new(ds: &Dataset) -> Result<Option<Validator>> {
+        if ds.rows_of_split(Split::Validation).is_empty() {
+            return Ok(None);
+        }
+        let qg = QueryGallery::from_dataset(ds, Split::Validation, SequenceRule::default())?;
+        let mut rows: Vec<usize> = qg
+            .queries
+            .rows
+            .iter()
+            .chain(&qg.gallery.rows)
+            .copied()
+            .collect();
+        rows.sort_unstable();
+        rows.dedup();
+        let pos = |r: &usize| rows.binary_search(r).unwrap_or(0);
+        let q_map = qg.queries.rows.iter().map(pos).collect();
+        let g_map = qg.gallery.rows.iter().map(pos).collect();
+        let n_gt = qg.positive_counts();
+        let categories = ds.has_category().then(|| qg.queries.category.clone());
+        Ok(Some(Validator {
+            qg,
+            rows,
+            q_map,
+            g_map,
+            n_gt,
+            categories,
+        }))
+    }
+
+    /// Embeds the validation images with `forward` (eval mode, no gradients) and scores them.
+    /// `tmp_dir` holds the embeddings file the search maps (removed afterwards).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        net: &Net,
+        cache: &ImageCache,
+        pre: &Preprocess,
+        device: Device,
+        kind: Kind,
+        batch_size: usize,
+        tmp_dir: &Path,
+    ) -> Result<Scores> {
+        let dim = net.dim as usize;
+        let mut emb: Vec<f32> = Vec::with_capacity(self.rows.len() * dim);
+        let s = pre.size as i64;
+        for chunk in self.rows.chunks(batch_size) {
+            let buf = data::batch(cache, chunk, pre, None);
+            let x = Tensor::f_from_slice(&buf)?
+                .f_view([chunk.len() as i64, 3, s, s])?
+                .f_to_device(device)?
+                .f_to_kind(kind)?;
+            let y = tch::no_grad(|| net.forward_t(&x, false))
+                .f_to_kind(Kind::Float)?
+                .f_to_device(Device::Cpu)?
+                .f_contiguous()?;
+            let v: Vec<f32> = Vec::try_from(y.f_flatten(0, -1)?)?;
+            if v.iter().any(|x| !x.is_finite()) {
+                return Err(Error::input(
+                    "validation: the network produced NaN or infinite embeddings (the weights have diverged; lower the learning rate)",
+                ));
+            }
+            emb.extend_from_slice(&v);
+        }
+        let tmp = tempfile::Builder::new()
+            .prefix(".val-emb.")
+            .suffix(".npy")
+            .tempfile_in(tmp_dir)
+            .map_err(|e| Error::io(tmp_dir, e))?;
+        let path = tmp.path().to_path_buf();
+        npy::write_f32_matrix(&path, &emb, dim, DType::F32)?;
+        let npy = Npy::open(&path)?;
+        let queries = Rows::new(&npy, &self.q_map, &self.qg.queries.ids);
+        let gallery = Rows::new(&npy, &self.g_map, &self.qg.gallery.ids);
+        let set = metrics::default_metric_set();
+        let job = Job {
+            queries: &queries,
+            gallery: &gallery,
+            q_range: 0..self.qg.queries.len(),
+            g_range: 0..self.qg.gallery.len(),
+            k: set.max_k().max(1),
+            metric: Metric::L2,
+            compute: Compute::Fp32,
+            engine: Engine::resolve(Backend::Auto, device)?,
+            qg: &self.qg,
+            memory_budget: 256 << 20,
+        };
+        let mut hits: Vec<Vec<bool>> = vec![Vec::new(); self.qg.queries.len()];
+        search::search(&job, |q, list| {
+            let g: Vec<usize> = list.iter().map(|(p, _)| *p as usize).collect();
+            hits[q] = metrics::hits_of(&self.qg, q, &g);
+            Ok(())
+        })?;
+        drop(npy);
+        let rel: Vec<Relevance> = hits
+            .iter()
+            .zip(&self.n_gt)
+            .map(|(h, &n)| Relevance { hits: h, n_gt: n })
+            .collect();
+        metrics::evaluate(
+            &rel,
+            self.categories.as_deref(),
+            &set,
+            AggregateOptions::default(),
+        )
+    }
+}

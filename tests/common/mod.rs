@@ -1,0 +1,95 @@
+//! Shared helpers for the integration tests: running the real binaries in temp dirs, and
+//! checking real files against the machine-readable schemas in `schemas/`.
+#![allow(dead_code)]
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub fn run(bin: &str, args: &[&str]) -> Run {
+    let out: Output = Command::new(bin)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Checks a Parquet file's columns (names, types, nullability) and required metadata keys
+/// against `schemas/<name>.schema.json`.
+pub fn check_against_schema(file: &Path, schema_name: &str) {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let spec: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            repo_root()
+                .join("schemas")
+                .join(format!("{schema_name}.schema.json")),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let f = std::fs::File::open(file).unwrap();
+    let b = ParquetRecordBatchReaderBuilder::try_new(f).unwrap();
+    let schema = b.schema().clone();
+    let kv: Vec<String> = b
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .map(|v| v.iter().map(|k| k.key.clone()).collect())
+        .unwrap_or_default();
+    let cols = spec["columns"].as_array().unwrap();
+    assert_eq!(
+        schema.fields().len(),
+        cols.len(),
+        "{}: column count differs from schemas/{schema_name}.schema.json",
+        file.display()
+    );
+    for (field, col) in schema.fields().iter().zip(cols) {
+        assert_eq!(field.name(), col["name"].as_str().unwrap());
+        let ty = match field.data_type() {
+            arrow::datatypes::DataType::Int64 => "int64",
+            arrow::datatypes::DataType::Int32 => "int32",
+            arrow::datatypes::DataType::Float32 => "float32",
+            arrow::datatypes::DataType::Float64 => "float64",
+            arrow::datatypes::DataType::Utf8 => "utf8",
+            arrow::datatypes::DataType::Boolean => "bool",
+            other => panic!("unexpected type {other}"),
+        };
+        assert_eq!(ty, col["type"].as_str().unwrap(), "column {}", field.name());
+        assert_eq!(
+            field.is_nullable(),
+            col["nullable"].as_bool().unwrap(),
+            "nullability of column {}",
+            field.name()
+        );
+    }
+    for key in spec["metadata_keys"].as_array().unwrap() {
+        let key = key.as_str().unwrap();
+        assert!(
+            kv.iter().any(|k| k == key),
+            "{}: missing metadata key {key}",
+            file.display()
+        );
+    }
+}
+
+/// Files in a folder (to check that nothing partial was left behind).
+pub fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}

@@ -1,0 +1,516 @@
+//! simile-train end to end: the real binary on small generated image datasets in temp folders.
+//! Outputs and their readers, validation equal to embed + distance + score, resume after a
+//! stop equal to an uninterrupted run, the OML recipes for two steps, bad input (exit 2).
+mod common;
+
+use image::{Rgb, RgbImage};
+use simile::dataset::{Dataset, Split};
+use simile::train::log;
+use std::path::{Path, PathBuf};
+
+const TRAIN: &str = env!("CARGO_BIN_EXE_simile-train");
+const EMBED: &str = env!("CARGO_BIN_EXE_simile-embed");
+const DISTANCE: &str = env!("CARGO_BIN_EXE_simile-distance");
+const SCORE: &str = env!("CARGO_BIN_EXE_simile-score");
+
+fn configs() -> PathBuf {
+    common::repo_root().join("pipelines/configs")
+}
+
+/// A dataset of `train` + `val` labels with `per` images each: every label is a colour and a
+/// stripe frequency, every image a noisy, shifted instance; categories `c0..c2` by label.
+fn make_data(dir: &Path, train: usize, val: usize, per: usize, categories: bool) -> PathBuf {
+    let img = dir.join("img");
+    std::fs::create_dir_all(&img).unwrap();
+    let n = (train + val) * per;
+    let mut ds = Dataset {
+        ids: (0..n as i64).collect(),
+        ..Default::default()
+    };
+    let mut state = 12345u32;
+    let mut rnd = move || {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        state
+    };
+    for l in 0..train + val {
+        for k in 0..per {
+            let (r, g, b) = (
+                (l * 53 % 256) as u8,
+                (l * 97 % 256) as u8,
+                (l * 31 % 256) as u8,
+            );
+            let f = 2 + (l % 5) as u32;
+            let shift = rnd() % 5;
+            let im = RgbImage::from_fn(24, 24, |x, y| {
+                let stripe = ((x + shift) / f + y / (1 + (l as u32 % 3))) % 2 == 0;
+                let noise = (rnd() % 40) as u8;
+                if stripe {
+                    Rgb([r.saturating_add(noise), g, b.saturating_sub(noise)])
+                } else {
+                    Rgb([255 - r, 255 - g.saturating_add(noise), 255 - b])
+                }
+            });
+            let name = format!("img/{l}_{k}.png");
+            im.save(dir.join(&name)).unwrap();
+            let is_val = l >= train;
+            ds.label.push(Some(l as i64));
+            ds.path.push(Some(name));
+            ds.text.push(None);
+            ds.split.push(if is_val {
+                Split::Validation
+            } else {
+                Split::Train
+            });
+            ds.is_query.push(is_val.then_some(true));
+            ds.is_gallery.push(is_val.then_some(true));
+            ds.category.push(categories.then(|| format!("c{}", l % 3)));
+            ds.sequence.push(None);
+            ds.bbox.push(None);
+        }
+    }
+    let dest = dir.join("dataset.parquet");
+    ds.write(&dest, dir).unwrap();
+    dest
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    cache: PathBuf,
+}
+
+fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    Env { dir, cache }
+}
+
+fn train(e: &Env, args: &[&str]) -> common::Run {
+    let out = std::process::Command::new(TRAIN)
+        .args(args)
+        .args(["--device", "cpu", "--cache-dir"])
+        .arg(&e.cache)
+        .env("SIMILE_CACHE", e.dir.path().join("zoo"))
+        .output()
+        .unwrap();
+    common::Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The Font-ID default, shrunk for generated 24 px data.
+const SMALL: &[&str] = &[
+    "--set",
+    "model.size=32",
+    "--set",
+    "model.width=8",
+    "--set",
+    "model.dim=16",
+    "--set",
+    "sampler.n_labels=3",
+    "--set",
+    "sampler.n_instances=4",
+    "--set",
+    "batch_size_val=64",
+];
+
+fn fontid_args<'a>(ds: &'a str, out: &'a str, cfg: &'a str) -> Vec<&'a str> {
+    let mut v = vec!["--dataset", ds, "--config", cfg, "--out", out];
+    v.extend_from_slice(SMALL);
+    v
+}
+
+#[test]
+fn trains_and_the_folder_is_read_by_embed_with_the_same_metrics() {
+    let e = env();
+    let ds = make_data(e.dir.path(), 6, 4, 6, true);
+    let out = e.dir.path().join("model");
+    let cfg = configs().join("fontid.toml");
+    let mut args = fontid_args(s(&ds), s(&out), s(&cfg));
+    args.extend(["--set", "epochs=3", "--set", "valid_period=1"]);
+    let r = train(&e, &args);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("best OVERALL/cmc/1"), "{}", r.stdout);
+    for f in [
+        "model.json",
+        "model.safetensors",
+        "model.safetensors.manifest.json",
+        "config.toml",
+        "train_log.parquet",
+        "val_metrics.parquet",
+        "checkpoints/last/state.json",
+        "checkpoints/last/model.safetensors",
+        "checkpoints/last/optimizer.safetensors",
+        "checkpoints/best/state.json",
+    ] {
+        assert!(out.join(f).exists(), "missing {f}");
+    }
+    // One row per step (6 train labels // 3 = 2 steps per epoch), one per validation
+    // (before training, then after each epoch).
+    let tl = log::read(&out.join("train_log.parquet"), &["epoch", "step"]).unwrap();
+    assert_eq!(tl.len(), 6);
+    assert_eq!(tl[5].int("step"), Some(6));
+    assert_eq!(tl[5].int("epoch"), Some(2));
+    for k in ["loss", "lr", "active_tri", "pos_dist", "neg_dist"] {
+        assert!(tl[0].value(k).is_some(), "train_log has no {k}");
+    }
+    let vm = log::read(&out.join("val_metrics.parquet"), &["epoch", "step"]).unwrap();
+    assert_eq!(vm.len(), 4);
+    for k in [
+        "OVERALL/cmc/1",
+        "OVERALL/cmc/5",
+        "OVERALL/precision/5",
+        "OVERALL/map/5",
+        "c0/cmc/1",
+    ] {
+        assert!(vm[0].value(k).is_some(), "val_metrics has no {k}");
+    }
+    let model: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("model.json")).unwrap()).unwrap();
+    assert_eq!(model["embedding_dim"], 16);
+    assert_eq!(
+        model["provenance"]["label_map"]["labels"],
+        serde_json::json!([0, 1, 2, 3, 4, 5])
+    );
+    let best_epoch = model["provenance"]["weights"]["epoch"].as_i64().unwrap();
+    let best_row = vm
+        .iter()
+        .find(|r| r.int("epoch") == Some(best_epoch))
+        .unwrap();
+    // The resolved config reads back as the same config.
+    let resolved = simile::train::Config::load(&out.join("config.toml"), &[]).unwrap();
+    assert_eq!(resolved.epochs, 3);
+
+    // embed + distance + score on the model folder give the validation numbers.
+    let emb = e.dir.path().join("emb.npy");
+    let nb = e.dir.path().join("nb.parquet");
+    let mj = e.dir.path().join("metrics.json");
+    let r = common::run(
+        EMBED,
+        &[
+            "--dataset",
+            s(&ds),
+            "--model",
+            s(&out),
+            "--split",
+            "validation",
+            "--out",
+            s(&emb),
+            "--device",
+            "cpu",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = common::run(
+        DISTANCE,
+        &[
+            "--dataset",
+            s(&ds),
+            "--embeddings",
+            s(&emb),
+            "--out",
+            s(&nb),
+            "--device",
+            "cpu",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = common::run(
+        SCORE,
+        &["--dataset", s(&ds), "--neighbors", s(&nb), "--out", s(&mj)],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mj).unwrap()).unwrap();
+    let m = if m.get("OVERALL/cmc/1").is_some() {
+        m
+    } else {
+        m["metrics"].clone()
+    };
+    for k in ["OVERALL/cmc/1", "OVERALL/precision/5", "OVERALL/map/5"] {
+        let want = best_row.value(k).unwrap();
+        let got = m[k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("metrics.json has no {k}: {m}"));
+        assert!(
+            (got - want).abs() < 1e-9,
+            "{k}: score {got} vs training {want}"
+        );
+    }
+
+    // A second run on the same data reuses the image cache; a run into a used folder is refused.
+    let out2 = e.dir.path().join("model2");
+    let mut args = fontid_args(s(&ds), s(&out2), s(&cfg));
+    args.extend(["--set", "epochs=1", "--set", "valid_at_start=false"]);
+    let r = train(&e, &args);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("from the cache"), "{}", r.stderr);
+    let r = train(&e, &args);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("--resume"), "{}", r.stderr);
+}
+
+fn tensors(p: &Path) -> Vec<(String, Vec<f32>)> {
+    let mut v: Vec<(String, Vec<f32>)> = tch::Tensor::read_safetensors(p)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| (n, Vec::<f32>::try_from(t.flatten(0, -1)).unwrap()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn resume_after_a_stop_ends_like_an_uninterrupted_run() {
+    let e = env();
+    let ds = make_data(e.dir.path(), 6, 3, 5, false);
+    let cfg = configs().join("fontid.toml");
+    // A memory-bank miner and SGD with momentum: their state must survive the checkpoint.
+    let extra = [
+        "--set",
+        "epochs=2",
+        "--set",
+        "valid_period=1",
+        "--set",
+        "loss.miner.name=triplets_with_memory",
+        "--set",
+        "loss.miner.bank_size_in_batches=2",
+        "--set",
+        "loss.miner.tri_expand_k=2",
+        "--set",
+        "loss.margin=\"soft\"",
+        "--set",
+        "optimizer.name=sgd",
+        "--set",
+        "optimizer.lr=0.05",
+        "--set",
+        "optimizer.momentum=0.9",
+        "--set",
+        "schedule={ name = \"multi_step\", milestones = [1] }",
+    ];
+    let a = e.dir.path().join("a");
+    let mut args = fontid_args(s(&ds), s(&a), s(&cfg));
+    args.extend(extra);
+    let r = train(&e, &args);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+
+    let b = e.dir.path().join("b");
+    let mut args = fontid_args(s(&ds), s(&b), s(&cfg));
+    args.extend(extra);
+    let mut stop = args.clone();
+    stop.extend(["--stop-after-steps", "3"]);
+    let r = train(&e, &stop);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("stopped after step 3"), "{}", r.stdout);
+    assert!(!b.join("model.safetensors.manifest.json").exists());
+    let st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b.join("checkpoints/last/state.json")).unwrap())
+            .unwrap();
+    assert_eq!(st["step"], 3);
+    assert_eq!(st["batch_in_epoch"], 1);
+    assert!(b.join("checkpoints/last/bank.safetensors").exists());
+    let mut resume = args.clone();
+    resume.push("--resume");
+    let r = train(&e, &resume);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("resuming"), "{}", r.stderr);
+
+    let la = log::read(&a.join("train_log.parquet"), &["epoch", "step"]).unwrap();
+    let lb = log::read(&b.join("train_log.parquet"), &["epoch", "step"]).unwrap();
+    assert_eq!(la.len(), lb.len());
+    for (x, y) in la.iter().zip(&lb) {
+        let (p, q) = (x.value("loss").unwrap(), y.value("loss").unwrap());
+        assert!((p - q).abs() <= 1e-6 * p.abs().max(1.0), "loss {p} vs {q}");
+    }
+    let va = log::read(&a.join("val_metrics.parquet"), &["epoch", "step"]).unwrap();
+    let vb = log::read(&b.join("val_metrics.parquet"), &["epoch", "step"]).unwrap();
+    assert_eq!(va.len(), vb.len());
+    for (x, y) in va.iter().zip(&vb) {
+        for (k, v) in &x.values {
+            let w = y.value(k);
+            match (v, w) {
+                (Some(v), Some(w)) => assert!((v - w).abs() <= 1e-6, "{k}: {v} vs {w}"),
+                (None, None) => {}
+                _ => panic!("{k}: {v:?} vs {w:?}"),
+            }
+        }
+    }
+    for (x, y) in tensors(&a.join("checkpoints/last/model.safetensors"))
+        .iter()
+        .zip(tensors(&b.join("checkpoints/last/model.safetensors")))
+    {
+        assert_eq!(x.0, y.0);
+        let d =
+            x.1.iter()
+                .zip(&y.1)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+        assert!(d <= 1e-6, "{}: max difference {d}", x.0);
+    }
+}
+
+/// Recipe configs run two steps on tiny inputs (vits16 at 32 px: 4 patches).
+#[test]
+fn oml_recipes_run_two_steps() {
+    let e = env();
+    let ds = make_data(e.dir.path(), 6, 3, 4, true);
+    for (name, sets) in [
+        (
+            "cub.toml",
+            vec!["sampler.n_labels=2", "sampler.n_instances=2"],
+        ),
+        (
+            "sop.toml",
+            vec![
+                "sampler.n_categories=2",
+                "sampler.n_labels=2",
+                "sampler.n_instances=2",
+            ],
+        ),
+        (
+            "inshop.toml",
+            vec![
+                "sampler.n_categories=3",
+                "sampler.n_labels=2",
+                "sampler.n_instances=2",
+            ],
+        ),
+    ] {
+        let out = e.dir.path().join(name);
+        let cfg = configs().join(name);
+        let mut args: Vec<String> = vec![
+            "--dataset".into(),
+            s(&ds).into(),
+            "--config".into(),
+            s(&cfg).into(),
+            "--out".into(),
+            s(&out).into(),
+            "--stop-after-steps".into(),
+            "2".into(),
+        ];
+        for x in sets.iter().chain(&["model.size=32", "batch_size_val=16"]) {
+            args.push("--set".into());
+            args.push(x.to_string());
+        }
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = train(&e, &a);
+        assert_eq!(r.code, 0, "{name}: {}", r.stderr);
+        assert!(
+            r.stdout.contains("stopped after step 2"),
+            "{name}: {}",
+            r.stdout
+        );
+        let tl = log::read(&out.join("train_log.parquet"), &["epoch", "step"]).unwrap();
+        assert_eq!(tl.len(), 2, "{name}");
+        assert!(tl
+            .iter()
+            .all(|r| r.value("loss").is_some_and(f64::is_finite)));
+        if name == "cub.toml" {
+            assert!(
+                tl[0].value("bank_active_tri").is_some(),
+                "{name}: no bank logs"
+            );
+        }
+    }
+}
+
+#[test]
+fn bf16_compute_trains() {
+    let e = env();
+    let ds = make_data(e.dir.path(), 6, 3, 4, false);
+    let out = e.dir.path().join("m");
+    let cfg = configs().join("fontid.toml");
+    let mut args = fontid_args(s(&ds), s(&out), s(&cfg));
+    args.extend(["--set", "epochs=1", "--compute", "bf16"]);
+    let r = train(&e, &args);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("checkpoints/last/state.json")).unwrap())
+            .unwrap();
+    assert_eq!(st["compute"], "bf16");
+    // The master weights stay fp32.
+    let t = tch::Tensor::read_safetensors(out.join("model.safetensors")).unwrap();
+    assert!(t.iter().all(|(_, t)| t.kind() == tch::Kind::Float));
+}
+
+#[test]
+fn a_diverging_loss_stops_with_a_message_and_keeps_the_checkpoint() {
+    let e = env();
+    let ds = make_data(e.dir.path(), 6, 3, 4, false);
+    let out = e.dir.path().join("m");
+    let cfg = configs().join("fontid.toml");
+    let mut args = fontid_args(s(&ds), s(&out), s(&cfg));
+    args.extend([
+        "--set",
+        "epochs=3",
+        "--set",
+        "valid_at_start=false",
+        "--set",
+        "model.normalise=false",
+        "--set",
+        "checkpoint_every_steps=1",
+        "--set",
+        "optimizer.name=sgd",
+        "--set",
+        "optimizer.lr=1e30",
+        "--set",
+        "schedule.warmup_epochs=0",
+    ]);
+    let r = train(&e, &args);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("the loss became"), "{}", r.stderr);
+    assert!(r.stderr.contains("last good checkpoint"), "{}", r.stderr);
+    assert!(out.join("checkpoints/last/state.json").exists());
+}
+
+#[test]
+fn bad_input_is_refused_before_training() {
+    let e = env();
+    let ds = make_data(e.dir.path(), 4, 2, 3, false);
+    let cfg = configs().join("fontid.toml");
+    let out = e.dir.path().join("m");
+    let check = |extra: &[&str], want: &str| {
+        let mut args = fontid_args(s(&ds), s(&out), s(&cfg));
+        args.extend(extra);
+        let r = train(&e, &args);
+        assert_eq!(r.code, 2, "{extra:?}: {}", r.stderr);
+        assert!(r.stderr.contains(want), "{extra:?}: {}", r.stderr);
+        assert!(!out.join("train_log.parquet").exists(), "{extra:?} trained");
+    };
+    check(&["--set", "optimizer.lrr=1"], "did you mean 'optimizer.lr'");
+    check(
+        &["--set", "sampler.n_label=2"],
+        "did you mean 'sampler.n_labels'",
+    );
+    check(&["--set", "epochs=\"many\""], "'epochs'");
+    check(&["--set", "loss.name=tripplet"], "did you mean 'triplet'");
+    check(
+        &[
+            "--set",
+            "sampler.name=category_balance",
+            "--set",
+            "sampler.n_categories=1",
+        ],
+        "no category",
+    );
+    check(&["--set", "sampler.n_labels=9"], "n_labels");
+    check(&["--resume"], "no checkpoint");
+    // No train rows.
+    let mut d = Dataset::read(&ds).unwrap();
+    for sp in d.split.iter_mut() {
+        *sp = Split::Validation;
+    }
+    d.is_query = vec![Some(true); d.len()];
+    d.is_gallery = vec![Some(true); d.len()];
+    let ds2 = e.dir.path().join("val_only.parquet");
+    d.write(&ds2, e.dir.path()).unwrap();
+    let r = train(&e, &fontid_args(s(&ds2), s(&out), s(&cfg)));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("no train rows"), "{}", r.stderr);
+}
