@@ -6,7 +6,9 @@
 //! one exclusion rule) and ranked lists give per-query [`Relevance`] (hit flags and the
 //! number of positives); [`ranking`] turns each into one number per metric;
 //! [`aggregate`] takes means overall and per category and names the keys as OML does.
-//! [`fnmr`] and [`pcf`] are the embedding-level metrics; [`stage`] is the score stage.
+//! [`fnmr`] and [`pcf`] are the pair- and embedding-level metrics, [`embeddings`] feeds
+//! them from `.npy` files; [`lists`] scans a neighbours file (decode, check, score in one
+//! parallel pass); [`stage`] is the score stage that `simile-score` runs.
 pub mod aggregate;
 pub mod embeddings;
 pub mod fnmr;

@@ -294,23 +294,6 @@ pub fn fnmr_from_embeddings(
     fnmr::streaming_fnmr(fmr, feed)
 }
 
-/// FNMR@FMR from an exhaustive neighbours file: every non-excluded pair is in it.
-pub fn fnmr_from_lists(distance: &[f32], hits: &[bool], fmr: &[f64]) -> Vec<Option<f64>> {
-    let pos: Vec<f32> = distance
-        .iter()
-        .zip(hits)
-        .filter(|(_, &h)| h)
-        .map(|(&d, _)| d)
-        .collect();
-    let mut neg: Vec<f32> = distance
-        .iter()
-        .zip(hits)
-        .filter(|(_, &h)| !h)
-        .map(|(&d, _)| d)
-        .collect();
-    fnmr::fnmr_at_fmr(&pos, &mut neg, fmr)
-}
-
 /// One item PCF is computed over: which embeddings file (0 queries', 1 gallery's) and row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Item {

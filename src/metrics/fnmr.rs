@@ -61,6 +61,24 @@ pub fn fnmr_at_fmr(pos: &[f32], neg: &mut [f32], fmr: &[f64]) -> Vec<Option<f64>
         .collect()
 }
 
+/// FNMR@FMR from pair distances and whether each pair is positive (e.g. every row of an
+/// exhaustive neighbours file).
+pub fn fnmr_from_pairs(distance: &[f32], hits: &[bool], fmr: &[f64]) -> Vec<Option<f64>> {
+    let pos: Vec<f32> = distance
+        .iter()
+        .zip(hits)
+        .filter(|(_, &h)| h)
+        .map(|(&d, _)| d)
+        .collect();
+    let mut neg: Vec<f32> = distance
+        .iter()
+        .zip(hits)
+        .filter(|(_, &h)| !h)
+        .map(|(&d, _)| d)
+        .collect();
+    fnmr_at_fmr(&pos, &mut neg, fmr)
+}
+
 /// Checks FMR values: non-empty, each in [0, 1].
 pub fn check_fmr(fmr: &[f64]) -> Result<()> {
     if let Some(f) = fmr.iter().find(|f| !(0.0..=1.0).contains(*f)) {

@@ -133,6 +133,7 @@ pub fn compute(req: &ScoreRequest) -> Result<Computed> {
         &req.dataset,
     )?;
     let ds = Dataset::read(&req.dataset)?;
+    timings.push(("read_dataset_file", t0.elapsed().as_secs_f64()));
     let (qg, gds, split) = match (&meta.split, &meta.gallery_dataset) {
         (Some(s), None) => {
             if req.gallery_dataset.is_some() || req.gallery_embeddings.is_some() {

@@ -294,7 +294,7 @@ fn oml_t4_fnmr() {
     let mut hits: Vec<bool> = r0.iter().map(|&g| (10..=18).contains(&g)).collect();
     hits.extend(r1.iter().map(|&g| g == 10));
     assert_eq!(
-        super::embeddings::fnmr_from_lists(&dist, &hits, &[0.1, 0.5]),
+        fnmr::fnmr_from_pairs(&dist, &hits, &[0.1, 0.5]),
         vec![Some(0.4), Some(0.2)]
     );
     // The streaming form gives the same.
@@ -544,7 +544,7 @@ fn property_fnmr_streaming_and_in_memory_match_sorting() {
         let hits: Vec<bool> = (0..n).map(|_| rng.below(4) == 0).collect();
         let want: Vec<Option<f64>> = fmr.iter().map(|&f| naive_fnmr(&dist, &hits, f)).collect();
         assert_eq!(
-            super::embeddings::fnmr_from_lists(&dist, &hits, &fmr),
+            fnmr::fnmr_from_pairs(&dist, &hits, &fmr),
             want,
             "case {case}"
         );
