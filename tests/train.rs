@@ -44,7 +44,7 @@ fn make_data(dir: &Path, train: usize, val: usize, per: usize, categories: bool)
             let f = 2 + (l % 5) as u32;
             let shift = rnd() % 5;
             let im = RgbImage::from_fn(24, 24, |x, y| {
-                let stripe = ((x + shift) / f + y / (1 + (l as u32 % 3))) % 2 == 0;
+                let stripe = ((x + shift) / f + y / (1 + (l as u32 % 3))).is_multiple_of(2);
                 let noise = (rnd() % 40) as u8;
                 if stripe {
                     Rgb([r.saturating_add(noise), g, b.saturating_sub(noise)])

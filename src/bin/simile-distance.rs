@@ -71,16 +71,20 @@ struct SearchArgs {
     /// Two-sided form: the queries' dataset (all its rows, or --query-split's).
     #[arg(long, value_name = "PARQUET")]
     query_dataset: Option<PathBuf>,
+    /// Two-sided form: embeddings of --query-dataset.
     #[arg(long, value_name = "NPY")]
     query_embeddings: Option<PathBuf>,
-    #[arg(long)]
+    /// Two-sided form: only this split's rows of --query-dataset.
+    #[arg(long, value_name = "SPLIT")]
     query_split: Option<Split>,
     /// Two-sided form: the gallery's dataset (all its rows, or --gallery-split's).
     #[arg(long, value_name = "PARQUET")]
     gallery_dataset: Option<PathBuf>,
+    /// Two-sided form: embeddings of --gallery-dataset.
     #[arg(long, value_name = "NPY")]
     gallery_embeddings: Option<PathBuf>,
-    #[arg(long)]
+    /// Two-sided form: only this split's rows of --gallery-dataset.
+    #[arg(long, value_name = "SPLIT")]
     gallery_split: Option<Split>,
     /// The neighbours table to write (a shard writes <stem>.part-<i>-of-<n>.parquet).
     #[arg(long, value_name = "PARQUET")]

@@ -144,7 +144,7 @@ impl<'a> Rows<'a> {
         let data: &'a [u8] = self.npy.data();
         let start = self.map[pos] * self.dim * 4;
         let bytes = &data[start..start + self.dim * 4];
-        if bytes.as_ptr() as usize % 4 != 0 || cfg!(target_endian = "big") {
+        if !(bytes.as_ptr() as usize).is_multiple_of(4) || cfg!(target_endian = "big") {
             return None;
         }
         // SAFETY: in bounds, aligned for f32 (checked), little-endian like the file, and
