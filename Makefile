@@ -11,10 +11,10 @@ $(error installing torch==2.13.0 failed; see the messages above)
 endif
 export PATH := $(TORCH_VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
-# Debian packages the demo and the tests need.
-APT_PACKAGES := fonts-aenigma
+# Debian packages the demo and the tests need (chromium: tests/report.rs renders the report).
+APT_PACKAGES := fonts-aenigma chromium
 
-.PHONY: help build test demo bench deps fmt clean
+.PHONY: help build test demo bench deps fmt clean large-gallery large-gallery-smoke
 
 help:
 	@echo "make demo   run the pipeline on the built-in Font-ID data"
@@ -32,12 +32,20 @@ test: deps
 	@scripts/step fmt cargo fmt --check
 	@scripts/step clippy cargo clippy --all-targets -- -D warnings
 	@scripts/step tests cargo test --all-targets
+	@scripts/step airflow scripts/airflow-test target/debug
 
 demo: deps build
 	$(MAKE) --no-print-directory -f pipelines/Makefile demo BIN=$(CURDIR)/target/release
 
 bench: build
 	@for b in bench/*.sh; do echo "== $$b"; bash "$$b" || exit 1; done
+
+# Batch scoring of new queries against a cached 5,000,000 x 128 gallery (docs/large_gallery.md).
+large-gallery: build
+	SIMILE_BIN=target/release pipelines/large_gallery.sh
+
+large-gallery-smoke: build
+	SIMILE_BIN=target/release pipelines/large_gallery.sh --rows 20000 --queries 200 --shards 3 --sample 50 --work $${TMPDIR:-/tmp}/simile-lg-smoke --cleanup
 
 fmt:
 	cargo fmt

@@ -6,6 +6,11 @@ use crate::error::Error;
 pub fn run(main: impl FnOnce() -> anyhow::Result<()>) -> ! {
     match main() {
         Ok(()) => std::process::exit(0),
+        // Not a failure: the stage found its output up to date and did nothing.
+        Err(e) if matches!(e.downcast_ref::<Error>(), Some(Error::UpToDate(_))) => {
+            eprintln!("{e}");
+            std::process::exit(0)
+        }
         Err(e) => {
             let code = exit_code(&e);
             eprintln!("error: {e}");

@@ -28,6 +28,10 @@ pub enum Error {
     Internal(String),
     #[error(transparent)]
     Torch(#[from] tch::TchError),
+    /// Not a failure: the stage's output is already up to date, nothing was done (raised only
+    /// where the binary turned reuse on; `cli::run` prints it and exits 0).
+    #[error("{0}")]
+    UpToDate(String),
 }
 
 impl Error {
@@ -40,6 +44,7 @@ impl Error {
             | Error::Format { .. }
             | Error::Device(_) => 2,
             Error::Internal(_) | Error::Torch(_) => 1,
+            Error::UpToDate(_) => 0,
         }
     }
 

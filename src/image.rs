@@ -12,7 +12,8 @@
 //! A prepared image is kept as `u8` CHW (3 x size x size): a quarter of the memory of the
 //! float tensor, normalised only when a batch is assembled.
 use crate::error::{Error, Result};
-use image::{imageops::FilterType, DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use fast_image_resize as fir;
+use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
 use serde::{Deserialize, Serialize};
 use std::io::Cursor;
 use std::path::Path;
@@ -184,11 +185,35 @@ pub fn crop_bbox(img: RgbImage, bbox: Option<[i32; 4]>) -> std::result::Result<R
     .to_image())
 }
 
-fn resize(img: &RgbImage, w: u32, h: u32) -> RgbImage {
-    if img.width() == w && img.height() == h {
+/// Resizes `img`, or the box `(left, top, width, height)` of it (in source pixels, may be
+/// fractional), to `w x h` with Pillow's bilinear filter (a triangle whose support widens with
+/// the downscale factor, so no aliasing): what torchvision's `Resize` runs on PIL images.
+/// Pixels outside the box but inside the image feed the filter at the box's edges, so
+/// resizing a box equals resizing the whole and cropping the result.
+fn resize(img: &RgbImage, region: Option<(f64, f64, f64, f64)>, w: u32, h: u32) -> RgbImage {
+    let (w, h) = (w.max(1), h.max(1));
+    if region.is_none() && img.width() == w && img.height() == h {
         return img.clone();
     }
-    image::imageops::resize(img, w.max(1), h.max(1), FilterType::Triangle)
+    let src = fir::images::ImageRef::new(img.width(), img.height(), img.as_raw(), PIXEL)
+        .expect("an RgbImage's buffer fits its size");
+    let mut dst = fir::images::Image::new(w, h, PIXEL);
+    let mut opts = fir::ResizeOptions::new()
+        .resize_alg(fir::ResizeAlg::Convolution(fir::FilterType::Bilinear));
+    if let Some((left, top, cw, ch)) = region {
+        opts = opts.crop(left, top, cw, ch);
+    }
+    RESIZER
+        .with(|r| r.borrow_mut().resize(&src, &mut dst, &opts))
+        .expect("same pixel types, a crop box inside the image");
+    RgbImage::from_raw(w, h, dst.into_vec()).expect("the resizer's buffer fits its size")
+}
+
+const PIXEL: fir::PixelType = fir::PixelType::U8x3;
+
+thread_local! {
+    // One per decoding thread: it keeps its scratch buffers between images.
+    static RESIZER: std::cell::RefCell<fir::Resizer> = std::cell::RefCell::new(fir::Resizer::new());
 }
 
 /// Resizes to the model's square input as `p.resize` says; returns a `size x size` RGB image.
@@ -196,14 +221,14 @@ pub fn fit(img: &RgbImage, p: &Preprocess) -> RgbImage {
     let s = p.size;
     let (w, h) = (img.width(), img.height());
     match p.resize {
-        ResizeMode::Stretch => resize(img, s, s),
+        ResizeMode::Stretch => resize(img, None, s, s),
         ResizeMode::Pad => {
             // albumentations LongestMaxSize + PadIfNeeded(BORDER_CONSTANT, white), centred with
             // the odd pixel at the bottom/right.
             let scale = s as f64 / w.max(h) as f64;
             let nw = ((w as f64 * scale).round() as u32).clamp(1, s);
             let nh = ((h as f64 * scale).round() as u32).clamp(1, s);
-            let r = resize(img, nw, nh);
+            let r = resize(img, None, nw, nh);
             if nw == s && nh == s {
                 return r;
             }
@@ -217,17 +242,21 @@ pub fn fit(img: &RgbImage, p: &Preprocess) -> RgbImage {
             canvas
         }
         ResizeMode::Crop => {
-            // torchvision Resize(int) on the shorter side (the longer truncated), CenterCrop.
+            // torchvision Resize(int) on the shorter side (the longer truncated), then
+            // CenterCrop(size) with Python's round (half to even). Only the kept square is
+            // computed: the matching box of the source is resized straight to size x size.
             let short_to = ((s as f64 / p.crop_ratio).round() as u32).max(s);
             let (nw, nh) = if w <= h {
                 (short_to, ((short_to as u64 * h as u64) / w as u64) as u32)
             } else {
                 (((short_to as u64 * w as u64) / h as u64) as u32, short_to)
             };
-            let r = resize(img, nw.max(s), nh.max(s));
-            let left = ((r.width() - s) as f64 / 2.0).round() as u32;
-            let top = ((r.height() - s) as f64 / 2.0).round() as u32;
-            image::imageops::crop_imm(&r, left, top, s, s).to_image()
+            let (nw, nh) = (nw.max(s), nh.max(s));
+            let left = ((nw - s) as f64 / 2.0).round_ties_even();
+            let top = ((nh - s) as f64 / 2.0).round_ties_even();
+            let (sx, sy) = (w as f64 / nw as f64, h as f64 / nh as f64);
+            let region = (left * sx, top * sy, s as f64 * sx, s as f64 * sy);
+            resize(img, Some(region), s, s)
         }
     }
 }
@@ -265,13 +294,7 @@ pub fn to_chw(img: &RgbImage) -> Vec<u8> {
 pub fn batch_tensor(images: &[&[u8]], p: &Preprocess) -> tch::Tensor {
     let plane = p.size as usize * p.size as usize;
     let mut buf = vec![0f32; images.len() * 3 * plane];
-    // Per channel: x = v * (1 / (255 std)) - mean / std, a lookup table of 256 values.
-    let mut lut = [[0f32; 256]; 3];
-    for (c, table) in lut.iter_mut().enumerate() {
-        for (v, t) in table.iter_mut().enumerate() {
-            *t = (v as f32 / 255.0 - p.mean[c]) / p.std[c];
-        }
-    }
+    let lut = normalise_lut(p);
     for (img, out) in images.iter().zip(buf.chunks_exact_mut(3 * plane)) {
         for c in 0..3 {
             let src = &img[c * plane..(c + 1) * plane];
@@ -283,6 +306,40 @@ pub fn batch_tensor(images: &[&[u8]], p: &Preprocess) -> tch::Tensor {
     }
     let s = p.size as i64;
     tch::Tensor::from_slice(&buf).view([images.len() as i64, 3, s, s])
+}
+
+/// Like [`batch_tensor`], but the tensor is stored channels-last (NHWC strides under the same
+/// logical `[n, 3, size, size]` shape). libtorch's oneDNN CPU convolutions then run on the
+/// activations as they are instead of reordering them to and from a blocked layout around
+/// every convolution (measured: resnet18 bf16 1.6x, the small CNN 1.5x on this CPU).
+pub fn batch_tensor_channels_last(images: &[&[u8]], p: &Preprocess) -> tch::Tensor {
+    let plane = p.size as usize * p.size as usize;
+    let mut buf = vec![0f32; images.len() * 3 * plane];
+    let lut = normalise_lut(p);
+    for (img, out) in images.iter().zip(buf.chunks_exact_mut(3 * plane)) {
+        let (r, rest) = img.split_at(plane);
+        let (g, b) = rest.split_at(plane);
+        for (i, px) in out.chunks_exact_mut(3).enumerate() {
+            px[0] = lut[0][r[i] as usize];
+            px[1] = lut[1][g[i] as usize];
+            px[2] = lut[2][b[i] as usize];
+        }
+    }
+    let s = p.size as i64;
+    tch::Tensor::from_slice(&buf)
+        .view([images.len() as i64, s, s, 3])
+        .permute([0, 3, 1, 2])
+}
+
+/// Per channel: x = v * (1 / (255 std)) - mean / std, a lookup table of 256 values.
+fn normalise_lut(p: &Preprocess) -> [[f32; 256]; 3] {
+    let mut lut = [[0f32; 256]; 3];
+    for (c, table) in lut.iter_mut().enumerate() {
+        for (v, t) in table.iter_mut().enumerate() {
+            *t = (v as f32 / 255.0 - p.mean[c]) / p.std[c];
+        }
+    }
+    lut
 }
 
 #[cfg(test)]
@@ -313,6 +370,27 @@ mod tests {
     }
 
     #[test]
+    fn crop_resizes_only_the_kept_box_with_the_same_result() {
+        // 90x60 -> shorter side 27 (24 / 0.875 rounded): 40x27, centre 24x24 at (8, 2) ...
+        let img = RgbImage::from_fn(90, 60, |x, y| {
+            image::Rgb([(x * 2) as u8, (y * 4) as u8, ((x * y) % 251) as u8])
+        });
+        let p = Preprocess::imagenet(24, ResizeMode::Crop);
+        let fused = fit(&img, &p);
+        // ... the same as resizing the whole image and cropping (PyTorch's order).
+        let whole = resize(&img, None, 40, 27);
+        let want = image::imageops::crop_imm(&whole, 8, 2, 24, 24).to_image();
+        let diff = fused
+            .as_raw()
+            .iter()
+            .zip(want.as_raw())
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .max()
+            .unwrap();
+        assert!(diff <= 1, "fused crop differs by {diff}");
+    }
+
+    #[test]
     fn bbox_is_exclusive_and_checked() {
         let img = checker(10, 8);
         let c = crop_bbox(img.clone(), Some([2, 5, 1, 4])).unwrap();
@@ -330,6 +408,20 @@ mod tests {
             let want = (raw / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
             assert!((v[c] - want).abs() < 1e-6);
         }
+    }
+
+    #[test]
+    fn channels_last_batch_has_the_same_values() {
+        let p = Preprocess::imagenet(5, ResizeMode::Pad);
+        let a: Vec<u8> = (0..75).map(|i| (i * 37 % 256) as u8).collect();
+        let b: Vec<u8> = (0..75).map(|i| (i * 11 % 256) as u8).collect();
+        let plain = batch_tensor(&[&a, &b], &p);
+        let cl = batch_tensor_channels_last(&[&a, &b], &p);
+        assert_eq!(cl.size(), plain.size());
+        // Channels-last strides: the channel is the innermost dimension.
+        assert_eq!(cl.stride(), vec![75, 1, 15, 3]);
+        let d = f64::try_from((cl - plain).abs().max()).unwrap();
+        assert_eq!(d, 0.0);
     }
 
     #[test]

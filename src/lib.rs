@@ -17,6 +17,8 @@ pub mod model;
 pub mod neighbors;
 pub mod npy;
 pub mod progress;
+pub mod report;
+pub mod rerank;
 pub mod retrieval;
 pub mod sampler;
 pub mod shard;

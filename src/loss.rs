@@ -166,8 +166,11 @@ impl TripletLoss {
     }
 
     pub fn terms(&self, a: &Tensor, p: &Tensor, n: &Tensor) -> Result<TripletTerms> {
-        let d_pos = elementwise_dist(a, p)?;
-        let d_neg = elementwise_dist(a, n)?;
+        self.terms_of_distances(elementwise_dist(a, p)?, elementwise_dist(a, n)?)
+    }
+
+    /// The terms from the `[T]` anchor-positive and anchor-negative distances.
+    pub fn terms_of_distances(&self, d_pos: Tensor, d_neg: Tensor) -> Result<TripletTerms> {
         let diff = d_pos.f_sub(&d_neg)?;
         let loss = match self.margin {
             Margin::Value(m) => diff.f_add_scalar(m)?.f_relu()?,
@@ -230,9 +233,8 @@ impl Criterion for TripletWithMiner {
 
     fn forward(&mut self, features: &Tensor, labels: &[i64], rng: &mut Rng) -> Result<LossOutput> {
         let mined = self.miner.mine(features, labels, rng)?;
-        let t = self
-            .loss
-            .terms(&mined.anchors, &mined.positives, &mined.negatives)?;
+        let (d_pos, d_neg) = mined.distances()?;
+        let t = self.loss.terms_of_distances(d_pos, d_neg)?;
         let mut logs = triplet_logs(&t, mined.is_original.as_deref())?;
         logs.extend(mined.logs);
         Ok(LossOutput {
@@ -1006,6 +1008,61 @@ mod tests {
             vs.variables().is_empty(),
             "a triplet loss has no parameters"
         );
+    }
+
+    /// The triplet loss reads row-miner distances from a distance matrix; it must equal the
+    /// loss of the gathered vectors (OML's elementwise form), value and gradient, also with
+    /// duplicate rows (zero distances) and with a bank.
+    #[test]
+    fn triplet_distances_from_the_matrix_equal_the_gathered_vectors() {
+        let labels = vec![0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3];
+        let miners = [
+            r#"{"name":"all_triplets"}"#,
+            r#"{"name":"hard_triplets"}"#,
+            r#"{"name":"n_hard_triplets","n_positive":2,"n_negative":[2,4]}"#,
+            r#"{"name":"miner_with_bank","bank_size_in_batches":1,"n_negative":3}"#,
+        ];
+        for (mi, miner) in miners.iter().enumerate() {
+            let mut m = MinerConfig::build(&serde_json::from_str(miner).unwrap()).unwrap();
+            let loss = TripletLoss::new(Margin::Value(0.3), Reduction::Mean).unwrap();
+            for step in 0..3 {
+                tch::manual_seed((10 * mi + step) as i64);
+                let base = Tensor::randn([12, 5], (Kind::Float, Device::Cpu));
+                // Rows 1 and 2 coincide: a zero distance inside a label.
+                base.get(2).copy_(&base.get(1));
+                let x1 = base.copy().set_requires_grad(true);
+                let x2 = base.copy().set_requires_grad(true);
+                // miner_with_bank: the bank before this batch joins it.
+                let bank = m.state().unwrap().tensors.first().map(|t| t.1.copy());
+                let mined = m.mine(&x1, &labels, &mut r()).unwrap();
+                let (dp, dn) = mined.distances().unwrap();
+                let t = loss.terms_of_distances(dp, dn).unwrap();
+                let ids = mined.ids.clone().unwrap();
+                // The same triplets on the second copy, gathered; rows past the batch are the
+                // bank's.
+                let src = match bank {
+                    Some(b) if ids.a.iter().chain(&ids.p).chain(&ids.n).any(|&i| i >= 12) => {
+                        Tensor::cat(&[&x2, &b], 0)
+                    }
+                    _ => x2.shallow_clone(),
+                };
+                let (a, p, n) = ids.gather(&src).unwrap();
+                let want = loss.terms(&a, &p, &n).unwrap();
+                let (v1, v2) = (
+                    scalar(&t.loss.mean(Kind::Float)),
+                    scalar(&want.loss.mean(Kind::Float)),
+                );
+                assert!(close(v1, v2, 1e-5), "{miner} step {step}: {v1} vs {v2}");
+                t.loss.mean(Kind::Float).backward();
+                want.loss.mean(Kind::Float).backward();
+                let g1 = Vec::<f32>::try_from(&x1.grad().view([-1])).unwrap();
+                let g2 = Vec::<f32>::try_from(&x2.grad().view([-1])).unwrap();
+                assert!(g1.iter().all(|v| v.is_finite()), "{miner}: {g1:?}");
+                for (a, b) in g1.iter().zip(&g2) {
+                    assert!((a - b).abs() < 1e-5, "{miner} step {step}: {a} vs {b}");
+                }
+            }
+        }
     }
 
     #[test]

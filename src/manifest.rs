@@ -10,6 +10,7 @@ use crate::shard::ShardSpec;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub const MANIFEST_VERSION: u32 = 1;
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -43,6 +44,10 @@ pub struct Manifest {
     #[serde(default)]
     pub companions: BTreeMap<String, Fingerprint>,
     pub params: serde_json::Value,
+    /// Facts that follow from the inputs (e.g. the neighbours' k), recorded for people; unlike
+    /// `params` they are not compared when deciding whether an output is up to date.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub notes: BTreeMap<String, serde_json::Value>,
     /// Inputs by role ("dataset", "embeddings", "csv", ...).
     pub inputs: BTreeMap<String, InputRecord>,
     #[serde(default)]
@@ -63,10 +68,88 @@ pub fn manifest_path(output: &Path) -> PathBuf {
     output.with_file_name(format!("{name}.manifest.json"))
 }
 
+/// Whether [`ManifestBuilder::skip_if_done`] may skip work. Off by default, so library callers
+/// (tests, benchmarks) always get fresh outputs; a stage binary turns it on unless `--force`.
+static REUSE: AtomicBool = AtomicBool::new(false);
+
+/// Lets this process skip stages whose output is up to date (the binaries call
+/// `reuse_up_to_date(!force)` first thing).
+pub fn reuse_up_to_date(on: bool) {
+    REUSE.store(on, Ordering::Relaxed);
+}
+
+/// Why an existing output cannot be reused, or `None` when `m` describes exactly what `b` would
+/// write: same stage, version, commit, parameters, input roles and input contents, and the
+/// output and every companion still the files the manifest fingerprinted.
+fn stale_reason(b: &ManifestBuilder, m: &Manifest, output: &Path) -> Result<Option<String>> {
+    if m.stage != b.stage {
+        return Ok(Some(format!("written by the {} stage", m.stage)));
+    }
+    if m.simile_version != VERSION || m.commit != COMMIT {
+        return Ok(Some(format!(
+            "written by simile {} ({})",
+            m.simile_version, m.commit
+        )));
+    }
+    if m.params != b.params {
+        return Ok(Some("parameters changed".into()));
+    }
+    if m.inputs.keys().ne(b.inputs.keys()) {
+        return Ok(Some("a different set of inputs".into()));
+    }
+    for (role, rec) in &b.inputs {
+        if !rec.fingerprint.same_content(&m.inputs[role].fingerprint) {
+            return Ok(Some(format!("{role} {} changed", rec.path)));
+        }
+    }
+    if let (Some(now), Some(then)) = (&b.shard, &m.shard) {
+        if now != then {
+            return Ok(Some("a different shard".into()));
+        }
+    }
+    if !fingerprint_matches(output, &m.output_fingerprint)? {
+        return Ok(Some(format!("{} changed", output.display())));
+    }
+    let dir = output.parent().unwrap_or(Path::new(""));
+    for c in &b.companions {
+        if !m.companions.contains_key(&file_name(c)) {
+            return Ok(Some(format!("{} is not recorded", c.display())));
+        }
+    }
+    for (name, fp) in &m.companions {
+        if !fingerprint_matches(&dir.join(name), fp)? {
+            return Ok(Some(format!("{name} changed or is missing")));
+        }
+    }
+    Ok(None)
+}
+
+/// Whether `path` exists with the content `fp` describes.
+fn fingerprint_matches(path: &Path, fp: &Fingerprint) -> Result<bool> {
+    if !path.is_file() {
+        return Ok(false);
+    }
+    Ok(Fingerprint::of(path, fp.content_hash.is_some())?.same_content(fp))
+}
+
 /// Collects what a stage records while it runs, then writes the manifest.
+///
+/// Skipping what is done: record the parameters and every input *before* the work, then ask
+/// [`skip_if_done`](Self::skip_if_done); the rows, timings and shard range follow after it.
+///
+/// ```ignore
+/// simile::manifest::reuse_up_to_date(!args.force); // in the binary's main, first thing
+/// // ... in the stage:
+/// let mut m = ManifestBuilder::new("rerank", params);
+/// m.input("neighbors", &opts.neighbors)?;
+/// m.companion(&ids_path); // companions known up front, if any
+/// m.skip_if_done(&out)?; // Err(Error::UpToDate): cli::run prints it and exits 0
+/// // ... the work, then m.rows(..), m.timing(..), m.write(&out)?
+/// ```
 pub struct ManifestBuilder {
     stage: String,
     params: serde_json::Value,
+    notes: BTreeMap<String, serde_json::Value>,
     inputs: BTreeMap<String, InputRecord>,
     rows: BTreeMap<String, u64>,
     timings: BTreeMap<String, f64>,
@@ -81,6 +164,7 @@ impl ManifestBuilder {
         ManifestBuilder {
             stage: stage.to_string(),
             params,
+            notes: BTreeMap::new(),
             inputs: BTreeMap::new(),
             rows: BTreeMap::new(),
             timings: BTreeMap::new(),
@@ -115,6 +199,12 @@ impl ManifestBuilder {
         self
     }
 
+    /// Records a fact that follows from the inputs (see [`Manifest::notes`]).
+    pub fn note(&mut self, key: &str, value: serde_json::Value) -> &mut Self {
+        self.notes.insert(key.to_string(), value);
+        self
+    }
+
     pub fn rows(&mut self, key: &str, n: u64) -> &mut Self {
         self.rows.insert(key.to_string(), n);
         self
@@ -140,6 +230,37 @@ impl ManifestBuilder {
         self
     }
 
+    /// Whether `output` already exists with a manifest describing exactly what this builder
+    /// would write (see the type's documentation); `Ok(None)` then, else why not. Pure: it
+    /// does not look at the [`reuse_up_to_date`] policy.
+    pub fn stale(&self, output: &Path) -> Result<Option<String>> {
+        if !output.is_file() {
+            return Ok(Some(format!("{} does not exist", output.display())));
+        }
+        let mp = manifest_path(output);
+        let Ok(text) = std::fs::read(&mp) else {
+            return Ok(Some(format!("{} does not exist", mp.display())));
+        };
+        let Ok(m) = serde_json::from_slice::<Manifest>(&text) else {
+            return Ok(Some(format!("{} is not a simile manifest", mp.display())));
+        };
+        stale_reason(self, &m, output)
+    }
+
+    /// Stops the stage with [`Error::UpToDate`] (the binaries print it and exit 0) when reuse is
+    /// on ([`reuse_up_to_date`]) and `output` is up to date; otherwise returns `Ok(())` and the
+    /// stage does its work.
+    pub fn skip_if_done(&self, output: &Path) -> Result<()> {
+        if !REUSE.load(Ordering::Relaxed) || self.stale(output)?.is_some() {
+            return Ok(());
+        }
+        Err(Error::UpToDate(format!(
+            "simile-{}: {} is up to date (inputs and parameters unchanged); --force redoes it",
+            self.stage,
+            output.display()
+        )))
+    }
+
     /// Fingerprints the finished output and writes its manifest atomically.
     pub fn write(mut self, output: &Path) -> Result<Manifest> {
         self.timings
@@ -158,6 +279,7 @@ impl ManifestBuilder {
             output_fingerprint: Fingerprint::of(output, self.verify)?,
             companions,
             params: self.params,
+            notes: self.notes,
             inputs: self.inputs,
             rows: self.rows,
             shard: self.shard,
@@ -237,6 +359,58 @@ pub fn check_upstream(artifact: &Path, role: &str, given: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_names_what_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = dir.path().join("dataset.parquet");
+        std::fs::write(&ds, b"version one").unwrap();
+        let out = dir.path().join("emb.npy");
+        let ids = dir.path().join("emb.ids.npy");
+        let builder = |k: i64| {
+            let mut b = ManifestBuilder::new("embed", serde_json::json!({ "k": k }));
+            b.input("dataset", &ds).unwrap();
+            b.companion(&ids);
+            b
+        };
+        assert!(builder(1)
+            .stale(&out)
+            .unwrap()
+            .unwrap()
+            .contains("does not exist"));
+        std::fs::write(&out, b"embeddings").unwrap();
+        std::fs::write(&ids, b"ids").unwrap();
+        builder(1).write(&out).unwrap();
+        assert_eq!(builder(1).stale(&out).unwrap(), None);
+        assert_eq!(
+            builder(2).stale(&out).unwrap().unwrap(),
+            "parameters changed"
+        );
+        let mut other = ManifestBuilder::new("score", serde_json::json!({ "k": 1 }));
+        other.input("dataset", &ds).unwrap();
+        assert!(other
+            .stale(&out)
+            .unwrap()
+            .unwrap()
+            .contains("written by the embed stage"));
+        let mut more = builder(1);
+        more.input("weights", &ids).unwrap();
+        assert!(more.stale(&out).unwrap().unwrap().contains("inputs"));
+        // Reuse is off by default: a library caller always does the work.
+        builder(1).skip_if_done(&out).unwrap();
+        std::fs::write(&ids, b"other ids").unwrap();
+        assert!(builder(1)
+            .stale(&out)
+            .unwrap()
+            .unwrap()
+            .contains("emb.ids.npy"));
+        std::fs::write(&ids, b"ids").unwrap();
+        std::fs::write(&ds, b"version two").unwrap();
+        assert!(builder(1).stale(&out).unwrap().unwrap().contains("dataset"));
+        std::fs::write(&ds, b"version one").unwrap();
+        std::fs::write(&out, b"embeddingz").unwrap();
+        assert!(builder(1).stale(&out).unwrap().unwrap().contains("emb.npy"));
+    }
 
     #[test]
     fn upstream_mismatch_is_refused() {

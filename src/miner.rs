@@ -2,8 +2,9 @@
 //!
 //! The semantics are OML's (`oml/miners/*.py`, see `docs/training.md`). Distances are
 //! Euclidean (not squared), [`pairwise_dist`]. The selection of triplets is index work done
-//! on the CPU on a detached copy of the distance matrix; the returned vectors are gathered
-//! from the caller's (device) features, so gradients flow through them.
+//! on the CPU on a detached copy of the distance matrix; the triplets come back as rows of
+//! the caller's (device) features, whose distances the loss reads from one matrix
+//! ([`Mined::distances`]), so gradients flow through them.
 use crate::error::{Error, Result};
 use crate::sampler::{rng, Rng};
 use serde::{Deserialize, Serialize};
@@ -97,13 +98,14 @@ impl TripletIds {
     }
 }
 
-/// What a miner returns.
+/// What a miner returns: the triplets as rows of a feature matrix (the in-batch miners and
+/// `miner_with_bank`) or as vectors (`hard_cluster`, `triplets_with_memory`).
 #[derive(Debug)]
 pub struct Mined {
-    /// `[T, D]` anchor, positive and negative vectors.
-    pub anchors: Tensor,
-    pub positives: Tensor,
-    pub negatives: Tensor,
+    /// `[T, D]` anchor, positive and negative vectors, for the miners that build vectors.
+    vectors: Option<(Tensor, Tensor, Tensor)>,
+    /// The features `ids` index (gradients flow through it).
+    source: Option<Tensor>,
     /// The triplets as positions, where the miner works with positions (all but
     /// `hard_cluster`, which returns label means, and `triplets_with_memory`).
     pub ids: Option<TripletIds>,
@@ -114,23 +116,93 @@ pub struct Mined {
 
 impl Mined {
     fn from_ids(ids: TripletIds, features: &Tensor, logs: Logs) -> Result<Mined> {
-        let (anchors, positives, negatives) = ids.gather(features)?;
         Ok(Mined {
-            anchors,
-            positives,
-            negatives,
+            vectors: None,
+            source: Some(features.shallow_clone()),
             ids: Some(ids),
             is_original: None,
             logs,
         })
     }
 
+    fn from_vectors(
+        v: (Tensor, Tensor, Tensor),
+        is_original: Option<Vec<bool>>,
+        logs: Logs,
+    ) -> Mined {
+        Mined {
+            vectors: Some(v),
+            source: None,
+            ids: None,
+            is_original,
+            logs,
+        }
+    }
+
     pub fn len(&self) -> usize {
-        self.anchors.size()[0] as usize
+        match (&self.ids, &self.vectors) {
+            (Some(ids), _) => ids.len(),
+            (None, Some(v)) => v.0.size()[0] as usize,
+            (None, None) => 0,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The `[T, D]` anchor, positive and negative vectors (gathered when the miner gave rows).
+    pub fn vectors(&self) -> Result<(Tensor, Tensor, Tensor)> {
+        match (&self.vectors, &self.source, &self.ids) {
+            (Some((a, p, n)), _, _) => {
+                Ok((a.shallow_clone(), p.shallow_clone(), n.shallow_clone()))
+            }
+            (None, Some(src), Some(ids)) => ids.gather(src),
+            _ => Err(Error::internal("mined triplets without vectors or rows")),
+        }
+    }
+
+    /// `[T]` anchor-positive and anchor-negative Euclidean distances, as
+    /// [`elementwise_dist`] of [`Mined::vectors`]. For triplets given as rows they are read
+    /// from the distance matrix of the anchor rows to every row instead of gathering three
+    /// `[T, D]` copies: all_triplets of a 16 x 8 batch are 107,520 triplets (3 x 55 MB of
+    /// vectors, and as much again in the backward pass) but only 128 x 128 distances. The
+    /// matrix is computed directly (no `|x|^2 + |y|^2 - 2xy` expansion), so the values are
+    /// the elementwise ones up to rounding and the gradient at zero distance is 0 too.
+    pub fn distances(&self) -> Result<(Tensor, Tensor)> {
+        let (Some(src), Some(ids)) = (&self.source, &self.ids) else {
+            let (a, p, n) = self.vectors()?;
+            return Ok((elementwise_dist(&a, &p)?, elementwise_dist(&a, &n)?));
+        };
+        let rows = src.size()[0];
+        // Each distinct anchor row once, in ascending order.
+        let mut slot = vec![-1i64; rows as usize];
+        let mut anchors = Vec::new();
+        for &a in &ids.a {
+            if slot[a as usize] < 0 {
+                slot[a as usize] = 0;
+                anchors.push(a);
+            }
+        }
+        anchors.sort_unstable();
+        for (i, &a) in anchors.iter().enumerate() {
+            slot[a as usize] = i as i64;
+        }
+        let dev = src.device();
+        let anchor_rows = src.f_index_select(0, &index_tensor(&anchors, dev)?)?;
+        // compute_mode 2: never the matrix-product expansion.
+        let d = Tensor::f_cdist(&anchor_rows, src, 2.0, Some(2))?.f_view([-1])?;
+        let flat = |other: &[i64]| -> Vec<i64> {
+            ids.a
+                .iter()
+                .zip(other)
+                .map(|(&a, &o)| slot[a as usize] * rows + o)
+                .collect()
+        };
+        Ok((
+            d.f_index_select(0, &index_tensor(&flat(&ids.p), dev)?)?,
+            d.f_index_select(0, &index_tensor(&flat(&ids.n), dev)?)?,
+        ))
     }
 }
 
@@ -574,14 +646,11 @@ impl Miner for HardCluster {
         between = between.f_masked_fill(&eye, f64::INFINITY)?;
         let nearest = between.f_argmin(1, false)?;
         let negatives = means.f_index_select(0, &nearest)?;
-        Ok(Mined {
-            anchors: means,
-            positives,
-            negatives,
-            ids: None,
-            is_original: None,
-            logs: Logs::new(),
-        })
+        Ok(Mined::from_vectors(
+            (means, positives, negatives),
+            None,
+            Logs::new(),
+        ))
     }
 }
 
@@ -830,14 +899,11 @@ impl Miner for TripletsWithMemory {
         let mut logs = Logs::new();
         logs.insert("n_tri_orig".into(), n1 as f64);
         logs.insert("n_tri_bank".into(), (t2.len() + t3.len()) as f64);
-        Ok(Mined {
-            anchors,
-            positives,
-            negatives,
-            ids: None,
-            is_original: Some(is_original),
+        Ok(Mined::from_vectors(
+            (anchors, positives, negatives),
+            Some(is_original),
             logs,
-        })
+        ))
     }
 
     fn state(&self) -> Result<MinerState> {
@@ -1066,7 +1132,7 @@ mod tests {
                 .unwrap()
                 .mine(&f, &labels, &mut r)
                 .unwrap();
-            let ids = m.ids.unwrap();
+            let ids = m.ids.clone().unwrap();
             assert_eq!(ids.len(), n_all(&labels));
             // Naive: the set of all valid (a, p, n).
             let b = labels.len();
@@ -1081,7 +1147,7 @@ mod tests {
                 }
             }
             assert_eq!(ids.to_set(), naive);
-            assert_eq!(m.anchors.size(), vec![ids.len() as i64, 4]);
+            assert_eq!(m.vectors().unwrap().0.size(), vec![ids.len() as i64, 4]);
         }
         // Balanced batch: n_labels(n_labels−1)(n_inst−1)n_inst².
         let (f, labels) = random_batch(&mut r, 4, 3, 2, true);
@@ -1230,10 +1296,11 @@ mod tests {
             .mine(&f, &labels, &mut rng::seeded(0, 0))
             .unwrap();
         let x = |t: &Tensor| Vec::<f32>::try_from(&t.select(1, 0)).unwrap();
-        assert_eq!(x(&m.anchors), vec![0.0, 10.25, 30.0]);
+        let (ma, mp, mn) = m.vectors().unwrap();
+        assert_eq!(x(&ma), vec![0.0, 10.25, 30.0]);
         // Two instances are equally far from their mean: ties go to the first row.
-        assert_eq!(x(&m.positives), vec![-1.0, 9.0, 31.0]);
-        assert_eq!(x(&m.negatives), vec![10.25, 0.0, 10.25]);
+        assert_eq!(x(&mp), vec![-1.0, 9.0, 31.0]);
+        assert_eq!(x(&mn), vec![10.25, 0.0, 10.25]);
         assert!(m.ids.is_none());
         let e = HardCluster
             .mine(&f.narrow(0, 0, 5), &labels[..5], &mut rng::seeded(0, 0))
@@ -1267,7 +1334,8 @@ mod tests {
                 assert!(m.len() as f64 > 0.9 * (k * orig) as f64, "{}", m.len());
                 assert!(m.len() <= k * orig);
             }
-            assert_eq!(m.anchors.size(), m.negatives.size());
+            let (ma, _, mn) = m.vectors().unwrap();
+            assert_eq!(ma.size(), mn.size());
         }
         // tri_expand_k = 1: only the batch's own triplets.
         let mut m1 = TripletsWithMemory::new(2, 1).unwrap();
@@ -1304,7 +1372,8 @@ mod tests {
         let (mut r1, mut r2) = (rng::seeded(1, 1), rng::seeded(1, 1));
         let x = a.mine(&f, &labels, &mut r1).unwrap();
         let y = b.mine(&f, &labels, &mut r2).unwrap();
-        assert!(x.anchors.equal(&y.anchors) && x.negatives.equal(&y.negatives));
+        let ((xa, _, xn), (ya, _, yn)) = (x.vectors().unwrap(), y.vectors().unwrap());
+        assert!(xa.equal(&ya) && xn.equal(&yn));
         assert!(TripletsWithMemory::new(2, 2)
             .unwrap()
             .load_state(a.state().unwrap())
@@ -1350,7 +1419,9 @@ mod tests {
                 let total_n = logs["negatives_from_bank"] + logs["negatives_from_batch"];
                 assert!((total_p - 2.0).abs() < 1e-9 && (total_n - 3.0).abs() < 1e-9);
                 assert!(out
-                    .anchors
+                    .vectors()
+                    .unwrap()
+                    .0
                     .equal(&all.index_select(0, &Tensor::from_slice(&ids.a))));
             }
             if slots.len() < 2 {

@@ -136,7 +136,8 @@ fn image_dataset(bad: bool) -> (tempfile::TempDir, PathBuf, usize) {
         );
         let full = encode(&DynamicImage::ImageRgb8(pattern(64, 64, 4)), jpg);
         write("truncated.jpg", full[..full.len() / 2].to_vec());
-        rows.push(("4", "img/corrupt.png", ""));
+        // One bad row in the middle (id 3), so shards of a run each have their own.
+        rows.insert(3, ("4", "img/corrupt.png", ""));
         rows.push(("4", "img/truncated.jpg", ""));
         rows.push(("4", "img/missing.png", ""));
     }
@@ -309,7 +310,8 @@ fn bad_images_are_all_listed_before_anything_runs_or_skipped() {
     let r = run(&skip, zoo_cache());
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stdout.contains("skipped 3"), "{}", r.stdout);
-    assert_eq!(ids(&out), (0..(n as i64 - 3)).collect::<Vec<_>>());
+    let good: Vec<i64> = (0..n as i64).filter(|i| ![3, 9, 10].contains(i)).collect();
+    assert_eq!(ids(&out), good);
     let list = std::fs::read_to_string(dir.path().join("emb.skipped.tsv")).unwrap();
     assert_eq!(list.lines().count(), 4, "{list}");
     assert!(
@@ -372,6 +374,115 @@ fn shards_merge_to_the_unsharded_result() {
 }
 
 #[test]
+fn merge_joins_the_parts_skipped_lists() {
+    let (dir, ds, n) = image_dataset(true);
+    let d = dir.path();
+    let whole = d.join("whole.npy");
+    let sharded = d.join("emb.npy");
+    let args = |out: &Path, shard: Option<String>| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "--dataset",
+            ds.to_str().unwrap(),
+            "--model",
+            "smallcnn",
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--on-bad-image",
+            "skip",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(s) = shard {
+            a.extend(["--shard".into(), s]);
+        }
+        a
+    };
+    let go = |a: Vec<String>| {
+        let r = run(
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+            zoo_cache(),
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    };
+    go(args(&whole, None));
+    // 11 rows in 2 parts: [0, 5) holds bad id 3, [5, 11) bad ids 9 and 10.
+    for i in 0..2 {
+        go(args(&sharded, Some(format!("{i}/2"))));
+        assert!(d.join(format!("emb.part-{i}-of-2.skipped.tsv")).exists());
+    }
+    // A stale list from an earlier run must not survive the merge: here it is replaced.
+    std::fs::write(d.join("emb.skipped.tsv"), "stale").unwrap();
+    let r = run(&["merge", "--out", sharded.to_str().unwrap()], zoo_cache());
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("3 rows were skipped"), "{}", r.stderr);
+    assert_eq!(ids(&sharded), ids(&whole));
+    assert_eq!(ids(&whole).len(), n - 3);
+    let merged = std::fs::read_to_string(d.join("emb.skipped.tsv")).unwrap();
+    assert_eq!(
+        merged,
+        std::fs::read_to_string(d.join("whole.skipped.tsv")).unwrap()
+    );
+    let listed: Vec<&str> = merged
+        .lines()
+        .skip(1)
+        .map(|l| l.split('\t').next().unwrap())
+        .collect();
+    assert_eq!(listed, ["3", "9", "10"]);
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("emb.npy.manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["rows"]["skipped"], 3);
+    assert!(m["companions"]["emb.skipped.tsv"].is_object(), "{m}");
+    // A part whose list went missing is refused (its manifest counts skipped rows); --force,
+    // as the merged output is otherwise up to date.
+    std::fs::remove_file(d.join("emb.part-1-of-2.skipped.tsv")).unwrap();
+    let r = run(
+        &["merge", "--out", sharded.to_str().unwrap(), "--force"],
+        zoo_cache(),
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("emb.part-1-of-2"), "{}", r.stderr);
+}
+
+#[test]
+fn check_only_lists_bad_images_and_writes_nothing() {
+    let (dir, ds, n) = image_dataset(true);
+    let base = [
+        "--dataset",
+        ds.to_str().unwrap(),
+        "--model",
+        "smallcnn",
+        "--check-only",
+        "--threads",
+        "1",
+    ];
+    let r = run(&base, zoo_cache());
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("3 of {n} images")),
+        "{}",
+        r.stderr
+    );
+    let mut skip = base.to_vec();
+    skip.extend(["--on-bad-image", "skip"]);
+    let r = run(&skip, zoo_cache());
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains(&format!("checked {n} images"))
+            && r.stdout.contains("3 unreadable")
+            && r.stdout.contains("corrupt.png"),
+        "{}",
+        r.stdout
+    );
+    // Nothing was written beside the dataset.
+    assert!(!common::listing(dir.path())
+        .iter()
+        .any(|f| f.ends_with(".npy") || f.ends_with(".tsv")));
+}
+
+#[test]
 fn user_errors_exit_2() {
     let (dir, ds, _) = image_dataset(false);
     let out = dir.path().join("e.npy");
@@ -424,6 +535,19 @@ fn user_errors_exit_2() {
             "--split",
         ),
         (vec!["--dataset", d, "--model", "smallcnn"], "--out"),
+        (
+            vec![
+                "--dataset",
+                d,
+                "--model",
+                "smallcnn",
+                "--out",
+                o,
+                "--threads",
+                "0",
+            ],
+            "--threads",
+        ),
     ] {
         let r = run(&args, zoo_cache());
         assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
@@ -497,6 +621,26 @@ fn parity_vits16_timm_lightning_checkpoint() {
         "vits16",
         &["--arch", "vits16", "--weights", w.to_str().unwrap()],
     );
+}
+
+/// Position embeddings interpolated for a smaller and a larger input than the native 224 px
+/// (DINO's bicubic interpolation with its +0.1 offset, as OML's ViTExtractor runs it).
+#[test]
+fn parity_vits16_at_non_native_sizes() {
+    let w = parity_fixtures().join("vits16.ckpt");
+    for side in ["160", "288"] {
+        check_parity(
+            &format!("vits16_{side}"),
+            &[
+                "--arch",
+                "vits16",
+                "--weights",
+                w.to_str().unwrap(),
+                "--size",
+                side,
+            ],
+        );
+    }
 }
 
 #[test]

@@ -53,6 +53,9 @@ enum Cmd {
         out: PathBuf,
         /// The parts; found beside --out when none are given.
         parts: Vec<PathBuf>,
+        /// Merge even when OUT is up to date (same parts' inputs and parameters).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -118,17 +121,22 @@ struct SearchArgs {
     /// Memory for one chunk of queries' rows and candidates, in MiB (more: fewer gallery passes).
     #[arg(long, default_value_t = 192, hide = true)]
     chunk_mib: usize,
+    /// Search even when OUT is up to date (same inputs, parameters and version).
+    #[arg(long)]
+    force: bool,
 }
 
 fn main() {
     simile::cli::run(|| {
         let cli = Cli::parse();
-        if let Some(Cmd::Merge { out, parts }) = cli.cmd {
+        if let Some(Cmd::Merge { out, parts, force }) = cli.cmd {
+            simile::manifest::reuse_up_to_date(!force);
             let s = merge::merge(&out, &parts)?;
             eprintln!("{s}");
             return Ok(());
         }
         let a = cli.search;
+        simile::manifest::reuse_up_to_date(!a.force);
         let inputs = inputs(&a)?;
         let out = a
             .out

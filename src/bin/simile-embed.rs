@@ -31,7 +31,7 @@ use std::path::PathBuf;
 
 Zoo keys: smallcnn (untrained baseline, random weights with seed 0), efficientnet-lite0-imagenet.
 Writes OUT, OUT's .ids.npy (dataset ids, in id order) and OUT.manifest.json, atomically; with
---on-bad-image skip, also <stem>.skipped.tsv listing the rows left out.
+--on-bad-image skip, also <stem>.skipped.tsv listing the rows left out (merge joins the parts').
 Exit codes: 0 ok, 2 bad input, 1 internal failure."
 )]
 struct Cli {
@@ -60,7 +60,8 @@ struct EmbedArgs {
     /// auto, cpu, cuda or cuda:<i>.
     #[arg(long, default_value = "auto")]
     device: DeviceArg,
-    /// Precision of the forward pass: fp32, bf16 (fast on CPUs with AMX), fp16 (CUDA only).
+    /// Precision of the forward pass: fp32, bf16 (~2x fp32 on CPUs with AVX512-BF16 or AMX),
+    /// fp16 (CUDA only).
     #[arg(long, default_value = "fp32")]
     compute: Compute,
     /// Element type of the output file: f32 or f16.
@@ -76,9 +77,19 @@ struct EmbedArgs {
     /// Image root overriding the one recorded in the dataset.
     #[arg(long)]
     root: Option<PathBuf>,
+    /// Embed even when OUT is up to date (same inputs, parameters and version).
+    #[arg(long)]
+    force: bool,
     /// Keep decoded images in memory up to this many MiB (else they are decoded twice).
     #[arg(long, default_value_t = 2048)]
     cache_mib: usize,
+    /// Only decode, crop and resize every image (as the model's input says) and report the
+    /// unreadable ones, with the images/s of decoding; run no model, write nothing.
+    #[arg(long)]
+    check_only: bool,
+    /// Threads for decoding and for libtorch's CPU kernels, both (default: the cores).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -91,6 +102,9 @@ enum Cmd {
         out: PathBuf,
         /// The parts, if not all `<stem>.part-*` files beside --out.
         parts: Vec<PathBuf>,
+        /// Merge even when OUT is up to date (same parts' inputs and parameters).
+        #[arg(long)]
+        force: bool,
     },
     /// Make a model folder from a PyTorch state dict (.pth, .ckpt, .safetensors) for one of
     /// simile's architectures, or from a TorchScript file.
@@ -164,10 +178,13 @@ fn parse3(s: &str) -> Result<[f32; 3], String> {
 }
 
 fn main() {
+    // libgomp's wait policy can only be chosen before the process starts (see the function).
+    simile::device::reexec_with_passive_openmp();
     simile::cli::run(|| {
         let cli = Cli::parse();
         match cli.cmd {
-            Some(Cmd::Merge { out, parts }) => {
+            Some(Cmd::Merge { out, parts, force }) => {
+                simile::manifest::reuse_up_to_date(!force);
                 let s = simile::embeddings::merge_parts(&out, &parts)?;
                 eprintln!(
                     "merged {} parts into {} ({} rows x {})",
@@ -176,6 +193,9 @@ fn main() {
                     s.rows,
                     s.dim
                 );
+                if let Some(l) = &s.skipped_list {
+                    eprintln!("{} rows were skipped, listed in {}", s.skipped, l.display());
+                }
                 Ok(())
             }
             Some(Cmd::Import(a)) => run_import(a),
@@ -195,13 +215,24 @@ fn main() {
                 }
                 Ok(())
             }
-            None => run_embed(cli.embed),
+            None => {
+                simile::manifest::reuse_up_to_date(!cli.embed.force);
+                run_embed(cli.embed)
+            }
         }
     })
 }
 
 fn run_embed(a: EmbedArgs) -> anyhow::Result<()> {
-    let (Some(dataset), Some(model), Some(out)) = (a.dataset, a.model, a.out) else {
+    if a.threads == Some(0) {
+        return Err(user_error("--threads must be at least 1"));
+    }
+    // Before anything starts a thread pool (see set_threads).
+    simile::device::keep_freed_memory();
+    simile::device::set_threads(a.threads);
+    // --check-only writes nothing, so it needs no --out.
+    let out = a.out.or_else(|| a.check_only.then(PathBuf::new));
+    let (Some(dataset), Some(model), Some(out)) = (a.dataset, a.model, out) else {
         return Err(user_error(
             "simile-embed needs --dataset, --model and --out (or a subcommand: merge, import, classify); see --help",
         ));
@@ -236,17 +267,43 @@ fn run_embed(a: EmbedArgs) -> anyhow::Result<()> {
         root: a.root,
         cache_mib: a.cache_mib,
     };
+    if a.check_only {
+        let c = embed::check_only(&opts)?;
+        for (id, p, why) in &c.bad {
+            println!("unreadable\t{id}\t{}\t{why}", p.display());
+        }
+        println!(
+            "checked {} images in {:.1} s ({:.0} images/s decode + crop + resize): {} unreadable",
+            c.images,
+            c.seconds,
+            c.images as f64 / c.seconds.max(1e-9),
+            c.bad.len()
+        );
+        return Ok(());
+    }
     let s = embed::run(&opts, |d| eprintln!("device: {d}"))?;
+    let t = &s.times;
     println!(
-        "wrote {} ({} x {}) and {} in {:.1} s ({:.0} images/s; decode {:.1} s) on {}",
+        "wrote {} ({} x {}) and {} in {:.1} s ({:.0} images/s) on {}",
         s.out.display(),
         s.rows,
         s.dim,
         s.ids.display(),
         s.seconds,
         s.rows as f64 / s.seconds.max(1e-9),
-        s.decode_seconds,
         s.device
+    );
+    println!(
+        "time: forward {:.1} s, batch tensors {:.1} s, waiting for images {:.1} s; decoding {:.1} s beside it{}",
+        t.forward,
+        t.tensor,
+        t.wait,
+        t.decode,
+        if t.check > 0.0 {
+            format!(", check pass {:.1} s before it", t.check)
+        } else {
+            String::new()
+        }
     );
     if let Some(l) = &s.skipped_list {
         println!(

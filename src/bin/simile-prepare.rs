@@ -46,6 +46,9 @@ struct Common {
     /// Hash whole input files in the manifest (default: size and sampled blocks).
     #[arg(long)]
     verify: bool,
+    /// Rebuild the dataset even when it is up to date (same inputs, parameters and version).
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -115,9 +118,15 @@ fn main() {
     simile::cli::run(|| {
         let cli = Cli::parse();
         match cli.cmd {
-            Cmd::Csv(a) => csv(a),
+            Cmd::Csv(a) => {
+                simile::manifest::reuse_up_to_date(!a.common.force);
+                csv(a)
+            }
             Cmd::Folder(a) => folder(a),
-            Cmd::Fonts(a) => fonts(a),
+            Cmd::Fonts(a) => {
+                simile::manifest::reuse_up_to_date(!a.common.force);
+                fonts(a)
+            }
             Cmd::Info { dataset } => {
                 let ds = Dataset::read(&dataset)?;
                 summary(&ds, &ImportReport::default(), &dataset);
@@ -129,6 +138,13 @@ fn main() {
 
 fn csv(a: CsvArgs) -> anyhow::Result<()> {
     simile::io::ensure_distinct(&a.csv, &a.out)?;
+    let params = serde_json::json!({
+        "source": "csv", "unlabeled": a.unlabeled, "root": a.root, "skip_file_check": a.skip_file_check,
+    });
+    // A missing CSV is left to the import, which reports it properly.
+    if a.csv.is_file() {
+        plan(params.clone(), &[("csv", &a.csv)], a.common.verify)?.skip_if_done(&a.out)?;
+    }
     let opts = CsvOptions {
         root: a.root.clone(),
         unlabeled: a.unlabeled,
@@ -136,17 +152,8 @@ fn csv(a: CsvArgs) -> anyhow::Result<()> {
     };
     let (mut ds, report) = dataset::import_csv(&a.csv, &opts)?;
     let root = ds.root_dir.clone();
-    let params = serde_json::json!({
-        "source": "csv", "unlabeled": a.unlabeled, "root": a.root, "skip_file_check": a.skip_file_check,
-    });
-    write(
-        &mut ds,
-        &a.out,
-        &root,
-        params,
-        &[("csv", &a.csv)],
-        a.common.verify,
-    )?;
+    let m = plan(params, &[("csv", &a.csv)], a.common.verify)?;
+    write(&mut ds, &a.out, &root, m)?;
     summary(&ds, &report, &a.out);
     Ok(())
 }
@@ -163,13 +170,24 @@ fn folder(a: FolderArgs) -> anyhow::Result<()> {
     let params = serde_json::json!({
         "source": "folder", "images": a.images, "val_fraction": a.val_fraction, "seed": a.seed,
     });
-    write(&mut ds, &a.out, &root, params, &[], a.common.verify)?;
+    // Always rebuilt: its input is a folder tree, which has no fingerprint to compare.
+    write(&mut ds, &a.out, &root, plan(params, &[], a.common.verify)?)?;
     summary(&ds, &report, &a.out);
     Ok(())
 }
 
 fn fonts(a: FontsArgs) -> anyhow::Result<()> {
     let t = std::time::Instant::now();
+    let params = serde_json::json!({
+        "source": "fonts", "font_dir": a.font_dir, "size": a.size, "val_fraction": a.val_fraction,
+        "seed": a.seed, "max_fonts": a.max_fonts,
+    });
+    let out = a.out.join("dataset.parquet");
+    let df = a.out.join("df.csv");
+    // The glyph images are not fingerprinted (tens of thousands of files); df.csv lists them.
+    if df.is_file() {
+        plan(params.clone(), &[("csv", &df)], a.common.verify)?.skip_if_done(&out)?;
+    }
     let opts = simile::fonts::FontIdOptions {
         size: a.size,
         val_fraction: a.val_fraction,
@@ -188,7 +206,6 @@ fn fonts(a: FontsArgs) -> anyhow::Result<()> {
     if s.dropped.len() > 8 {
         eprintln!("  ... and {} more dropped", s.dropped.len() - 8);
     }
-    let df = a.out.join("df.csv");
     let (mut ds, report) = dataset::import_csv(
         &df,
         &CsvOptions {
@@ -199,35 +216,27 @@ fn fonts(a: FontsArgs) -> anyhow::Result<()> {
     .context("validating the generated df.csv")?;
     ds.meta.source_kind = "fonts".into();
     ds.meta.source = a.font_dir.display().to_string();
-    let params = serde_json::json!({
-        "source": "fonts", "font_dir": a.font_dir, "size": a.size, "val_fraction": a.val_fraction,
-        "seed": a.seed, "max_fonts": a.max_fonts,
-    });
-    let out = a.out.join("dataset.parquet");
-    write(
-        &mut ds,
-        &out,
-        &a.out,
-        params,
-        &[("csv", &df)],
-        a.common.verify,
-    )?;
+    let m = plan(params, &[("csv", &df)], a.common.verify)?;
+    write(&mut ds, &out, &a.out, m)?;
     summary(&ds, &report, &out);
     Ok(())
 }
 
-fn write(
-    ds: &mut Dataset,
-    out: &Path,
-    root: &Path,
+/// The manifest's parameters and inputs, recorded before the work so an up-to-date dataset is
+/// not built again.
+fn plan(
     params: serde_json::Value,
     inputs: &[(&str, &Path)],
     verify: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<ManifestBuilder> {
     let mut m = ManifestBuilder::new("prepare", params).verify(verify);
     for (role, p) in inputs {
         m.input(role, p)?;
     }
+    Ok(m)
+}
+
+fn write(ds: &mut Dataset, out: &Path, root: &Path, mut m: ManifestBuilder) -> anyhow::Result<()> {
     ds.write(out, root)?;
     m.rows("rows", ds.len() as u64);
     for (s, n) in ds.split_counts() {

@@ -102,11 +102,22 @@ struct Args {
     /// convention); by default they are left out only where their value is undefined.
     #[arg(long)]
     skip_queries_without_positives: bool,
+    /// Also write a self-contained HTML report: the metrics, the distance distributions,
+    /// the worst queries with thumbnails (docs/metrics.md, "The report").
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// A simile-train --out folder: add its learning curves to the report.
+    #[arg(long, requires = "report")]
+    train_dir: Option<PathBuf>,
+    /// Score even when OUT is up to date (same inputs, parameters and version).
+    #[arg(long)]
+    force: bool,
 }
 
 fn main() {
     simile::cli::run(|| {
         let a = Args::parse();
+        simile::manifest::reuse_up_to_date(!a.force);
         let set = MetricSet {
             cmc: a
                 .cmc
@@ -138,8 +149,39 @@ fn main() {
                 skip_queries_without_positives: a.skip_queries_without_positives,
             },
         };
-        let out = stage::run(&req)?;
-        print_table(&req, &out.computed);
+        // The report is checked and built before anything is written: bad input leaves no file.
+        let report = a
+            .report
+            .map(|p| simile::report::ReportOptions::new(p, a.train_dir));
+        if let Some(r) = &report {
+            simile::report::check(&req, r)?;
+        }
+        // With --report, scoring is skipped only when the report is up to date too.
+        let report_done = match &report {
+            Some(r) => simile::report::up_to_date(&req, r)?,
+            None => true,
+        };
+        if report_done {
+            stage::skip_if_done(&req)?;
+        }
+        let computed = stage::compute(&req)?;
+        let page = match &report {
+            Some(r) => Some(simile::report::build(&req, &computed, r)?),
+            None => None,
+        };
+        stage::write(&req, &computed)?;
+        print_table(&req, &computed);
+        if let (Some(page), Some(r)) = (page, &report) {
+            for w in page.unavailable.iter().take(5) {
+                eprintln!("warning: report: image unavailable: {w}");
+            }
+            let (kib, rows) = (page.html.len().div_ceil(1024), page.n_query_rows);
+            page.write()?;
+            eprintln!(
+                "wrote report {} ({kib} KiB, {rows} query rows)",
+                r.out.display()
+            );
+        }
         Ok(())
     })
 }

@@ -41,6 +41,10 @@ struct Cli {
     /// Continue from OUT/checkpoints/last.
     #[arg(long)]
     resume: bool,
+    /// Train from scratch even when OUT holds a finished run with the same config, dataset
+    /// and version (which is otherwise kept: "up to date"), or an unfinished run.
+    #[arg(long, conflicts_with = "resume")]
+    force: bool,
     /// auto, cpu, cuda or cuda:<i>.
     #[arg(long, default_value = "auto")]
     device: DeviceArg,
@@ -50,14 +54,24 @@ struct Cli {
     /// Folder of the decoded-image cache.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// Threads for libtorch and the augmentation pool together (default: the cores).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    threads: Option<u64>,
     /// Testing: checkpoint after this many steps and stop (as a kill would).
     #[arg(long, hide = true)]
     stop_after_steps: Option<usize>,
 }
 
 fn main() {
+    // libgomp's wait policy can only be chosen before the process starts (see the function).
+    simile::device::reexec_with_passive_openmp();
     simile::cli::run(|| {
         let c = Cli::parse();
+        // Before anything starts a thread pool: one size for libtorch and rayon, and freed
+        // activations kept for the next step instead of being zero-filled again by the kernel.
+        simile::device::keep_freed_memory();
+        simile::device::set_threads(c.threads.map(|n| n as usize));
+        simile::manifest::reuse_up_to_date(!c.force);
         let opts = TrainOptions {
             dataset: c.dataset,
             config: c.config,
@@ -68,6 +82,7 @@ fn main() {
             compute: c.compute,
             cache_dir: c.cache_dir,
             stop_after_steps: c.stop_after_steps,
+            force: c.force,
         };
         let s = train::run(&opts, |d| eprintln!("simile-train: device {d}"))?;
         if s.stopped {

@@ -160,6 +160,13 @@ pub fn merge(out: &Path, parts: &[PathBuf]) -> Result<MergeSummary> {
                 set.paths[0].display()
             ))
         })?;
+    let mut params = m0.params.clone();
+    params["shard"] = serde_json::Value::Null;
+    let mut mb = ManifestBuilder::new("distance", params);
+    for (role, rec) in &m0.inputs {
+        mb.input_record(role, rec.clone());
+    }
+    mb.skip_if_done(out)?;
     let metas: Vec<NeighborsMeta> = set
         .paths
         .iter()
@@ -234,12 +241,6 @@ pub fn merge(out: &Path, parts: &[PathBuf]) -> Result<MergeSummary> {
         }
     }
     let rows = writer.finish()?;
-    let mut params = m0.params.clone();
-    params["shard"] = serde_json::Value::Null;
-    let mut mb = ManifestBuilder::new("distance", params);
-    for (role, rec) in &m0.inputs {
-        mb.input_record(role, rec.clone());
-    }
     mb.rows("queries", meta.n_queries as u64)
         .rows("gallery", meta.n_gallery as u64)
         .rows("neighbors", rows)

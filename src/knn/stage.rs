@@ -99,7 +99,7 @@ impl std::fmt::Display for Summary {
 }
 
 /// The `.npy` row of every dataset row (`usize::MAX` where it has none).
-fn npy_rows_of(
+pub fn npy_rows_of(
     ds: &Dataset,
     ds_path: &Path,
     emb: &Npy,
@@ -171,7 +171,7 @@ fn npy_rows_of(
 }
 
 /// `.npy` rows of a side's dataset rows; every side row must have one.
-fn side_map(
+pub fn side_map(
     of_row: &[usize],
     side_rows: &[usize],
     ds: &Dataset,
@@ -197,7 +197,7 @@ fn side_map(
         .collect()
 }
 
-fn open_embeddings(path: &Path, dataset: &Path) -> Result<Npy> {
+pub fn open_embeddings(path: &Path, dataset: &Path) -> Result<Npy> {
     shard::refuse_part(path)?;
     let n = Npy::open(path)?;
     n.expect_matrix()?;
@@ -519,6 +519,22 @@ pub fn run(opts: &Options) -> Result<Summary> {
         "shard": opts.shard.map(|(k, _)| k.as_str()),
     });
 
+    let mut mb = ManifestBuilder::new("distance", params);
+    mb.input("dataset", q_ds_path)?;
+    mb.input("embeddings", q_emb_path)?;
+    if two {
+        mb.input("gallery_dataset", g_ds_path)?;
+        mb.input("gallery_embeddings", g_emb_path)?;
+    }
+    if let Some((kind, spec)) = opts.shard {
+        let r = match kind {
+            ShardKind::Query => &q_range,
+            ShardKind::Gallery => &g_range,
+        };
+        mb.shard(spec, r.start, r.end);
+    }
+    // Recorded before the search so an up-to-date output is not computed again.
+    mb.skip_if_done(&out)?;
     let mut writer = NeighborsWriter::create(&out, &meta)?;
     let job = Job {
         queries: &queries,
@@ -547,13 +563,6 @@ pub fn run(opts: &Options) -> Result<Summary> {
     let seconds_search = t_search.elapsed().as_secs_f64();
     let rows = writer.finish()?;
 
-    let mut mb = ManifestBuilder::new("distance", params);
-    mb.input("dataset", q_ds_path)?;
-    mb.input("embeddings", q_emb_path)?;
-    if two {
-        mb.input("gallery_dataset", g_ds_path)?;
-        mb.input("gallery_embeddings", g_emb_path)?;
-    }
     mb.rows("queries", q_range.len() as u64)
         .rows("gallery", g_range.len() as u64)
         .rows("neighbors", rows)
@@ -563,13 +572,6 @@ pub fn run(opts: &Options) -> Result<Summary> {
         .timing("rescore", stats.seconds_rescore)
         .timing("scan_cpu", stats.cpu_scan)
         .timing("rescore_cpu", stats.cpu_rescore);
-    if let Some((kind, spec)) = opts.shard {
-        let r = match kind {
-            ShardKind::Query => &q_range,
-            ShardKind::Gallery => &g_range,
-        };
-        mb.shard(spec, r.start, r.end);
-    }
     mb.write(&out)?;
     Ok(Summary {
         out,

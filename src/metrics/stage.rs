@@ -391,24 +391,14 @@ fn pcf_groups(
     Ok(out)
 }
 
-/// Writes the per-query table, `metrics.json` and its manifest.
-pub fn write(req: &ScoreRequest, c: &Computed) -> Result<()> {
-    if let Some(p) = &req.per_query {
-        write_per_query(p, c)?;
-    }
-    let mut json = serde_json::to_vec_pretty(&c.scores.to_json())
-        .map_err(|e| Error::internal(e.to_string()))?;
-    json.push(b'\n');
-    atomic_write_bytes(&req.out, &json)?;
+/// The manifest's parameters (what the request asks for) and inputs, known before anything is
+/// read, so an up-to-date `metrics.json` is not computed again ([`skip_if_done`]).
+pub fn plan(req: &ScoreRequest) -> Result<ManifestBuilder> {
     let params = serde_json::json!({
-        "metrics": c.per_query.metrics.iter().map(Metric::key).collect::<Vec<_>>(),
+        "metrics": req.set.metrics().iter().map(Metric::key).collect::<Vec<_>>(),
         "fmr": req.fmr,
         "pcf": req.pcf,
         "skip_queries_without_positives": req.options.skip_queries_without_positives,
-        "neighbors_k": c.meta.k,
-        "neighbors_metric": c.meta.metric,
-        "split": c.meta.split,
-        "fnmr_source": c.fnmr_source,
     });
     let mut m = ManifestBuilder::new("score", params);
     m.input("dataset", &req.dataset)?;
@@ -425,6 +415,43 @@ pub fn write(req: &ScoreRequest, c: &Computed) -> Result<()> {
     if let Some(p) = &req.per_query {
         m.companion(p);
     }
+    Ok(m)
+}
+
+/// Stops with `Error::UpToDate` when the binary allows reuse and `req.out` is up to date. A
+/// missing input is left to `compute`, which reports it properly.
+pub fn skip_if_done(req: &ScoreRequest) -> Result<()> {
+    let inputs = [
+        &req.gallery_dataset,
+        &req.embeddings,
+        &req.gallery_embeddings,
+    ];
+    let present = |p: &Path| p.is_file();
+    if !present(&req.dataset)
+        || !present(&req.neighbors)
+        || inputs
+            .iter()
+            .any(|p| p.as_deref().is_some_and(|p| !present(p)))
+    {
+        return Ok(());
+    }
+    plan(req)?.skip_if_done(&req.out)
+}
+
+/// Writes the per-query table, `metrics.json` and its manifest.
+pub fn write(req: &ScoreRequest, c: &Computed) -> Result<()> {
+    if let Some(p) = &req.per_query {
+        write_per_query(p, c)?;
+    }
+    let mut json = serde_json::to_vec_pretty(&c.scores.to_json())
+        .map_err(|e| Error::internal(e.to_string()))?;
+    json.push(b'\n');
+    atomic_write_bytes(&req.out, &json)?;
+    let mut m = plan(req)?;
+    m.note("neighbors_k", c.meta.k.into())
+        .note("neighbors_metric", c.meta.metric.clone().into())
+        .note("split", serde_json::json!(c.meta.split))
+        .note("fnmr_source", serde_json::json!(c.fnmr_source));
     m.rows("queries", c.qg.queries.len() as u64);
     m.rows("gallery", c.qg.gallery.len() as u64);
     m.rows("neighbor_rows", c.n_rows as u64);

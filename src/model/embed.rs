@@ -1,13 +1,13 @@
 //! The embed stage: dataset + model -> `emb.npy` + `emb.ids.npy` + manifest.
 //!
 //! 1. The rows (a split, or all) in id order; with `--shard i/n`, the shard's range of them.
-//! 2. Every image is decoded, cropped and resized in parallel (rayon) *before* the model runs,
-//!    so a corrupt, missing or truncated file is reported with all the others at once and no
-//!    work is lost late. Prepared images are kept (as u8) when they fit the cache budget;
-//!    otherwise they are decoded again during inference, a batch ahead of the model on a
-//!    producer thread (a bounded channel), so the device never waits on decoding.
-//! 3. Batches run through the model; rows are written as they come (atomically: nothing
-//!    appears under the output name until the whole file is complete).
+//! 2. A producer thread decodes, crops and resizes the images in order, each batch in parallel
+//!    on the rayon pool, ahead of the model (a channel between them), so decoding and the
+//!    forward pass overlap. Every bad image (corrupt, missing, truncated) is reported together
+//!    once decoding has seen them all, and the model stops at the first (see `run` for the two
+//!    plans, by whether the prepared images fit `--cache-mib`).
+//! 3. Batches run through the model; rows are written atomically: nothing appears under the
+//!    output name until the whole file is complete.
 use super::{Compute, Model};
 use crate::dataset::{Dataset, Split};
 use crate::device::{self, DeviceArg};
@@ -17,7 +17,7 @@ use crate::manifest::ManifestBuilder;
 use crate::npy::{self, DType, NpyWriter};
 use crate::shard::ShardSpec;
 use rayon::prelude::*;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// What to do with an image that cannot be read.
@@ -67,17 +67,13 @@ pub struct EmbedSummary {
     pub skipped_list: Option<PathBuf>,
     pub device: String,
     pub seconds: f64,
-    pub decode_seconds: f64,
+    pub times: PhaseTimes,
 }
 
-/// `<stem>.skipped.tsv` beside an embeddings file.
-pub fn skipped_path(emb: &Path) -> PathBuf {
-    let stem = emb
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    emb.with_file_name(format!("{stem}.skipped.tsv"))
-}
+pub use crate::embeddings::skipped_path;
+
+/// An image that cannot be used: (id, path, why).
+pub type Bad = (i64, PathBuf, String);
 
 struct Item {
     id: i64,
@@ -91,6 +87,216 @@ pub fn run(opts: &EmbedOptions, on_device: impl FnOnce(&str)) -> Result<EmbedSum
     if opts.batch_size == 0 {
         return Err(Error::input("--batch-size must be at least 1"));
     }
+    let (items, start, end) = list_items(opts)?;
+
+    let dev = device::resolve(opts.device)?;
+    let mut model = Model::load(&opts.model, dev)?;
+    if model.spec.kind != super::ModelKind::Extractor {
+        return Err(Error::input(format!(
+            "--model {}: a {:?} model, not an extractor",
+            opts.model, model.spec.kind
+        )));
+    }
+    model.set_compute(opts.compute)?;
+    let pre = model.spec.input.clone();
+
+    let out = match opts.shard {
+        Some(s) => s.part_path(&opts.out),
+        None => opts.out.clone(),
+    };
+    let dim = model.spec.embedding_dim as usize;
+    let bs = opts.batch_size;
+    let params = serde_json::json!({
+        "model": opts.model,
+        "architecture": model.spec.architecture.name,
+        "embedding_dim": dim,
+        "normalise": model.spec.normalise,
+        "input": model.spec.input,
+        "split": opts.split.map(|s| s.as_str()).unwrap_or("all"),
+        "batch_size": bs,
+        "compute": opts.compute.to_string(),
+        "out_dtype": if opts.out_dtype == DType::F16 { "f16" } else { "f32" },
+        "on_bad_image": if opts.on_bad_image == OnBadImage::Skip { "skip" } else { "error" },
+        "root": opts.root.as_ref().map(|r| r.display().to_string()),
+    });
+    let mut m = ManifestBuilder::new("embed", params);
+    m.input("dataset", &opts.dataset)?;
+    m.input("model", &model.dir.join(super::MODEL_JSON))?;
+    m.input("weights", &model.weights_path())?;
+    if let Some(s) = opts.shard {
+        m.shard(s, start, end);
+    }
+    m.companion(&npy::ids_path(&out));
+    // Recorded before the work so an up-to-date output is not computed again.
+    m.skip_if_done(&out)?;
+    on_device(&device::describe(dev));
+    let mut t = PhaseTimes::default();
+
+    // Two plans, by whether every prepared image fits the cache (`--cache-mib`):
+    // - it fits: one decoding pass, run ahead of the model on a producer thread as fast as it
+    //   goes (never waiting for the model), while the model starts on the first batch. A bad
+    //   image stops the model at once (`error`) and decoding goes on to list every bad file,
+    //   so the report comes when decoding ends, as early as a separate check pass would give
+    //   it. Embeddings are held in memory (far smaller than the images) and written at the end.
+    // - it does not fit: a check pass decodes every image and keeps none (so bad files are
+    //   still all reported before the model runs); then the producer decodes again, a bounded
+    //   two batches ahead of the model, and rows are written as they come.
+    let keep = items.len().saturating_mul(pre.numel()) <= opts.cache_mib << 20;
+    let mut bad: Vec<Bad> = Vec::new();
+    let work: Vec<Item> = if keep {
+        items
+    } else {
+        let (good, found, seconds) = check_pass(items, &pre);
+        bad = found;
+        t.check = seconds;
+        if !bad.is_empty() && opts.on_bad_image == OnBadImage::Error {
+            return Err(bad_images_error(&bad, good.len()));
+        }
+        good
+    };
+
+    let total = work.len();
+    let chunks = total.div_ceil(bs);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Decoded>(if keep { chunks.max(1) } else { 2 });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let jobs: Vec<(PathBuf, Option<[i32; 4]>)> =
+        work.iter().map(|it| (it.path.clone(), it.bbox)).collect();
+    let producer = {
+        let (pre, stop) = (pre.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for chunk in jobs.chunks(bs) {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                let td = Instant::now();
+                let images = chunk
+                    .par_iter()
+                    .map(|(p, b)| image::prepare_file(p, *b, &pre))
+                    .collect();
+                let seconds = td.elapsed().as_secs_f64();
+                if tx.send(Decoded { images, seconds }).is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    // Stop the producer early however this function returns.
+    let _stop_guard = StopOnDrop(stop.clone());
+
+    let pb = crate::progress::bar(total as u64, "embed");
+    let mut sink = if keep {
+        Sink::Memory(Vec::new())
+    } else {
+        Sink::File(NpyWriter::create(&out, opts.out_dtype, &[total, dim])?)
+    };
+    let mut pending: Vec<(usize, Vec<u8>)> = Vec::with_capacity(2 * bs);
+    let mut embedded: Vec<usize> = Vec::with_capacity(total);
+    for ci in 0..chunks {
+        let tw = Instant::now();
+        let d = rx
+            .recv()
+            .map_err(|_| Error::internal("the image decoding thread stopped"))?;
+        t.wait += tw.elapsed().as_secs_f64();
+        t.decode += d.seconds;
+        for (k, r) in d.images.into_iter().enumerate() {
+            let i = ci * bs + k;
+            match r {
+                Ok(img) => pending.push((i, img)),
+                Err(why) if keep => bad.push((work[i].id, work[i].path.clone(), why)),
+                Err(why) => {
+                    return Err(Error::input(format!(
+                        "{}: {why} (it was readable moments ago)",
+                        work[i].path.display()
+                    )))
+                }
+            }
+        }
+        if !bad.is_empty() && opts.on_bad_image == OnBadImage::Error {
+            // Nothing will be written: keep decoding only, to list every bad file.
+            pending.clear();
+            continue;
+        }
+        let last = ci + 1 == chunks;
+        while pending.len() >= bs || (last && !pending.is_empty()) {
+            let batch: Vec<(usize, Vec<u8>)> = pending.drain(..pending.len().min(bs)).collect();
+            let tt = Instant::now();
+            let refs: Vec<&[u8]> = batch.iter().map(|(_, v)| v.as_slice()).collect();
+            // TorchScript code may `view` its activations, which needs the standard layout.
+            let x = if model.spec.is_torchscript() {
+                image::batch_tensor(&refs, &pre)
+            } else {
+                image::batch_tensor_channels_last(&refs, &pre)
+            };
+            t.tensor += tt.elapsed().as_secs_f64();
+            let tf = Instant::now();
+            let y = model.embed(&x)?;
+            let v: Vec<f32> = Vec::try_from(y.flatten(0, -1)).map_err(Error::from)?;
+            t.forward += tf.elapsed().as_secs_f64();
+            match &mut sink {
+                Sink::Memory(m) => m.extend_from_slice(&v),
+                Sink::File(w) => w.write_f32(&v)?,
+            }
+            embedded.extend(batch.iter().map(|(i, _)| *i));
+        }
+        pb.set_position((ci * bs + bs).min(total) as u64);
+    }
+    producer
+        .join()
+        .map_err(|_| Error::internal("the image decoding thread panicked"))?;
+    pb.finish_and_clear();
+    if !bad.is_empty() && opts.on_bad_image == OnBadImage::Error {
+        return Err(bad_images_error(&bad, total - bad.len()));
+    }
+
+    let n = embedded.len();
+    let writer = match sink {
+        Sink::File(w) => w,
+        Sink::Memory(v) => {
+            let mut w = NpyWriter::create(&out, opts.out_dtype, &[n, dim])?;
+            w.write_f32(&v)?;
+            w
+        }
+    };
+    let ids: Vec<i64> = embedded.iter().map(|&i| work[i].id).collect();
+    let ids_path = npy::ids_path(&out);
+    npy::write_i64(&ids_path, &ids)?;
+    // Bad rows in id order, whichever pass found them.
+    bad.sort_by_key(|b| b.0);
+    let skipped_rows: Vec<(i64, String, String)> = bad
+        .iter()
+        .map(|(id, p, why)| (*id, p.display().to_string(), why.clone()))
+        .collect();
+    let skipped_list = crate::embeddings::write_skipped(&out, &skipped_rows)?;
+    writer.finish()?;
+
+    m.rows("rows", n as u64).rows("skipped", bad.len() as u64);
+    let seconds = t0.elapsed().as_secs_f64();
+    m.timing("check", t.check)
+        .timing("decode", t.decode)
+        .timing("wait", t.wait)
+        .timing("tensor", t.tensor)
+        .timing("inference", t.forward)
+        .timing("total", seconds);
+    if let Some(s) = &skipped_list {
+        m.companion(s);
+    }
+    m.write(&out)?;
+    Ok(EmbedSummary {
+        out,
+        ids: ids_path,
+        rows: n,
+        dim,
+        skipped: bad.len(),
+        skipped_list,
+        device: device::describe(dev),
+        seconds,
+        times: t,
+    })
+}
+
+/// The rows to embed, in id order (a shard's range of them), with their image paths; the
+/// shard's `[start, end)` among the split's rows.
+fn list_items(opts: &EmbedOptions) -> Result<(Vec<Item>, usize, usize)> {
     let ds = Dataset::read(&opts.dataset)?;
     let rows: Vec<usize> = match opts.split {
         Some(s) => ds.rows_of_split(s),
@@ -126,191 +332,109 @@ pub fn run(opts: &EmbedOptions, on_device: impl FnOnce(&str)) -> Result<EmbedSum
             if no_path.len() > 5 { ", ..." } else { "" }
         )));
     }
+    Ok((items, start, end))
+}
 
-    let dev = device::resolve(opts.device)?;
-    on_device(&device::describe(dev));
-    let mut model = Model::load(&opts.model, dev)?;
-    if model.spec.kind != super::ModelKind::Extractor {
-        return Err(Error::input(format!(
-            "--model {}: a {:?} model, not an extractor",
-            opts.model, model.spec.kind
-        )));
-    }
-    model.set_compute(opts.compute)?;
-    let pre = model.spec.input.clone();
-
-    // Check every image before the model runs (and keep them when they fit).
+/// Decodes, crops and resizes every image in parallel, keeping nothing: (the good items, the
+/// bad ones with the reason, seconds).
+fn check_pass(items: Vec<Item>, pre: &Preprocess) -> (Vec<Item>, Vec<Bad>, f64) {
     let td = Instant::now();
-    let keep = items.len().saturating_mul(pre.numel()) <= opts.cache_mib << 20;
     let pb = crate::progress::bar(items.len() as u64, "check");
-    let checked: Vec<std::result::Result<Option<Vec<u8>>, String>> = items
+    let checked: Vec<std::result::Result<(), String>> = items
         .par_iter()
         .map(|it| {
-            let r = image::prepare_file(&it.path, it.bbox, &pre).map(|v| keep.then_some(v));
+            let r = image::prepare_file(&it.path, it.bbox, pre).map(drop);
             pb.inc(1);
             r
         })
         .collect();
     pb.finish_and_clear();
-    let mut decode_seconds = td.elapsed().as_secs_f64();
+    let mut good = Vec::with_capacity(items.len());
     let mut bad = Vec::new();
-    let mut good_items = Vec::with_capacity(items.len());
-    let mut cache = Vec::with_capacity(items.len());
     for (it, r) in items.into_iter().zip(checked) {
         match r {
-            Ok(buf) => {
-                good_items.push(it);
-                cache.push(buf);
-            }
+            Ok(()) => good.push(it),
             Err(why) => bad.push((it.id, it.path, why)),
         }
     }
-    let out = match opts.shard {
-        Some(s) => s.part_path(&opts.out),
-        None => opts.out.clone(),
-    };
-    let skipped_file = skipped_path(&out);
+    (good, bad, td.elapsed().as_secs_f64())
+}
+
+/// What `--check-only` found.
+#[derive(Debug)]
+pub struct CheckSummary {
+    pub images: usize,
+    /// Unreadable images: (id, path, why), in id order.
+    pub bad: Vec<Bad>,
+    /// Wall time of decoding, cropping and resizing them all.
+    pub seconds: f64,
+}
+
+/// `--check-only`: decodes, crops and resizes every image the run would embed, as the model
+/// folder's input says, and reports the bad ones; runs no model and writes nothing. With
+/// `--on-bad-image error` (the default) bad images are an error, as in a real run.
+pub fn check_only(opts: &EmbedOptions) -> Result<CheckSummary> {
+    let (items, _, _) = list_items(opts)?;
+    let spec = Model::load(&opts.model, tch::Device::Cpu)?.spec;
+    let images = items.len();
+    let (good, bad, seconds) = check_pass(items, &spec.input);
     if !bad.is_empty() && opts.on_bad_image == OnBadImage::Error {
-        let mut lines = vec![format!(
-            "{} of {} images cannot be used (nothing was embedded; --on-bad-image skip leaves them out):",
-            bad.len(),
-            bad.len() + good_items.len()
-        )];
-        lines.extend(
-            bad.iter()
-                .map(|(id, p, why)| format!("  {} (id {id}): {why}", p.display())),
-        );
-        return Err(Error::InputMany(lines));
+        return Err(bad_images_error(&bad, good.len()));
     }
-
-    // Embed.
-    let dim = model.spec.embedding_dim as usize;
-    let n = good_items.len();
-    let mut writer = NpyWriter::create(&out, opts.out_dtype, &[n, dim])?;
-    let pb = crate::progress::bar(n as u64, "embed");
-    let bs = opts.batch_size;
-    let (tx, rx) =
-        std::sync::mpsc::sync_channel::<std::result::Result<(Vec<Vec<u8>>, f64), String>>(2);
-    let paths: Vec<(PathBuf, Option<[i32; 4]>)> = good_items
-        .iter()
-        .map(|it| (it.path.clone(), it.bbox))
-        .collect();
-    let pre2 = pre.clone();
-    let producer = std::thread::spawn(move || {
-        let mut cache = cache;
-        for (ci, chunk) in paths.chunks(bs).enumerate() {
-            let t = Instant::now();
-            let from = ci * bs;
-            let batch: std::result::Result<Vec<Vec<u8>>, String> = if keep {
-                Ok(cache[from..from + chunk.len()]
-                    .iter_mut()
-                    .map(|c| c.take().unwrap_or_default())
-                    .collect())
-            } else {
-                chunk
-                    .par_iter()
-                    .map(|(p, b)| {
-                        image::prepare_file(p, *b, &pre2).map_err(|e| {
-                            format!("{}: {e} (it was readable moments ago)", p.display())
-                        })
-                    })
-                    .collect()
-            };
-            let failed = batch.is_err();
-            if tx
-                .send(batch.map(|b| (b, t.elapsed().as_secs_f64())))
-                .is_err()
-                || failed
-            {
-                return;
-            }
-        }
-    });
-    let mut infer_seconds = 0.0;
-    for _ in 0..n.div_ceil(bs) {
-        let (imgs, dsec) = rx
-            .recv()
-            .map_err(|_| Error::internal("the image decoding thread stopped"))?
-            .map_err(Error::input)?;
-        if !keep {
-            decode_seconds += dsec;
-        }
-        let ti = Instant::now();
-        let refs: Vec<&[u8]> = imgs.iter().map(|v| v.as_slice()).collect();
-        let x = image::batch_tensor(&refs, &pre);
-        let y = model.embed(&x)?;
-        let v: Vec<f32> = Vec::try_from(y.flatten(0, -1)).map_err(Error::from)?;
-        infer_seconds += ti.elapsed().as_secs_f64();
-        writer.write_f32(&v)?;
-        pb.inc(imgs.len() as u64);
-    }
-    producer
-        .join()
-        .map_err(|_| Error::internal("the image decoding thread panicked"))?;
-    pb.finish_and_clear();
-
-    let ids: Vec<i64> = good_items.iter().map(|it| it.id).collect();
-    let ids_path = npy::ids_path(&out);
-    npy::write_i64(&ids_path, &ids)?;
-    let skipped_list = if bad.is_empty() {
-        if skipped_file.exists() {
-            std::fs::remove_file(&skipped_file).map_err(|e| Error::io(&skipped_file, e))?;
-        }
-        None
-    } else {
-        let mut text = String::from("id\tpath\treason\n");
-        for (id, p, why) in &bad {
-            text.push_str(&format!(
-                "{id}\t{}\t{}\n",
-                p.display(),
-                why.replace(['\t', '\n'], " ")
-            ));
-        }
-        crate::io::atomic_write_bytes(&skipped_file, text.as_bytes())?;
-        Some(skipped_file.clone())
-    };
-    writer.finish()?;
-
-    let params = serde_json::json!({
-        "model": opts.model,
-        "architecture": model.spec.architecture.name,
-        "embedding_dim": dim,
-        "normalise": model.spec.normalise,
-        "input": model.spec.input,
-        "split": opts.split.map(|s| s.as_str()).unwrap_or("all"),
-        "batch_size": bs,
-        "compute": opts.compute.to_string(),
-        "out_dtype": if opts.out_dtype == DType::F16 { "f16" } else { "f32" },
-        "on_bad_image": if opts.on_bad_image == OnBadImage::Skip { "skip" } else { "error" },
-        "root": opts.root.as_ref().map(|r| r.display().to_string()),
-    });
-    let mut m = ManifestBuilder::new("embed", params);
-    m.input("dataset", &opts.dataset)?;
-    m.input("model", &model.dir.join(super::MODEL_JSON))?;
-    m.input("weights", &model.weights_path())?;
-    m.rows("rows", n as u64).rows("skipped", bad.len() as u64);
-    m.timing("decode", decode_seconds)
-        .timing("total", t0.elapsed().as_secs_f64())
-        .timing("inference", infer_seconds);
-    if let Some(s) = opts.shard {
-        m.shard(s, start, end);
-    }
-    m.companion(&ids_path);
-    if let Some(s) = &skipped_list {
-        m.companion(s);
-    }
-    m.write(&out)?;
-    Ok(EmbedSummary {
-        out,
-        ids: ids_path,
-        rows: n,
-        dim,
-        skipped: bad.len(),
-        skipped_list,
-        device: device::describe(dev),
-        seconds: t0.elapsed().as_secs_f64(),
-        decode_seconds,
+    Ok(CheckSummary {
+        images,
+        bad,
+        seconds,
     })
+}
+
+/// Where the time of a run went, in seconds of wall time. `decode` is the producer's time
+/// (decode, crop, resize on the rayon pool), which overlaps the model; `wait` is how long the
+/// model waited for it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PhaseTimes {
+    /// The separate check pass (only when the images do not fit the cache).
+    pub check: f64,
+    pub decode: f64,
+    pub wait: f64,
+    /// Normalising `u8` images into the float batch tensor.
+    pub tensor: f64,
+    /// The forward pass, including the copy of the embeddings back.
+    pub forward: f64,
+}
+
+/// One batch of prepared images (or why each could not be prepared) from the producer.
+struct Decoded {
+    images: Vec<std::result::Result<Vec<u8>, String>>,
+    seconds: f64,
+}
+
+enum Sink {
+    Memory(Vec<f32>),
+    File(NpyWriter),
+}
+
+struct StopOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn bad_images_error(bad: &[Bad], good: usize) -> Error {
+    let mut bad: Vec<&Bad> = bad.iter().collect();
+    bad.sort_by_key(|b| b.0);
+    let mut lines = vec![format!(
+        "{} of {} images cannot be used (nothing was embedded; --on-bad-image skip leaves them out):",
+        bad.len(),
+        bad.len() + good
+    )];
+    lines.extend(
+        bad.iter()
+            .map(|(id, p, why)| format!("  {} (id {id}): {why}", p.display())),
+    );
+    Error::InputMany(lines)
 }
 
 /// Top-k classes of image files through a model folder's classification head.

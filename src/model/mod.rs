@@ -7,6 +7,7 @@
 pub mod arch;
 pub mod embed;
 pub mod import;
+pub mod pairwise;
 pub mod zoo;
 
 use crate::error::{Error, IoContext, Result};
@@ -243,6 +244,12 @@ impl Model {
     /// Loads a model folder.
     pub fn load_dir(dir: &Path, device: Device) -> Result<Model> {
         let spec = ModelSpec::read(dir)?;
+        if spec.kind == ModelKind::Pairwise {
+            return Err(Error::input(format!(
+                "{}: a pairwise re-ranker (kind = \"pairwise\"): it scores pairs of images for `simile-rerank --method pairwise` and gives no embeddings; use an extractor model here",
+                dir.display()
+            )));
+        }
         let wpath = dir.join(&spec.weights);
         if !wpath.is_file() {
             return Err(Error::input(format!(

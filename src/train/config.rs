@@ -694,7 +694,7 @@ pub fn apply_set(table: &mut toml::Table, set: &str) -> Result<()> {
 
 /// A deserialisation error as a message naming the key, and for an unknown key or name the
 /// nearest valid one.
-fn explain(e: &serde_path_to_error::Error<toml::de::Error>) -> String {
+pub(crate) fn explain(e: &serde_path_to_error::Error<toml::de::Error>) -> String {
     let path = e.path().to_string();
     let path = if path == "." { String::new() } else { path };
     let msg = e.inner().message().trim().to_string();

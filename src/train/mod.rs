@@ -19,6 +19,7 @@ pub mod config;
 pub mod data;
 pub mod log;
 pub mod optim;
+pub mod pairwise;
 pub mod validate;
 
 use crate::dataset::{Dataset, Split};
@@ -56,6 +57,8 @@ pub struct TrainOptions {
     /// Test option: write `checkpoints/last` after this many steps in total and stop, as a
     /// kill right after a checkpoint would.
     pub stop_after_steps: Option<usize>,
+    /// Start over even when `out` holds a finished up-to-date run or an unfinished one.
+    pub force: bool,
 }
 
 /// What a run did.
@@ -292,6 +295,9 @@ struct Progress {
 
 /// Runs the stage; `on_device` gets the chosen device's description first.
 pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSummary> {
+    if pairwise::selected(&opts.config, &opts.sets)? {
+        return pairwise::run(opts, on_device);
+    }
     let t0 = Instant::now();
     let cfg = TrainConfig::load(&opts.config, &opts.sets)?;
     if opts.compute == Compute::Fp16 {
@@ -307,12 +313,15 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
             opts.out.display()
         )));
     }
-    if !opts.resume && last_dir.is_some() {
-        return Err(Error::input(format!(
-            "{} already holds a training run (checkpoints/last); continue it with --resume, or choose another --out",
-            opts.out.display()
-        )));
-    }
+    // A missing dataset is left to `Dataset::read`, which reports it properly.
+    let last_dir = if opts.resume || !opts.dataset.is_file() {
+        last_dir
+    } else {
+        let dev = device::describe(device::resolve(opts.device)?);
+        let m = manifest_plan(opts, &cfg.to_json(), &dev, serde_json::Map::new())?;
+        start_over(opts, &m, last_dir.is_some())?;
+        None
+    };
     let ds = Dataset::read(&opts.dataset)?;
     let ts = train_set(&ds, &cfg)?;
     let row_labels: Vec<i64> = ts.classes.iter().map(|&c| ts.labels[c as usize]).collect();
@@ -515,19 +524,11 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
     // Validation before training, if asked (the learning curve's first point).
     if cfg.valid_at_start && prog.step == 0 && prog.val_rows.is_empty() {
         if let Some(v) = &validator {
-            let s = v.run(
-                &nets.net,
-                &cache,
-                &pre,
-                dev,
-                Kind::Float,
-                cfg.batch_size_val,
-                &opts.out,
-            )?;
-            record_validation(
+            let s = validate_and_record(
                 &ctx,
+                v,
+                &cache,
                 &mut prog,
-                &s,
                 &nets,
                 &crit_vs,
                 &optimizer,
@@ -716,19 +717,11 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         if validate_now {
             let v = validator.as_ref().expect("checked");
             pb.set_message(format!("e{}/{} validating", prog.epoch, cfg.epochs));
-            let s = v.run(
-                &nets.net,
-                &cache,
-                &pre,
-                dev,
-                Kind::Float,
-                cfg.batch_size_val,
-                &opts.out,
-            )?;
-            record_validation(
+            let s = validate_and_record(
                 &ctx,
+                v,
+                &cache,
                 &mut prog,
-                &s,
                 &nets,
                 &crit_vs,
                 &optimizer,
@@ -780,17 +773,12 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
             save_model(&ctx, &nets.vs, None)?;
         }
         write_logs(&ctx, &prog)?;
-        let mut m = ManifestBuilder::new(
-            "train",
-            serde_json::json!({
-                "config": cfg_json,
-                "sets": opts.sets,
-                "device": device::describe(dev),
-                "compute": opts.compute.to_string(),
-            }),
-        );
-        m.input("dataset", &opts.dataset)?;
-        m.input("config", &opts.config)?;
+        let mut m = manifest_plan(
+            opts,
+            &cfg_json,
+            &device::describe(dev),
+            serde_json::Map::new(),
+        )?;
         m.rows("train_rows", ts.rows.len() as u64)
             .rows("classes", ts.labels.len() as u64)
             .rows("steps", prog.step as u64)
@@ -827,6 +815,61 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         stopped,
         resumed_from,
     })
+}
+
+/// A finished run's manifest parameters and inputs (`extra`: further parameters, e.g. the
+/// pairwise mode), known before training so a finished run is recognised.
+pub(crate) fn manifest_plan(
+    opts: &TrainOptions,
+    cfg_json: &serde_json::Value,
+    device: &str,
+    extra: serde_json::Map<String, serde_json::Value>,
+) -> Result<ManifestBuilder> {
+    let mut params = serde_json::json!({
+        "config": cfg_json,
+        "sets": opts.sets,
+        "device": device,
+        "compute": opts.compute.to_string(),
+    });
+    if let Some(o) = params.as_object_mut() {
+        o.extend(extra);
+    }
+    let mut m = ManifestBuilder::new("train", params);
+    m.input("dataset", &opts.dataset)?;
+    m.input("config", &opts.config)?;
+    Ok(m)
+}
+
+/// A run without `--resume`: a finished run with the same config, dataset and version is done
+/// (`Error::UpToDate`, unless `--force`); an unfinished one (checkpoints, no finished manifest)
+/// is refused, as it may be wanted with `--resume`, unless `--force`; a finished run made from
+/// other inputs or parameters, like any stale output, is replaced: training starts over.
+pub(crate) fn start_over(opts: &TrainOptions, m: &ManifestBuilder, has_last: bool) -> Result<()> {
+    let weights = opts.out.join(model::WEIGHTS);
+    m.skip_if_done(&weights)?;
+    let manifest = crate::manifest::manifest_path(&weights);
+    if has_last && !opts.force && !manifest.is_file() {
+        return Err(Error::input(format!(
+            "{} holds an unfinished training run (checkpoints/last); continue it with --resume, start it over with --force, or choose another --out",
+            opts.out.display()
+        )));
+    }
+    if has_last || manifest.is_file() {
+        let why = m.stale(&weights)?.unwrap_or_else(|| "--force".into());
+        eprintln!(
+            "simile-train: {} is out of date ({why}): training it again from scratch",
+            opts.out.display()
+        );
+        // The old run's manifest goes first, so a kill from here on leaves an unfinished run.
+        if manifest.is_file() {
+            std::fs::remove_file(&manifest).map_err(|e| Error::io(&manifest, e))?;
+        }
+        let ckpt = opts.out.join("checkpoints");
+        if ckpt.exists() {
+            std::fs::remove_dir_all(&ckpt).map_err(|e| Error::io(&ckpt, e))?;
+        }
+    }
+    Ok(())
 }
 
 trait CloneShallow {
@@ -900,6 +943,37 @@ fn short_scores(s: &Scores, key: &str) -> String {
         }
     }
     parts.join(" ")
+}
+
+/// Validates the master weights (fp32, the weights the model folder gets) and records the
+/// result.
+#[allow(clippy::too_many_arguments)]
+fn validate_and_record(
+    ctx: &Ctx,
+    v: &validate::Validator,
+    cache: &data::ImageCache,
+    prog: &mut Progress,
+    nets: &Nets,
+    crit_vs: &nn::VarStore,
+    optimizer: &Optimizer,
+    params: &[Param],
+    schedule: &Schedule,
+    sampler: &dyn BatchSampler,
+    criterion: &dyn Criterion,
+) -> Result<Scores> {
+    let s = v.run(
+        &nets.net,
+        cache,
+        ctx.pre,
+        ctx.dev,
+        Kind::Float,
+        ctx.cfg.batch_size_val,
+        &ctx.opts.out,
+    )?;
+    record_validation(
+        ctx, prog, &s, nets, crit_vs, optimizer, params, schedule, sampler, criterion,
+    )?;
+    Ok(s)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The pairwise re-ranker against OML's postprocessor pipeline on Font-ID: the same data, the
+# same starting extractor (the demo's trained small CNN), the same backbone, sampler, miner and
+# schedule; both re-rank the extractor's top-5 on the whole validation split. Prints CMC@1 and
+# MAP@5 before (the extractor alone) and after re-ranking for both, and the training times.
+#
+#   bench/pairwise_vs_oml.sh            # WORK=work/fontid, needs $WORK/trained (make demo)
+#
+# OML 4.0.0 is installed once with pip into its own virtualenv,
+# ${SIMILE_CACHE:-~/.cache/simile}/oml-4.0.0, which sees the torch wheel simile builds against
+# (a .pth file pointing at the torch virtualenv's site-packages), so torch is not downloaded
+# again. OML's Lightning/Hydra wrapper is not used (bench/pairwise_oml.py runs OML's classes in a
+# plain loop), so its "pipelines" extra is not needed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${WORK:-work/fontid}
+BIN=${BIN:-target/release}
+EPOCHS=${EPOCHS:-6}
+DS=$WORK/dataset.parquet
+EXT=$WORK/trained
+[ -f "$DS" ] && [ -f "$EXT/model.json" ] || {
+  echo "needs $DS and the trained extractor $EXT (run make demo first)" >&2
+  exit 2
+}
+
+TORCH_VENV=$(scripts/bootstrap-torch.sh)
+CACHE="${SIMILE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/simile}"
+OML_VENV=$CACHE/oml-4.0.0
+if [ ! -f "$OML_VENV/.simile-complete" ]; then
+  echo "installing open-metric-learning==4.0.0 into $OML_VENV (once)" >&2
+  rm -rf "$OML_VENV"
+  "$TORCH_VENV/bin/python" -m venv "$OML_VENV"
+  site=$("$OML_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  tsite=$("$TORCH_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  echo "$tsite" >"$site/simile-torch.pth"
+  # OML pins numpy<2 but runs with the torch venv's numpy 2; its other dependencies as usual.
+  "$OML_VENV/bin/python" -m pip install --quiet --no-deps open-metric-learning==4.0.0
+  "$OML_VENV/bin/python" -m pip install --quiet albumentations opencv-python-headless pandas \
+    pyarrow matplotlib validators gdown
+  touch "$OML_VENV/.simile-complete"
+fi
+
+echo "== simile (simile-train, pairwise mode; validation = the whole validation split)" >&2
+OUT=$WORK/bench_pairwise
+rm -rf "$OUT"
+t0=$(date +%s)
+"$BIN/simile-train" --dataset "$DS" --config pipelines/configs/fontid_pairwise.toml --out "$OUT" \
+  --set "pairwise.extractor=$EXT" --set "model.init=$EXT" --set "epochs=$EPOCHS" \
+  --set pairwise.val_queries=0 --device cpu
+t1=$(date +%s)
+"$OML_VENV/bin/python" - "$OUT" "$((t1 - t0))" <<'EOF'
+import json, sys
+import pyarrow.parquet as pq
+out = sys.argv[1]
+before = json.load(open(out + "/model.json"))["provenance"]["extractor_validation"]
+after = pq.read_table(out + "/val_metrics.parquet").to_pylist()[-1]
+keys = ["OVERALL/cmc/1", "OVERALL/cmc/5", "OVERALL/precision/5", "OVERALL/map/5"]
+print(json.dumps({"side": "simile", "extractor": {k: before.get(k) for k in keys},
+                  "reranked": {k: after.get(k) for k in keys},
+                  "wall_seconds": int(sys.argv[2])}))
+EOF
+
+echo "== OML 4.0.0 (ConcatSiamese, PairsMiner, PairwiseReranker)" >&2
+"$OML_VENV/bin/python" bench/pairwise_oml.py --dataset "$DS" --extractor "$EXT" --epochs "$EPOCHS"

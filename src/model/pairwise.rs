@@ -1,0 +1,382 @@
+//! The pairwise re-ranker: OML's `ConcatSiamese`. The two images of a pair are stacked along
+//! the height (two `S x S` glyphs become one `2S x S` input), run through one of simile's
+//! backbones (`arch`), and an MLP head ends in a single logit: "the pair shows different
+//! labels". `sigmoid(logit)` is the new "distance" of the pair (`simile-rerank --method
+//! pairwise`). With `swap_average`, inference averages the scores of both orders.
+//!
+//! A pairwise model folder is an ordinary model folder (`model.json` + `model.safetensors`)
+//! with `kind = "pairwise"` and a `pairwise` section (`schemas/model.md`); its weights are
+//! named as OML's module: `extractor.<backbone names>` and `head.<i>.weight|bias` (torchvision
+//! `MLP` indices: Linear, Sigmoid, Dropout per hidden layer, then the last Linear).
+use super::{save_safetensors_atomic, ArchSpec, ModelKind, ModelSpec, Net, MODEL_JSON};
+use crate::error::{Error, IoContext, Result};
+use crate::image::Preprocess;
+use crate::io::atomic_write_bytes;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tch::{nn, Device, Kind, Tensor};
+
+/// `model.json`'s `pairwise` section.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PairwiseHead {
+    /// Widths of the MLP's hidden layers (each Linear + Sigmoid + Dropout); then one logit.
+    pub mlp_hidden: Vec<i64>,
+    /// Dropout after each hidden layer while training (OML: 0.5).
+    pub dropout: f64,
+    /// Inference averages the scores of (x1, x2) and (x2, x1) (OML's `use_tta`).
+    pub swap_average: bool,
+}
+
+impl PairwiseHead {
+    pub fn validate(&self) -> Result<()> {
+        if let Some(w) = self.mlp_hidden.iter().find(|&&w| w <= 0) {
+            return Err(Error::input(format!(
+                "pairwise mlp_hidden: width {w} must be at least 1"
+            )));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::input(format!(
+                "pairwise dropout: {} must be in [0, 1)",
+                self.dropout
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A pairwise model folder's `model.json`: the common fields plus `pairwise`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PairwiseSpec {
+    /// `kind = "pairwise"`; `architecture` is the backbone, `embedding_dim` its output width
+    /// (the MLP's input), `input` the preprocessing of each of the two images.
+    #[serde(flatten)]
+    pub model: ModelSpec,
+    pub pairwise: PairwiseHead,
+}
+
+impl PairwiseSpec {
+    pub fn new(
+        arch: ArchSpec,
+        normalise: bool,
+        input: Preprocess,
+        head: PairwiseHead,
+    ) -> Result<PairwiseSpec> {
+        head.validate()?;
+        let mut model = ModelSpec::new(arch, normalise, input)?;
+        model.kind = ModelKind::Pairwise;
+        Ok(PairwiseSpec {
+            model,
+            pairwise: head,
+        })
+    }
+
+    /// Reads `dir/model.json`; a folder of another kind is an input error naming it.
+    pub fn read(dir: &Path) -> Result<PairwiseSpec> {
+        let base = ModelSpec::read(dir)?;
+        let p = dir.join(MODEL_JSON);
+        if base.kind != ModelKind::Pairwise {
+            return Err(Error::input(format!(
+                "{}: an {} model (kind = \"{}\"), not a pairwise re-ranker: train one with simile-train and a config with a [pairwise] table (pipelines/configs/fontid_pairwise.toml)",
+                dir.display(),
+                kind_name(base.kind),
+                kind_name(base.kind)
+            )));
+        }
+        let text = std::fs::read(&p).at(&p)?;
+        let spec: PairwiseSpec = serde_json::from_slice(&text).map_err(|e| {
+            Error::input(format!(
+                "{}: kind is pairwise but the pairwise section is missing or wrong: {e}",
+                p.display()
+            ))
+        })?;
+        spec.pairwise
+            .validate()
+            .map_err(|e| Error::input(format!("{}: {e}", p.display())))?;
+        if base.is_torchscript() {
+            return Err(Error::input(format!(
+                "{}: a pairwise model needs one of simile's architectures, not torchscript",
+                p.display()
+            )));
+        }
+        Ok(spec)
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self).map_err(|e| Error::internal(e.to_string()))?;
+        atomic_write_bytes(dir.join(MODEL_JSON), &json)
+    }
+}
+
+fn kind_name(k: ModelKind) -> &'static str {
+    match k {
+        ModelKind::Extractor => "extractor",
+        ModelKind::Pairwise => "pairwise",
+    }
+}
+
+/// Saves a pairwise model folder: the weights first (atomically), `model.json` last.
+pub fn save_folder(dir: &Path, spec: &PairwiseSpec, vs: &nn::VarStore) -> Result<()> {
+    std::fs::create_dir_all(dir).at(dir)?;
+    save_safetensors_atomic(vs, &dir.join(&spec.model.weights))?;
+    spec.write(dir)
+}
+
+/// The network: a backbone under `extractor`, the MLP under `head`.
+#[derive(Debug)]
+pub struct PairwiseNet {
+    pub backbone: Net,
+    /// Hidden layers, then the last (bias-free) layer.
+    head: Vec<nn::Linear>,
+    dropout: f64,
+}
+
+impl PairwiseNet {
+    /// Creates the variables under `p` (PyTorch's default `Linear` initialisation for the
+    /// head: weights and biases uniform in `+-1/sqrt(fan_in)`).
+    pub fn new(
+        p: &nn::Path,
+        arch: &ArchSpec,
+        normalise: bool,
+        head: &PairwiseHead,
+    ) -> Result<PairwiseNet> {
+        head.validate()?;
+        let backbone = Net::new(&(p / "extractor"), arch, normalise)?;
+        let hp = p / "head";
+        let mut layers = Vec::new();
+        let mut fan_in = backbone.dim;
+        let widths: Vec<i64> = head.mlp_hidden.iter().copied().chain([1]).collect();
+        for (i, &w) in widths.iter().enumerate() {
+            let b = 1.0 / (fan_in as f64).sqrt();
+            let last = i + 1 == widths.len();
+            let cfg = nn::LinearConfig {
+                ws_init: nn::Init::Uniform { lo: -b, up: b },
+                bs_init: Some(nn::Init::Uniform { lo: -b, up: b }),
+                bias: !last,
+            };
+            // torchvision's MLP: Linear, activation, Dropout per hidden layer.
+            layers.push(nn::linear(&hp / (3 * i).to_string(), fan_in, w, cfg));
+            fan_in = w;
+        }
+        Ok(PairwiseNet {
+            backbone,
+            head: layers,
+            dropout: head.dropout,
+        })
+    }
+
+    /// The logits `[B]` of pairs `(x1[i], x2[i])`, each `[B, 3, S, S]`.
+    pub fn logits_t(&self, x1: &Tensor, x2: &Tensor, train: bool) -> Tensor {
+        let x = Tensor::cat(&[x1, x2], 2);
+        let mut h = self.backbone.forward_t(&x, train);
+        let last = self.head.len() - 1;
+        for (i, l) in self.head.iter().enumerate() {
+            h = h.apply(l);
+            if i < last {
+                h = h.sigmoid().dropout(self.dropout, train);
+            }
+        }
+        h.squeeze_dim(-1)
+    }
+
+    /// Inference (eval mode, no gradients): `sigmoid` of the logit; with `swap_average` the
+    /// mean of both orders' sigmoids (OML's `predict` with `use_tta`).
+    pub fn predict(&self, x1: &Tensor, x2: &Tensor, swap_average: bool) -> Tensor {
+        tch::no_grad(|| {
+            let p = self.logits_t(x1, x2, false).to_kind(Kind::Float).sigmoid();
+            if swap_average {
+                let q = self.logits_t(x2, x1, false).to_kind(Kind::Float).sigmoid();
+                (p + q) * 0.5
+            } else {
+                p
+            }
+        })
+    }
+}
+
+/// Copies an extractor folder's backbone weights into `extractor.*` of a pairwise network
+/// (OML's postprocessing recipe starts from the trained extractor). The architecture must
+/// match; variables the folder lacks keep their initialisation and are returned.
+pub fn init_backbone(vs: &nn::VarStore, dir: &Path, arch: &ArchSpec) -> Result<Vec<String>> {
+    let spec = ModelSpec::read(dir)?;
+    if spec.kind != ModelKind::Extractor
+        || spec.is_torchscript()
+        || spec.architecture.name != arch.name
+    {
+        return Err(Error::input(format!(
+            "{}: a {} {} model; the pairwise backbone is {} and starts from an extractor of that architecture",
+            dir.display(),
+            kind_name(spec.kind),
+            spec.architecture.name,
+            arch.name
+        )));
+    }
+    let wpath = dir.join(&spec.weights);
+    let tensors: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(&wpath)?.into_iter().collect();
+    let mut missing = Vec::new();
+    tch::no_grad(|| -> Result<()> {
+        for (name, var) in vs.variables() {
+            let Some(inner) = name.strip_prefix("extractor.") else {
+                continue;
+            };
+            match tensors.get(inner) {
+                Some(t) if t.size() == var.size() => {
+                    var.shallow_clone().f_copy_(t)?;
+                }
+                _ => missing.push(name),
+            }
+        }
+        Ok(())
+    })?;
+    missing.sort();
+    Ok(missing)
+}
+
+/// A loaded pairwise model, ready for inference on one device.
+#[derive(Debug)]
+pub struct PairwiseModel {
+    pub spec: PairwiseSpec,
+    pub dir: PathBuf,
+    pub device: Device,
+    _vs: nn::VarStore,
+    net: PairwiseNet,
+}
+
+impl PairwiseModel {
+    pub fn load(dir: &Path, device: Device) -> Result<PairwiseModel> {
+        if !dir.is_dir() {
+            return Err(Error::input(format!(
+                "{}: no such model folder (a folder with model.json of kind pairwise)",
+                dir.display()
+            )));
+        }
+        let spec = PairwiseSpec::read(dir)?;
+        let wpath = dir.join(&spec.model.weights);
+        if !wpath.is_file() {
+            return Err(Error::input(format!(
+                "{}: model.json names weights {} but the file is missing",
+                dir.display(),
+                wpath.display()
+            )));
+        }
+        let mut vs = nn::VarStore::new(device);
+        let net = PairwiseNet::new(
+            &vs.root(),
+            &spec.model.architecture,
+            spec.model.normalise,
+            &spec.pairwise,
+        )?;
+        vs.load(&wpath).map_err(|e| {
+            Error::input(format!(
+                "{}: weights do not fit the pairwise {} model: {e}",
+                wpath.display(),
+                spec.model.architecture.name
+            ))
+        })?;
+        vs.freeze();
+        Ok(PairwiseModel {
+            spec,
+            dir: dir.to_path_buf(),
+            device,
+            _vs: vs,
+            net,
+        })
+    }
+
+    /// Scores `[B]` (float32, on the CPU, in [0, 1]: "different labels") of normalised
+    /// `[B, 3, S, S]` batches.
+    pub fn predict(&self, x1: &Tensor, x2: &Tensor) -> Result<Tensor> {
+        let (a, b) = (x1.size(), x2.size());
+        if a != b || a.len() != 4 {
+            return Err(Error::internal(format!(
+                "pairwise predict needs two [B, 3, S, S] batches of one shape, got {a:?} and {b:?}"
+            )));
+        }
+        let p = self.net.predict(
+            &x1.to_device(self.device),
+            &x2.to_device(self.device),
+            self.spec.pairwise.swap_average,
+        );
+        Ok(p.to_device(Device::Cpu))
+    }
+
+    /// The weights file (for fingerprints).
+    pub fn weights_path(&self) -> PathBuf {
+        self.dir.join(&self.spec.model.weights)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::ResizeMode;
+
+    fn head() -> PairwiseHead {
+        PairwiseHead {
+            mlp_hidden: vec![8],
+            dropout: 0.5,
+            swap_average: true,
+        }
+    }
+
+    fn arch() -> ArchSpec {
+        let mut a = ArchSpec::new("smallcnn");
+        a.width = Some(4);
+        a
+    }
+
+    #[test]
+    fn names_follow_oml_and_shapes_stack_height() {
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = PairwiseNet::new(&vs.root(), &arch(), false, &head()).unwrap();
+        let names: std::collections::BTreeSet<String> = vs.variables().into_keys().collect();
+        assert!(
+            names.contains("extractor.blocks.0.conv.weight"),
+            "{names:?}"
+        );
+        assert!(names.contains("head.0.weight") && names.contains("head.0.bias"));
+        assert!(names.contains("head.3.weight") && !names.contains("head.3.bias"));
+        let x1 = Tensor::randn([3, 3, 16, 16], (Kind::Float, Device::Cpu));
+        let x2 = Tensor::randn([3, 3, 16, 16], (Kind::Float, Device::Cpu));
+        assert_eq!(net.logits_t(&x1, &x2, false).size(), vec![3]);
+        // Swap averaging is symmetric in the two images.
+        let a = net.predict(&x1, &x2, true);
+        let b = net.predict(&x2, &x1, true);
+        assert!(a.allclose(&b, 1e-6, 1e-6, false));
+        let p: Vec<f32> = Vec::try_from(a).unwrap();
+        assert!(p.iter().all(|v| (0.0..=1.0).contains(v)));
+    }
+
+    #[test]
+    fn spec_round_trips_and_embed_spec_sees_the_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = PairwiseSpec::new(
+            arch(),
+            false,
+            Preprocess::imagenet(16, ResizeMode::Pad),
+            head(),
+        )
+        .unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        PairwiseNet::new(&vs.root(), &arch(), false, &head()).unwrap();
+        save_folder(dir.path(), &spec, &vs).unwrap();
+        assert_eq!(PairwiseSpec::read(dir.path()).unwrap(), spec);
+        let base = ModelSpec::read(dir.path()).unwrap();
+        assert_eq!(base.kind, ModelKind::Pairwise);
+        let m = PairwiseModel::load(dir.path(), Device::Cpu).unwrap();
+        let x = Tensor::zeros([2, 3, 16, 16], (Kind::Float, Device::Cpu));
+        assert_eq!(m.predict(&x, &x).unwrap().size(), vec![2]);
+    }
+
+    #[test]
+    fn bad_head_is_an_input_error() {
+        let mut h = head();
+        h.dropout = 1.0;
+        assert_eq!(h.validate().unwrap_err().exit_code(), 2);
+        h.dropout = 0.0;
+        h.mlp_hidden = vec![0];
+        assert_eq!(h.validate().unwrap_err().exit_code(), 2);
+    }
+}

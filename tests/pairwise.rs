@@ -1,0 +1,376 @@
+//! The pairwise re-ranker end to end on small generated data: simile-train's pairwise mode
+//! writes a model folder of kind `pairwise` (2 steps), simile-embed refuses it, the library's
+//! `rerank::pairwise::rescore` keeps the tail and CMC@top_n, and a seed (and a resume)
+//! reproduces the weights.
+mod common;
+
+use image::{Rgb, RgbImage};
+use simile::dataset::{Dataset, Split};
+use simile::image::{Preprocess, ResizeMode};
+use simile::model::{ArchSpec, ModelKind, ModelSpec, Net};
+use std::path::{Path, PathBuf};
+use tch::{nn, Device, Tensor};
+
+const TRAIN: &str = env!("CARGO_BIN_EXE_simile-train");
+const EMBED: &str = env!("CARGO_BIN_EXE_simile-embed");
+
+/// `train` + `val` labels with `per` images each: a colour and a stripe frequency per label,
+/// noisy, shifted instances.
+fn make_data(dir: &Path, train: usize, val: usize, per: usize) -> PathBuf {
+    std::fs::create_dir_all(dir.join("img")).unwrap();
+    let n = (train + val) * per;
+    let mut ds = Dataset {
+        ids: (0..n as i64).collect(),
+        ..Default::default()
+    };
+    let mut state = 777u32;
+    let mut rnd = move || {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        state
+    };
+    for l in 0..train + val {
+        for k in 0..per {
+            let c = [
+                (l * 53 % 256) as u8,
+                (l * 97 % 256) as u8,
+                (l * 31 % 256) as u8,
+            ];
+            let f = 2 + (l % 5) as u32;
+            let shift = rnd() % 5;
+            let im = RgbImage::from_fn(24, 24, |x, y| {
+                let noise = (rnd() % 40) as u8;
+                if ((x + shift) / f + y / (1 + l as u32 % 3)).is_multiple_of(2) {
+                    Rgb([c[0].saturating_add(noise), c[1], c[2]])
+                } else {
+                    Rgb([255 - c[0], 255 - c[1].saturating_add(noise), 255 - c[2]])
+                }
+            });
+            let name = format!("img/{l}_{k}.png");
+            im.save(dir.join(&name)).unwrap();
+            let is_val = l >= train;
+            ds.label.push(Some(l as i64));
+            ds.path.push(Some(name));
+            ds.text.push(None);
+            ds.split.push(if is_val {
+                Split::Validation
+            } else {
+                Split::Train
+            });
+            ds.is_query.push(is_val.then_some(true));
+            ds.is_gallery.push(is_val.then_some(true));
+            ds.category.push(None);
+            ds.sequence.push(None);
+            ds.bbox.push(None);
+        }
+    }
+    let dest = dir.join("dataset.parquet");
+    ds.write(&dest, dir).unwrap();
+    dest
+}
+
+fn arch() -> ArchSpec {
+    let mut a = ArchSpec::new("smallcnn");
+    a.width = Some(4);
+    a
+}
+
+fn input() -> Preprocess {
+    Preprocess {
+        size: 24,
+        resize: ResizeMode::Pad,
+        crop_ratio: 0.875,
+        mean: [0.5; 3],
+        std: [0.5; 3],
+    }
+}
+
+/// An (untrained, seeded) extractor folder: it mines the pairs and gives the neighbours.
+fn make_extractor(dir: &Path) {
+    tch::manual_seed(1);
+    let vs = nn::VarStore::new(Device::Cpu);
+    Net::new(&vs.root(), &arch(), true).unwrap();
+    let spec = ModelSpec::new(arch(), true, input()).unwrap();
+    simile::model::save_folder(dir, &spec, &vs).unwrap();
+}
+
+fn write_config(dir: &Path, extractor: &Path) -> PathBuf {
+    let e = extractor.display();
+    let text = format!(
+        r#"seed = 3
+epochs = 1
+batch_size_val = 16
+[model]
+arch = "smallcnn"
+width = 4
+normalise = false
+size = 24
+mean = [0.5, 0.5, 0.5]
+std = [0.5, 0.5, 0.5]
+init = "{e}"
+[augment]
+contrast = 0.2
+[sampler]
+name = "balance"
+n_labels = 3
+n_instances = 4
+[pairwise]
+extractor = "{e}"
+mlp_hidden = [8]
+top_n = 3
+"#
+    );
+    let p = dir.join("pairwise.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    ds: PathBuf,
+    cfg: PathBuf,
+    ext: PathBuf,
+}
+
+fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    // 6 train labels / 3 per batch: an epoch is 2 steps.
+    let ds = make_data(dir.path(), 6, 3, 4);
+    let ext = dir.path().join("extractor");
+    make_extractor(&ext);
+    let cfg = write_config(dir.path(), &ext);
+    Env { dir, ds, cfg, ext }
+}
+
+fn train(e: &Env, out: &Path, extra: &[&str]) -> common::Run {
+    let o = std::process::Command::new(TRAIN)
+        .args([
+            "--dataset",
+            s(&e.ds),
+            "--config",
+            s(&e.cfg),
+            "--out",
+            s(out),
+        ])
+        .args(["--device", "cpu", "--cache-dir"])
+        .arg(e.dir.path().join("cache"))
+        .args(extra)
+        .env("SIMILE_CACHE", e.dir.path().join("zoo"))
+        .output()
+        .unwrap();
+    common::Run {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn tensors(p: &Path) -> Vec<(String, Vec<f32>)> {
+    let mut v: Vec<(String, Vec<f32>)> = Tensor::read_safetensors(p)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| (n, Vec::<f32>::try_from(t.flatten(0, -1)).unwrap()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Ids of the first `n` of a list that share the query's label.
+fn hits(ds: &Dataset, q: i64, list: &[(i64, f32)], n: usize) -> usize {
+    let label = |id: i64| ds.label[ds.position_of(id).unwrap()];
+    list.iter()
+        .take(n)
+        .filter(|(g, _)| label(*g) == label(q))
+        .count()
+}
+
+#[test]
+fn trains_a_pairwise_folder_that_embed_refuses_and_rescore_keeps_the_tail() {
+    let e = env();
+    let out = e.dir.path().join("pw");
+    let r = train(&e, &out, &[]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("the extractor on 12 validation queries"),
+        "{}",
+        r.stderr
+    );
+
+    // The folder: kind pairwise, OML's parameter names, logs, checkpoints, manifest.
+    let spec = ModelSpec::read(&out).unwrap();
+    assert_eq!(spec.kind, ModelKind::Pairwise);
+    let pspec = simile::model::pairwise::PairwiseSpec::read(&out).unwrap();
+    assert_eq!(pspec.pairwise.mlp_hidden, vec![8]);
+    let names: Vec<String> = tensors(&out.join("model.safetensors"))
+        .into_iter()
+        .map(|t| t.0)
+        .collect();
+    assert!(names.contains(&"extractor.blocks.3.conv.weight".to_string()));
+    assert!(names.contains(&"head.3.weight".to_string()), "{names:?}");
+    let log = simile::train::log::read(&out.join("train_log.parquet"), &["epoch", "step"]).unwrap();
+    assert_eq!(log.len(), 2);
+    for row in &log {
+        let acc = row.value("pair_accuracy").unwrap();
+        assert!((0.0..=1.0).contains(&acc));
+        assert!(row.value("loss").unwrap().is_finite());
+        assert!(row.value("n_pos_pairs").unwrap() >= 1.0);
+    }
+    let val =
+        simile::train::log::read(&out.join("val_metrics.parquet"), &["epoch", "step"]).unwrap();
+    assert_eq!(val.len(), 1);
+    assert!(val[0].value("OVERALL/cmc/1").is_some());
+    for f in [
+        "model.json",
+        "config.toml",
+        "model.safetensors.manifest.json",
+        "checkpoints",
+    ] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+
+    // simile-embed refuses a pairwise model: exit 2, a clear message, no output.
+    let emb = e.dir.path().join("emb.npy");
+    let r = common::run(
+        EMBED,
+        &[
+            "--dataset",
+            s(&e.ds),
+            "--model",
+            s(&out),
+            "--out",
+            s(&emb),
+            "--device",
+            "cpu",
+        ],
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("pairwise"), "{}", r.stderr);
+    assert!(!emb.exists());
+
+    // rescore: per query, every other validation image ranked by a fixed distance.
+    let ds = Dataset::read(&e.ds).unwrap();
+    let vrows = ds.rows_of_split(Split::Validation);
+    let query_ids: Vec<i64> = vrows.iter().map(|&r| ds.ids[r]).collect();
+    let mut lists: Vec<Vec<(i64, f32)>> = query_ids
+        .iter()
+        .map(|&q| {
+            let mut l: Vec<(i64, f32)> = query_ids
+                .iter()
+                .filter(|&&g| g != q)
+                .map(|&g| (g, ((q * 7 + g * 13) % 17) as f32 / 10.0 + 0.1))
+                .collect();
+            l.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+            l
+        })
+        .collect();
+    let before = lists.clone();
+    let top_n = 4;
+    simile::rerank::pairwise::rescore(&out, &ds, &mut lists, &query_ids, top_n, Device::Cpu, 5)
+        .unwrap();
+    let mut changed = 0;
+    for ((q, b), a) in query_ids.iter().zip(&before).zip(&lists) {
+        assert_eq!(a.len(), b.len());
+        assert_eq!(&a[top_n..], &b[top_n..], "the tail is untouched");
+        let mut ha: Vec<i64> = a[..top_n].iter().map(|x| x.0).collect();
+        let mut hb: Vec<i64> = b[..top_n].iter().map(|x| x.0).collect();
+        changed += (ha != hb) as usize;
+        ha.sort_unstable();
+        hb.sort_unstable();
+        assert_eq!(ha, hb, "the head is a permutation of the old head");
+        assert!(a.windows(2).all(|w| w[0].1 <= w[1].1), "sorted: {a:?}");
+        // CMC@top_n and precision@top_n cannot change.
+        assert_eq!(hits(&ds, *q, a, top_n), hits(&ds, *q, b, top_n));
+        assert_eq!((hits(&ds, *q, a, top_n) > 0), (hits(&ds, *q, b, top_n) > 0));
+        // The new head scores are probabilities, rescaled below the tail when needed.
+        assert!(a[top_n - 1].1 <= b[top_n].1);
+    }
+    assert!(changed > 0, "the model re-ordered no list");
+
+    // Bad input: an extractor is not a pairwise model; top_n 1 is refused (exit-2 errors).
+    let err = simile::rerank::pairwise::rescore(
+        &e.ext,
+        &ds,
+        &mut lists,
+        &query_ids,
+        top_n,
+        Device::Cpu,
+        5,
+    )
+    .unwrap_err();
+    assert_eq!(err.exit_code(), 2);
+    assert!(
+        err.to_string().contains("not a pairwise re-ranker"),
+        "{err}"
+    );
+    let err =
+        simile::rerank::pairwise::rescore(&out, &ds, &mut lists, &query_ids, 1, Device::Cpu, 5)
+            .unwrap_err();
+    assert_eq!(err.exit_code(), 2);
+}
+
+#[test]
+fn a_seed_and_a_resume_reproduce_the_weights() {
+    let e = env();
+    let (a, b, c) = (
+        e.dir.path().join("a"),
+        e.dir.path().join("b"),
+        e.dir.path().join("c"),
+    );
+    for o in [&a, &b] {
+        let r = train(&e, o, &[]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    }
+    let wa = tensors(&a.join("model.safetensors"));
+    assert_eq!(wa, tensors(&b.join("model.safetensors")));
+    // Stopped after the first step, then resumed: the same weights and losses.
+    let r = train(&e, &c, &["--stop-after-steps", "1"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!c.join("model.safetensors.manifest.json").exists());
+    let r = train(&e, &c, &["--resume"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let wc = tensors(&c.join("model.safetensors"));
+    for ((na, va), (nc, vc)) in wa.iter().zip(&wc) {
+        assert_eq!(na, nc);
+        let d = va
+            .iter()
+            .zip(vc)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(d <= 1e-6, "{na}: resumed weights differ by {d}");
+    }
+    let la = simile::train::log::read(&a.join("train_log.parquet"), &["epoch", "step"]).unwrap();
+    let lc = simile::train::log::read(&c.join("train_log.parquet"), &["epoch", "step"]).unwrap();
+    assert_eq!(la.len(), lc.len());
+    for (x, y) in la.iter().zip(&lc) {
+        assert_eq!(x.value("loss"), y.value("loss"));
+    }
+    // Another seed gives other weights.
+    let d = e.dir.path().join("d");
+    let r = train(&e, &d, &["--set", "seed=4"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_ne!(wa, tensors(&d.join("model.safetensors")));
+}
+
+#[test]
+fn bad_pairwise_configs_are_refused() {
+    let e = env();
+    let out = e.dir.path().join("bad");
+    let r = train(&e, &out, &["--set", "loss.name=triplet"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("no [loss] table"), "{}", r.stderr);
+    let r = train(
+        &e,
+        &out,
+        &["--set", "pairwise.extractor=/nonexistent/model"],
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("pairwise.extractor"), "{}", r.stderr);
+    let r = train(&e, &out, &["--set", "pairwise.top_n=1"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(!out.join("model.json").exists());
+}
