@@ -142,16 +142,11 @@ fn main() {
             .out
             .clone()
             .ok_or_else(|| simile::cli::user_error("--out is required"))?;
-        if let Some(n) = a.threads {
-            if n == 0 {
-                return Err(simile::cli::user_error("--threads must be at least 1"));
-            }
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(n)
-                .build_global()
-                .map_err(|e| anyhow::anyhow!("cannot start {n} threads: {e}"))?;
+        if a.threads == Some(0) {
+            return Err(simile::cli::user_error("--threads must be at least 1"));
         }
-        tch::set_num_threads(rayon::current_num_threads() as i32);
+        // One size for rayon's pool and libtorch's (see device::set_threads).
+        simile::device::set_threads(a.threads);
         // The native kernels are CPU code: with them, `auto` means the CPU.
         let dev = match (a.backend, a.device) {
             (Backend::Native, DeviceArg::Auto) => tch::Device::Cpu,

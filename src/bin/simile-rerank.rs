@@ -126,15 +126,11 @@ fn main() {
     simile::cli::run(|| {
         let a = Args::parse();
         simile::manifest::reuse_up_to_date(!a.force);
-        if let Some(n) = a.threads {
-            if n == 0 {
-                return Err(simile::cli::user_error("--threads must be at least 1"));
-            }
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(n)
-                .build_global()
-                .map_err(|e| anyhow::anyhow!("cannot start {n} threads: {e}"))?;
+        if a.threads == Some(0) {
+            return Err(simile::cli::user_error("--threads must be at least 1"));
         }
+        // One size for rayon's pool and libtorch's (see device::set_threads).
+        simile::device::set_threads(a.threads);
         let method = method(&a)?;
         let needs_device =
             matches!(method, Method::Pairwise { .. }) || !matches!(a.method, MethodArg::Threshold);
