@@ -213,6 +213,25 @@ impl QueryGallery {
             .collect()
     }
 
+    /// The dataset rows either side needs, each once and sorted (what an embedding pass
+    /// computes), and every query's and gallery item's position among them: a split's queries
+    /// and gallery overlap, so embedding the union once serves both.
+    pub fn union_rows(&self) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
+        let mut rows: Vec<usize> = self
+            .queries
+            .rows
+            .iter()
+            .chain(&self.gallery.rows)
+            .copied()
+            .collect();
+        rows.sort_unstable();
+        rows.dedup();
+        let pos = |r: &usize| rows.binary_search(r).unwrap_or(0);
+        let q_map = self.queries.rows.iter().map(pos).collect();
+        let g_map = self.gallery.rows.iter().map(pos).collect();
+        (rows, q_map, g_map)
+    }
+
     /// Gallery position of a gallery id (ids are sorted within a side).
     pub fn gallery_pos(&self, id: i64) -> Option<usize> {
         self.gallery.ids.binary_search(&id).ok()

@@ -444,18 +444,7 @@ fn build_val(
         return Ok(None);
     }
     let qg = QueryGallery::from_dataset(ds, Split::Validation, SequenceRule::default())?;
-    let mut rows: Vec<usize> = qg
-        .queries
-        .rows
-        .iter()
-        .chain(&qg.gallery.rows)
-        .copied()
-        .collect();
-    rows.sort_unstable();
-    rows.dedup();
-    let pos = |r: &usize| rows.binary_search(r).unwrap_or(0);
-    let q_map: Vec<usize> = qg.queries.rows.iter().map(pos).collect();
-    let g_map: Vec<usize> = qg.gallery.rows.iter().map(pos).collect();
+    let (rows, q_map, g_map) = qg.union_rows();
     let emb: Vec<f32> = rows.iter().flat_map(|&r| emb_of(r)).collect();
     let tmp = tempfile::Builder::new()
         .prefix(".val-emb.")

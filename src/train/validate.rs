@@ -35,18 +35,7 @@ impl Validator {
             return Ok(None);
         }
         let qg = QueryGallery::from_dataset(ds, Split::Validation, SequenceRule::default())?;
-        let mut rows: Vec<usize> = qg
-            .queries
-            .rows
-            .iter()
-            .chain(&qg.gallery.rows)
-            .copied()
-            .collect();
-        rows.sort_unstable();
-        rows.dedup();
-        let pos = |r: &usize| rows.binary_search(r).unwrap_or(0);
-        let q_map = qg.queries.rows.iter().map(pos).collect();
-        let g_map = qg.gallery.rows.iter().map(pos).collect();
+        let (rows, q_map, g_map) = qg.union_rows();
         let n_gt = qg.positive_counts();
         let categories = ds.has_category().then(|| qg.queries.category.clone());
         Ok(Some(Validator {
