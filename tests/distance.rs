@@ -6,28 +6,12 @@ use simile::npy::{self, DType};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+use common::Rng;
+
 const BIN: &str = env!("CARGO_BIN_EXE_simile-distance");
 
 // ---------------------------------------------------------------- fixtures
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-    /// Uniform in [-1, 1).
-    fn f(&mut self) -> f32 {
-        (self.next() % (1 << 24)) as f32 / (1 << 23) as f32 - 1.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 #[derive(Clone)]
 struct Row {

@@ -3,7 +3,7 @@
 //! expansion by brute force), the neighbours schema, simile-score, and bad inputs.
 mod common;
 
-use common::{check_against_schema, listing, run};
+use common::{check_against_schema, listing, run, Rng};
 use simile::dataset::{Dataset, DatasetMeta, Split};
 use simile::knn::exact;
 use simile::knn::Metric;
@@ -16,24 +16,6 @@ const DISTANCE: &str = env!("CARGO_BIN_EXE_simile-distance");
 const SCORE: &str = env!("CARGO_BIN_EXE_simile-score");
 
 // ---------------------------------------------------------------- fixtures
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-    fn f(&mut self) -> f32 {
-        (self.next() % (1 << 24)) as f32 / (1 << 23) as f32 - 1.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 #[derive(Clone)]
 struct Row {
