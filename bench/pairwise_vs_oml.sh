@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-work/fontid}
 BIN=${BIN:-target/release}
-EPOCHS=${EPOCHS:-6}
+EPOCHS=${EPOCHS:-12}
 DS=$WORK/dataset.parquet
 EXT=$WORK/trained
 [ -f "$DS" ] && [ -f "$EXT/model.json" ] || {
@@ -25,7 +25,7 @@ EXT=$WORK/trained
 
 TORCH_VENV=$(scripts/bootstrap-torch.sh)
 CACHE="${SIMILE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/simile}"
-OML_VENV=$CACHE/oml-4.0.0
+OML_VENV=${OML_VENV:-$CACHE/oml-4.0.0}
 if [ ! -f "$OML_VENV/.simile-complete" ]; then
   echo "installing open-metric-learning==4.0.0 into $OML_VENV (once)" >&2
   rm -rf "$OML_VENV"
@@ -40,7 +40,7 @@ if [ ! -f "$OML_VENV/.simile-complete" ]; then
   touch "$OML_VENV/.simile-complete"
 fi
 
-echo "== simile (simile-train, pairwise mode; validation = the whole validation split)" >&2
+echo "== simile (simile-train, pairwise mode, siamese fusion; validation = the whole validation split)" >&2
 OUT=$WORK/bench_pairwise
 rm -rf "$OUT"
 t0=$(date +%s)
@@ -60,5 +60,8 @@ print(json.dumps({"side": "simile", "extractor": {k: before.get(k) for k in keys
                   "wall_seconds": int(sys.argv[2])}))
 EOF
 
-echo "== OML 4.0.0 (ConcatSiamese, PairsMiner, PairwiseReranker)" >&2
-"$OML_VENV/bin/python" bench/pairwise_oml.py --dataset "$DS" --extractor "$EXT" --epochs "$EPOCHS"
+# simile's side uses the siamese fusion (its default for CNNs); OML has only ConcatSiamese,
+# which stacks the pair. Same learning rates as fontid_pairwise.toml.
+echo "== OML 4.0.0 (ConcatSiamese: stacked pair; PairsMiner, PairwiseReranker)" >&2
+"$OML_VENV/bin/python" bench/pairwise_oml.py --dataset "$DS" --extractor "$EXT" --epochs "$EPOCHS" \
+  --lr 2e-3 --lr-backbone 5e-4

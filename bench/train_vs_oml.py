@@ -1,16 +1,31 @@
-"""Trains simile's small CNN on Font-ID with OML 4.0's own components, for bench/train_vs_oml.sh.
+"""Trains simile's recipe on Font-ID with OML 4.0's own components, for bench/train_vs_oml.sh.
 
 OML's sampler (BalanceSampler), miners (AllTripletsMiner / HardTripletsMiner), losses
 (TripletLossWithMiner / ArcFaceLoss) and metrics (RetrievalResults + calc_retrieval_metrics_rr)
-drive a plain PyTorch loop (OML's Lightning pipeline adds logging around the same calls). The
-network is a PyTorch copy of simile's `smallcnn` (src/model/arch.rs): 4 blocks of conv3x3 (no
-bias) + BatchNorm + ReLU, 2x2 max-pooling between them, average pooling, a linear projection,
-L2 normalisation by the detached norm (OML's `normalise_features`). The images are decoded once
-into memory (as simile's image cache) and augmented per batch as simile's `[augment]` does
-(random resized crop, contrast jitter), in the DataLoader's workers.
+drive a plain PyTorch loop (OML's Lightning pipeline adds logging around the same calls).
+The network (src/model/arch.rs):
+- `resnet18`: OML's own ResnetExtractor(weights=None, arch="resnet18", remove_fc=True) (torchvision's
+  resnet18), GEM pooling when simile's pool is gem, simile's `dim` projection as its `fc`, L2
+  normalisation by the detached norm (`normalise_features`);
+- `smallcnn`: a PyTorch copy of simile's: 4 blocks of conv3x3 (no bias) + BatchNorm + ReLU, 2x2
+  max-pooling between them, average pooling, the projection, the same normalisation.
+`--init simile` (the default) draws the initial weights from the distributions simile's (tch's)
+layers use: conv and linear weights U(+-sqrt(6 / fan_in)), linear biases U(+-1 / sqrt(fan_in)),
+BatchNorm weights U(0, 1) and biases 0; `--init torch` keeps PyTorch's / torchvision's.
+The images are decoded once into memory (as simile's image cache) and augmented per batch as
+simile's `[augment]` does (random resized crop, contrast jitter), in the DataLoader's workers.
 
-Prints one JSON line: the config, steps, images/s of the training steps, and the validation
-metrics (OVERALL/cmc/1, cmc/5, precision/5, map/5) after the last epoch.
+Throughput counts the training steps only, as simile's train_log does: from asking for the
+batch (the wait for the loader included) to the end of the optimiser step and the loss read
+back; validation, start-up and image decoding are outside it.
+
+Prints one JSON line: the config, steps, images/s of the training steps, the load average
+before and after, and the validation metrics (OVERALL/cmc/1, cmc/5, precision/5, map/5) after
+the last epoch. Two helper modes for the shell script: `--simile-run DIR` prints the same line
+for a finished simile-train run (from its train_log.parquet and val_metrics.parquet), and
+`--summarise FILE` turns a file of such lines into per-seed and mean tables (Markdown);
+`--simile-config C --profile N` prints the seconds of each phase of N steps on a random batch,
+as SIMILE_TRAIN_PROFILE=1 does for simile.
 """
 
 import argparse
@@ -37,8 +52,13 @@ from oml.retrieval.retrieval_results import RetrievalResults
 from oml.samplers.balance import BalanceSampler
 
 
+def gem(x, p):
+    """simile's (and OML's GEM) generalised mean over the spatial positions."""
+    return x.clamp_min(1e-6).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+
+
 class SmallCnn(nn.Module):
-    def __init__(self, width: int, dim: int):
+    def __init__(self, width: int, dim, pool: str, gem_p: float, normalise: bool):
         super().__init__()
         blocks, cin = [], 3
         for i in range(4):
@@ -46,15 +66,44 @@ class SmallCnn(nn.Module):
             blocks.append(nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)))
             cin = cout
         self.blocks = nn.ModuleList(blocks)
-        self.proj = nn.Linear(cin, dim)
+        self.proj = nn.Linear(cin, dim) if dim else nn.Identity()
+        self.pool, self.gem_p, self.normalise = pool, gem_p, normalise
 
     def forward(self, x):
         for i, b in enumerate(self.blocks):
             x = F.relu(b(x))
             if i < len(self.blocks) - 1:
                 x = F.max_pool2d(x, 2)
-        x = self.proj(x.mean(dim=(2, 3)))
-        return x / x.norm(dim=1, keepdim=True).detach().clamp_min(1e-12)
+        x = self.proj(gem(x, self.gem_p) if self.pool == "gem" else x.mean(dim=(2, 3)))
+        return x / x.norm(dim=1, keepdim=True).detach().clamp_min(1e-12) if self.normalise else x
+
+
+def resnet18(dim, pool: str, gem_p: float, normalise: bool):
+    """OML's ResnetExtractor around torchvision's resnet18; simile's projection becomes its fc."""
+    from oml.models.resnet.extractor import ResnetExtractor
+
+    m = ResnetExtractor(None, "resnet18", gem_p if pool == "gem" else None, remove_fc=True, normalise_features=normalise)
+    if dim:
+        m.model.fc = nn.Linear(512, dim)
+    return m
+
+
+def simile_init(model):
+    """The initial weights' distributions of simile's layers (tch's defaults, src/model/arch.rs)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                fan_in = m.weight[0].numel()
+                b = math.sqrt(6.0 / fan_in)  # Kaiming uniform, ReLU gain
+                m.weight.uniform_(-b, b)
+                if m.bias is not None:
+                    if isinstance(m, nn.Linear):
+                        m.bias.uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+                    else:
+                        m.bias.zero_()
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.0, 1.0)
+                m.bias.zero_()
 
 
 def load_images(paths, size):
@@ -68,10 +117,11 @@ def load_images(paths, size):
 
 
 class Augmented(Dataset):
-    """Random resized crop (torchvision's sampling) + contrast jitter, normalised with mean = std = 0.5."""
+    """Random resized crop (torchvision's sampling) + contrast jitter, normalised with mean, std."""
 
-    def __init__(self, images, scale, ratio, contrast):
+    def __init__(self, images, scale, ratio, contrast, mean, std):
         self.images, self.scale, self.ratio, self.contrast = images, scale, ratio, contrast
+        self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
 
     def __len__(self):
         return len(self.images)
@@ -86,17 +136,17 @@ class Augmented(Dataset):
         if self.contrast > 0:
             c = 1 - self.contrast + 2 * self.contrast * torch.rand(()).item()
             img = (img.mean() + (img - img.mean()) * c).clamp(0, 255)
-        x = (img / 255.0 - 0.5) / 0.5
-        return x.expand(3, s, s), i
+        return (img.expand(3, s, s) / 255.0 - self.mean) / self.std, i
 
 
-def evaluate(model, images, df_val, root, bs):
+def evaluate(model, images, df_val, root, bs, mean, std):
     model.eval()
     embs = []
+    mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     with torch.no_grad():
         for i in range(0, len(images), bs):
-            x = (images[i : i + bs].float()[:, None] / 255.0 - 0.5) / 0.5
-            embs.append(model(x.expand(-1, 3, -1, -1)))
+            x = images[i : i + bs].float()[:, None].expand(-1, 3, -1, -1)
+            embs.append(model((x / 255.0 - mean) / std))
     model.train()
     ds = ImageQueryGalleryLabeledDataset(df_val.reset_index(drop=True), dataset_root=root)
     rr = RetrievalResults.from_embeddings(torch.cat(embs), ds, n_items=10)
@@ -111,10 +161,14 @@ def from_simile_config(args):
     with open(args.simile_config, "rb") as f:
         c = tomllib.load(f)
     m, smp, loss, opt, sch, aug = (c.get(k, {}) for k in ("model", "sampler", "loss", "optimizer", "schedule", "augment"))
-    if m.get("arch") != "smallcnn" or smp.get("name") != "balance" or opt.get("name") != "adam" or sch.get("name") != "cosine":
-        raise SystemExit("train_vs_oml.py mirrors smallcnn + balance sampler + adam + cosine only")
-    args.epochs, args.size = c["epochs"], m["size"]
-    args.width, args.dim = m.get("width", 32), m["dim"]
+    if m.get("arch") not in ("smallcnn", "resnet18") or smp.get("name") != "balance" or opt.get("name") != "adam" or sch.get("name") != "cosine":
+        raise SystemExit("train_vs_oml.py mirrors smallcnn / resnet18 + balance sampler + adam + cosine only")
+    if m.get("resize", "pad") != "pad" or m.get("init") or m.get("pool", "avg") not in ("avg", "gem") or m.get("blocks", 4) != 4:
+        raise SystemExit("train_vs_oml.py mirrors resize = pad, pool avg / gem, 4 smallcnn blocks, from scratch only")
+    args.epochs, args.size, args.arch = c["epochs"], m["size"], m["arch"]
+    args.width, args.dim = m.get("width", 32), m.get("dim")
+    args.pool, args.gem_p, args.normalise = m.get("pool", "avg"), m.get("gem_p", 3.0), m.get("normalise", True)
+    args.mean, args.std = m.get("mean", [0.485, 0.456, 0.406]), m.get("std", [0.229, 0.224, 0.225])
     args.n_labels, args.n_instances = smp["n_labels"], smp["n_instances"]
     args.lr, args.lr_loss = opt["lr"], opt.get("lr_loss")
     args.warmup_epochs, args.min_factor = sch.get("warmup_epochs", 0.0), sch.get("min_factor", 0.0)
@@ -132,10 +186,17 @@ def from_simile_config(args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--csv", required=True)
+    ap.add_argument("--csv")
+    ap.add_argument("--arch", choices=["smallcnn", "resnet18"], default="smallcnn")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--width", type=int, default=16)
-    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--dim", type=int, default=128, help="projection width (0: none)")
+    ap.add_argument("--pool", choices=["avg", "gem"], default="avg")
+    ap.add_argument("--gem-p", type=float, default=3.0)
+    ap.add_argument("--no-normalise", dest="normalise", action="store_false")
+    ap.add_argument("--mean", type=float, nargs=3, default=[0.5, 0.5, 0.5])
+    ap.add_argument("--std", type=float, nargs=3, default=[0.5, 0.5, 0.5])
+    ap.add_argument("--init", choices=["simile", "torch"], default="simile")
     ap.add_argument("--n-labels", type=int, default=16)
     ap.add_argument("--n-instances", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=20)
@@ -155,10 +216,25 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--simile-config", help="a resolved simile config.toml whose values replace the defaults above")
+    ap.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="copied into the JSON line")
+    ap.add_argument("--simile-run", metavar="DIR", help="print the JSON line of a finished simile-train run")
+    ap.add_argument("--load-before", help="the load average before that run")
+    ap.add_argument("--summarise", metavar="FILE", help="tables of a file of JSON lines")
+    ap.add_argument("--profile", type=int, metavar="N", help="time the phases of N steps on random input (triplet loss)")
     args = ap.parse_args()
+    tags = dict(t.split("=", 1) for t in args.tag)
+    if args.summarise:
+        return summarise(args.summarise)
+    if args.simile_run:
+        return simile_run(args.simile_run, args.load_before, tags)
     if args.simile_config:
         from_simile_config(args)
+    if args.profile:
+        return profile(args)
+    if not args.csv:
+        ap.error("--csv is required")
 
+    load_before = loadavg()
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -174,15 +250,21 @@ def main():
     # Labels remapped to 0..C-1 (ArcFace needs it; the sampler does not mind).
     labels = torch.tensor(pd.factorize(df_tr["label"], sort=True)[0])
     sampler = BalanceSampler(labels.tolist(), n_labels=args.n_labels, n_instances=args.n_instances)
-    data = Augmented(img_tr, tuple(args.crop_scale), tuple(args.crop_ratio), args.contrast)
+    data = Augmented(img_tr, tuple(args.crop_scale), tuple(args.crop_ratio), args.contrast, args.mean, args.std)
     loader = DataLoader(data, batch_sampler=sampler, num_workers=args.workers, persistent_workers=args.workers > 0)
 
-    model = SmallCnn(args.width, args.dim)
+    if args.arch == "resnet18":
+        model = resnet18(args.dim, args.pool, args.gem_p, args.normalise)
+    else:
+        model = SmallCnn(args.width, args.dim, args.pool, args.gem_p, args.normalise)
+    if args.init == "simile":
+        simile_init(model)
+    emb_dim = args.dim or (512 if args.arch == "resnet18" else 8 * args.width)
     if args.loss == "triplet":
         miner = AllTripletsMiner() if args.miner == "all" else HardTripletsMiner()
         crit = TripletLossWithMiner(margin=args.margin, miner=miner, need_logs=True)
     else:
-        crit = ArcFaceLoss(args.dim, int(labels.max()) + 1, m=args.arcface_m, s=args.arcface_s)
+        crit = ArcFaceLoss(emb_dim, int(labels.max()) + 1, m=args.arcface_m, s=args.arcface_s)
     groups = [{"params": model.parameters(), "lr": args.lr}]
     if any(True for _ in crit.parameters()):
         groups.append({"params": crit.parameters(), "lr": args.lr_loss or args.lr})
@@ -218,22 +300,134 @@ def main():
             train_s += time.time() - ts
             n_img += len(idx)
             step += 1
-    metrics = evaluate(model, img_val, df_val, root, 512)
+    load_after = loadavg()
+    metrics = evaluate(model, img_val, df_val, root, 512, args.mean, args.std)
     print(
         json.dumps(
             {
                 "framework": "oml-4.0.0",
+                **tags,
                 "args": vars(args),
                 "steps": step,
                 "images": n_img,
                 "train_seconds": round(train_s, 2),
                 "images_per_s": round(n_img / train_s, 1),
                 "load_seconds": round(load_s, 2),
+                "load_before": load_before,
+                "load_after": load_after,
                 "last_loss": float(np.mean(losses[-steps_per_epoch:])),
                 "metrics": metrics,
             }
         )
     )
+
+
+def profile(args):
+    """Seconds of forward, loss, backward and optimiser per step, as SIMILE_TRAIN_PROFILE=1 prints
+    them for simile: one random batch, no loader; then the loss's forward and backward alone."""
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    if args.arch == "resnet18":
+        model = resnet18(args.dim, args.pool, args.gem_p, args.normalise)
+    else:
+        model = SmallCnn(args.width, args.dim, args.pool, args.gem_p, args.normalise)
+    if args.init == "simile":
+        simile_init(model)
+    miner = AllTripletsMiner() if args.miner == "all" else HardTripletsMiner()
+    crit = TripletLossWithMiner(margin=args.margin, miner=miner, need_logs=True)
+    opt = torch.optim.Adam(model.parameters(), args.lr)
+    x = torch.randn(args.n_labels * args.n_instances, 3, args.size, args.size)
+    y = torch.arange(args.n_labels).repeat_interleave(args.n_instances)
+    for step in range(args.profile):
+        t0 = time.time()
+        e = model(x)
+        t1 = time.time()
+        loss = crit(e, y)
+        t2 = time.time()
+        opt.zero_grad()
+        loss.backward()
+        t3 = time.time()
+        opt.step()
+        loss.item()
+        t4 = time.time()
+        ed = e.detach().requires_grad_()
+        crit(ed, y).backward()
+        t5 = time.time()
+        print(
+            f"step {step}: forward {t1 - t0:.3f} loss {t2 - t1:.3f} backward {t3 - t2:.3f} optim {t4 - t3:.3f} "
+            f"total {t4 - t0:.3f}; the loss's forward + backward alone {t5 - t4:.3f}",
+            flush=True,
+        )
+
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+KEYS = ["OVERALL/cmc/1", "OVERALL/cmc/5", "OVERALL/precision/5", "OVERALL/map/5"]
+
+
+def simile_run(out, load_before, tags):
+    """The JSON line of a finished simile-train run: images/s over its logged training steps."""
+    import pyarrow.parquet as pq
+
+    log = pq.read_table(f"{out}/train_log.parquet").to_pydict()
+    val = pq.read_table(f"{out}/val_metrics.parquet").to_pydict()
+    with open(f"{out}/config.toml", "rb") as f:
+        import tomllib
+
+        bs = tomllib.load(f)["sampler"]
+    bs = bs["n_labels"] * bs["n_instances"]
+    # Each row's images_per_s is batch / (that step's seconds, batch wait to optimiser step).
+    secs = sum(bs / x for x in log["images_per_s"] if x)
+    n = len(log["images_per_s"])
+    print(
+        json.dumps(
+            {
+                "framework": "simile",
+                **tags,
+                "steps": n,
+                "images": n * bs,
+                "train_seconds": round(secs, 2),
+                "images_per_s": round(n * bs / secs, 1),
+                "load_before": load_before,
+                "load_after": loadavg(),
+                "metrics": {k: val[k][-1] for k in KEYS},
+            }
+        )
+    )
+
+
+def summarise(path):
+    """Per-seed rows and means per framework (and compute), Markdown; ratios against OML."""
+    rows = [json.loads(line) for line in open(path) if line.startswith("{")]
+    name = lambda r: r["framework"] + (f" {r['compute']}" if r.get("compute") else "")
+    print("| run | seed | steps | train s | images/s | CMC@1 | MAP@5 | load before / after (1, 5, 15 min) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        m = r["metrics"]
+        print(
+            f"| {name(r)} | {r.get('seed', '')} | {r['steps']} | {r['train_seconds']:.1f} | {r['images_per_s']:.1f} "
+            f"| {m['OVERALL/cmc/1']:.4f} | {m['OVERALL/map/5']:.4f} | {r.get('load_before', '')} / {r.get('load_after', '')} |"
+        )
+    means = {}
+    for r in rows:
+        means.setdefault(name(r), []).append(r)
+    print()
+    print("| run | seeds | images/s (mean) | CMC@1 (mean) | MAP@5 (mean) | images/s vs OML | CMC@1 vs OML |")
+    print("|---|---|---|---|---|---|---|")
+    ref = next((v for k, v in means.items() if k.startswith("oml")), None)
+    mean = lambda v, f: sum(f(r) for r in v) / len(v)
+    ips = lambda r: r["images_per_s"]
+    cmc = lambda r: r["metrics"]["OVERALL/cmc/1"]
+    for k, v in means.items():
+        ratio = f"{mean(v, ips) / mean(ref, ips):.2f}x" if ref else ""
+        diff = f"{mean(v, cmc) - mean(ref, cmc):+.4f}" if ref else ""
+        print(
+            f"| {k} | {len(v)} | {mean(v, ips):.1f} | {mean(v, cmc):.4f} | {mean(v, lambda r: r['metrics']['OVERALL/map/5']):.4f} "
+            f"| {ratio} | {diff} |"
+        )
 
 
 if __name__ == "__main__":

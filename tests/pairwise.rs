@@ -1,5 +1,6 @@
 //! The pairwise re-ranker end to end on small generated data: simile-train's pairwise mode
-//! writes a model folder of kind `pairwise` (2 steps), simile-embed refuses it, the library's
+//! writes a model folder of kind `pairwise` (2 steps; siamese by default, stacked on request)
+//! and skips a finished run, simile-embed refuses it, the library's
 //! `rerank::pairwise::rescore` keeps the tail and CMC@top_n, and a seed (and a resume)
 //! reproduces the weights.
 mod common;
@@ -7,6 +8,7 @@ mod common;
 use image::{Rgb, RgbImage};
 use simile::dataset::{Dataset, Split};
 use simile::image::{Preprocess, ResizeMode};
+use simile::model::pairwise::Fusion;
 use simile::model::{ArchSpec, ModelKind, ModelSpec, Net};
 use std::path::{Path, PathBuf};
 use tch::{nn, Device, Tensor};
@@ -206,12 +208,15 @@ fn trains_a_pairwise_folder_that_embed_refuses_and_rescore_keeps_the_tail() {
     assert_eq!(spec.kind, ModelKind::Pairwise);
     let pspec = simile::model::pairwise::PairwiseSpec::read(&out).unwrap();
     assert_eq!(pspec.pairwise.mlp_hidden, vec![8]);
+    // A CNN backbone defaults to the siamese fusion.
+    assert_eq!(pspec.pairwise.fusion, Fusion::Siamese);
     let names: Vec<String> = tensors(&out.join("model.safetensors"))
         .into_iter()
         .map(|t| t.0)
         .collect();
     assert!(names.contains(&"extractor.blocks.3.conv.weight".to_string()));
     assert!(names.contains(&"head.3.weight".to_string()), "{names:?}");
+    assert!(names.contains(&"head.dist.weight".to_string()), "{names:?}");
     let log = simile::train::log::read(&out.join("train_log.parquet"), &["epoch", "step"]).unwrap();
     assert_eq!(log.len(), 2);
     for row in &log {
@@ -232,6 +237,10 @@ fn trains_a_pairwise_folder_that_embed_refuses_and_rescore_keeps_the_tail() {
     ] {
         assert!(out.join(f).exists(), "{f}");
     }
+    // A second run with the same inputs and parameters does nothing.
+    let r = train(&e, &out, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("is up to date"), "{}", r.stderr);
 
     // simile-embed refuses a pairwise model: exit 2, a clear message, no output.
     let emb = e.dir.path().join("emb.npy");
@@ -357,6 +366,47 @@ fn a_seed_and_a_resume_reproduce_the_weights() {
 }
 
 #[test]
+fn the_stacked_fusion_trains_and_rescores() {
+    // OML's ConcatSiamese (`fusion = "stack"`), kept for ViTs, still works on a CNN.
+    let e = env();
+    let out = e.dir.path().join("stack");
+    let r = train(&e, &out, &["--set", "pairwise.fusion=\"stack\""]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let pspec = simile::model::pairwise::PairwiseSpec::read(&out).unwrap();
+    assert_eq!(pspec.pairwise.fusion, Fusion::Stack);
+    let names: Vec<String> = tensors(&out.join("model.safetensors"))
+        .into_iter()
+        .map(|t| t.0)
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with("head.dist")),
+        "{names:?}"
+    );
+    let ds = Dataset::read(&e.ds).unwrap();
+    let ids: Vec<i64> = ds
+        .rows_of_split(Split::Validation)
+        .iter()
+        .map(|&r| ds.ids[r])
+        .collect();
+    let mut lists: Vec<Vec<(i64, f32)>> = ids
+        .iter()
+        .map(|&q| {
+            ids.iter()
+                .filter(|&&g| g != q)
+                .enumerate()
+                .map(|(i, &g)| (g, 0.1 * (i + 1) as f32))
+                .collect()
+        })
+        .collect();
+    let before = lists.clone();
+    simile::rerank::pairwise::rescore(&out, &ds, &mut lists, &ids, 3, Device::Cpu, 4).unwrap();
+    for (a, b) in lists.iter().zip(&before) {
+        assert_eq!(&a[3..], &b[3..]);
+        assert!(a[..3].iter().all(|x| (0.0..=1.0).contains(&x.1)));
+    }
+}
+
+#[test]
 fn bad_pairwise_configs_are_refused() {
     let e = env();
     let out = e.dir.path().join("bad");
@@ -372,5 +422,8 @@ fn bad_pairwise_configs_are_refused() {
     assert!(r.stderr.contains("pairwise.extractor"), "{}", r.stderr);
     let r = train(&e, &out, &["--set", "pairwise.top_n=1"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
+    let r = train(&e, &out, &["--set", "pairwise.fusion=\"concat\""]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("pairwise.fusion"), "{}", r.stderr);
     assert!(!out.join("model.json").exists());
 }

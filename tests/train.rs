@@ -158,7 +158,8 @@ fn trains_and_the_folder_is_read_by_embed_with_the_same_metrics() {
     assert_eq!(tl.len(), 6);
     assert_eq!(tl[5].int("step"), Some(6));
     assert_eq!(tl[5].int("epoch"), Some(2));
-    for k in ["loss", "lr", "active_tri", "pos_dist", "neg_dist"] {
+    // The default loss (multi-similarity) logs its mean positive and negative similarity.
+    for k in ["loss", "lr", "pos_sim", "neg_sim"] {
         assert!(tl[0].value(k).is_some(), "train_log has no {k}");
     }
     let vm = log::read(&out.join("val_metrics.parquet"), &["epoch", "step"]).unwrap();
@@ -278,13 +279,8 @@ fn resume_after_a_stop_ends_like_an_uninterrupted_run() {
         "--set",
         "valid_period=1",
         "--set",
-        "loss.miner.name=triplets_with_memory",
-        "--set",
-        "loss.miner.bank_size_in_batches=2",
-        "--set",
-        "loss.miner.tri_expand_k=2",
-        "--set",
-        "loss.margin=\"soft\"",
+        "loss={ name = \"triplet\", margin = \"soft\", miner = { name = \"triplets_with_memory\", \
+         bank_size_in_batches = 2, tri_expand_k = 2 } }",
         "--set",
         "optimizer.name=sgd",
         "--set",

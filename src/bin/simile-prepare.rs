@@ -32,6 +32,9 @@ enum Cmd {
     /// Import a folder with one sub-folder of images per label; split by label.
     Folder(FolderArgs),
     /// Build the Font-ID dataset: each font a label, its 62 glyphs A-Z a-z 0-9 the samples.
+    /// Fonts missing glyphs, picture fonts (letters all one picture) and duplicates (at least
+    /// half the glyphs the same pictures as an earlier font's) are dropped and listed; the cuts
+    /// of one design share a category and a side of the train/validation split.
     Fonts(FontsArgs),
     /// Print a dataset's summary (labels, samples, splits).
     Info {

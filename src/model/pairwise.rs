@@ -1,8 +1,20 @@
-//! The pairwise re-ranker: OML's `ConcatSiamese`. The two images of a pair are stacked along
-//! the height (two `S x S` glyphs become one `2S x S` input), run through one of simile's
-//! backbones (`arch`), and an MLP head ends in a single logit: "the pair shows different
-//! labels". `sigmoid(logit)` is the new "distance" of the pair (`simile-rerank --method
-//! pairwise`). With `swap_average`, inference averages the scores of both orders.
+//! The pairwise re-ranker. A pair of images gives one logit, "the pair shows different labels";
+//! `sigmoid(logit)` is the new "distance" of the pair (`simile-rerank --method pairwise`). Two
+//! ways to bring the two images together (`fusion`, `schemas/model.md`):
+//!
+//! - `stack`: OML's `ConcatSiamese`. The two `S x S` images are stacked along the height into
+//!   one `2S x S` input, run through a backbone (`arch`), and an MLP head on its output ends in
+//!   the logit. Right for ViTs, whose attention mixes the halves.
+//! - `siamese` (simile's default for convolutional backbones): each image runs through the
+//!   backbone on its own (features `a`, `b`) and the MLP sees `[|a - b|, a * b]`. A CNN with a
+//!   global average pool turns a stacked pair into roughly the mean of the two images' own
+//!   features, a symmetric sum from which "same label or not" is nearly undecidable (on
+//!   Font-ID the stacked model stays at chance); comparing `a` with `b` keeps what differs.
+//!   The comparison is symmetric, so the two orders score the same, and an image's features
+//!   do not depend on its partner, so callers can compute them once per image
+//!   ([`PairwiseModel::features`], [`PairwiseModel::predict_features`]).
+//!
+//! With `swap_average`, stacked inference averages the scores of both orders.
 //!
 //! A pairwise model folder is an ordinary model folder (`model.json` + `model.safetensors`)
 //! with `kind = "pairwise"` and a `pairwise` section (`schemas/model.md`); its weights are
@@ -16,10 +28,43 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind, Tensor};
 
+/// How the two images of a pair meet (module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fusion {
+    /// OML's ConcatSiamese: stacked along the height, one backbone pass. The default when
+    /// `model.json` does not say (folders written before the option were stacked).
+    #[default]
+    Stack,
+    /// One backbone pass per image; the head sees `[|a - b|, a * b]`.
+    Siamese,
+}
+
+impl Fusion {
+    /// The default for a backbone: `stack` for ViTs (OML's design), `siamese` for the
+    /// convolutional ones, whose pooled features cannot tell the two stacked images apart.
+    pub fn default_for(arch: &str) -> Fusion {
+        if arch.starts_with("vit") {
+            Fusion::Stack
+        } else {
+            Fusion::Siamese
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Fusion::Stack => "stack",
+            Fusion::Siamese => "siamese",
+        }
+    }
+}
+
 /// `model.json`'s `pairwise` section.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PairwiseHead {
+    #[serde(default)]
+    pub fusion: Fusion,
     /// Widths of the MLP's hidden layers (each Linear + Sigmoid + Dropout); then one logit.
     pub mlp_hidden: Vec<i64>,
     /// Dropout after each hidden layer while training (OML: 0.5).
@@ -129,6 +174,12 @@ pub struct PairwiseNet {
     /// Hidden layers, then the last (bias-free) layer.
     head: Vec<nn::Linear>,
     dropout: f64,
+    fusion: Fusion,
+    /// `siamese`: the factor on the backbone's output (`sqrt(D)` for L2-normalised features,
+    /// whose coordinates are otherwise ~`1/sqrt(D)`, far too small for the head's init).
+    scale: f64,
+    /// `siamese`: `head.dist`, a logit term `w * mean((a - b)^2) + c` (`w` > 0 at the start).
+    dist: Option<nn::Linear>,
 }
 
 impl PairwiseNet {
@@ -142,15 +193,30 @@ impl PairwiseNet {
     ) -> Result<PairwiseNet> {
         head.validate()?;
         let backbone = Net::new(&(p / "extractor"), arch, normalise)?;
+        let scale = if normalise {
+            (backbone.dim as f64).sqrt()
+        } else {
+            1.0
+        };
         let hp = p / "head";
         let mut layers = Vec::new();
-        let mut fan_in = backbone.dim;
+        let mut fan_in = match head.fusion {
+            Fusion::Stack => backbone.dim,
+            Fusion::Siamese => 2 * backbone.dim,
+        };
         let widths: Vec<i64> = head.mlp_hidden.iter().copied().chain([1]).collect();
         for (i, &w) in widths.iter().enumerate() {
             let b = 1.0 / (fan_in as f64).sqrt();
             let last = i + 1 == widths.len();
+            // siamese: the MLP's last layer starts at zero, so the first logits are the
+            // distance term's alone and the first ranking is the extractor's (module docs).
+            let zero = last && head.fusion == Fusion::Siamese;
             let cfg = nn::LinearConfig {
-                ws_init: nn::Init::Uniform { lo: -b, up: b },
+                ws_init: if zero {
+                    nn::Init::Const(0.0)
+                } else {
+                    nn::Init::Uniform { lo: -b, up: b }
+                },
                 bs_init: Some(nn::Init::Uniform { lo: -b, up: b }),
                 bias: !last,
             };
@@ -158,17 +224,77 @@ impl PairwiseNet {
             layers.push(nn::linear(&hp / (3 * i).to_string(), fan_in, w, cfg));
             fan_in = w;
         }
+        // A squared distance of L2-normalised embeddings lies in [0, 4]: sigmoid(4 d - 4) goes
+        // from 0.02 (same image) through 0.5 (d = 1) to 1 (opposite).
+        let dist = (head.fusion == Fusion::Siamese).then(|| {
+            let cfg = nn::LinearConfig {
+                ws_init: nn::Init::Const(4.0),
+                bs_init: Some(nn::Init::Const(-4.0)),
+                bias: true,
+            };
+            nn::linear(&hp / "dist", 1, 1, cfg)
+        });
         Ok(PairwiseNet {
             backbone,
             head: layers,
             dropout: head.dropout,
+            fusion: head.fusion,
+            scale,
+            dist,
         })
+    }
+
+    pub fn fusion(&self) -> Fusion {
+        self.fusion
     }
 
     /// The logits `[B]` of pairs `(x1[i], x2[i])`, each `[B, 3, S, S]`.
     pub fn logits_t(&self, x1: &Tensor, x2: &Tensor, train: bool) -> Tensor {
-        let x = Tensor::cat(&[x1, x2], 2);
-        let mut h = self.backbone.forward_t(&x, train);
+        match self.fusion {
+            Fusion::Stack => {
+                let x = Tensor::cat(&[x1, x2], 2);
+                self.mlp_t(&self.backbone.forward_t(&x, train), train)
+            }
+            Fusion::Siamese => {
+                // One pass over both sides, so batch norm sees them as one batch.
+                let f = self.features_t(&Tensor::cat(&[x1, x2], 0), train);
+                let n = x1.size()[0];
+                self.pair_logits_t(&f.narrow(0, 0, n), &f.narrow(0, n, n), train)
+            }
+        }
+    }
+
+    /// `siamese`: the backbone's output for each image `[B, D]` (times `sqrt(D)` when it is
+    /// L2-normalised).
+    pub fn features_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let f = self.backbone.forward_t(xs, train);
+        if self.scale == 1.0 {
+            f
+        } else {
+            f * self.scale
+        }
+    }
+
+    /// `siamese`: the logits `[B]` of feature pairs `(a[i], b[i])`: the MLP on
+    /// `[|a - b|, a * b]` plus `head.dist` on their mean squared difference (the squared
+    /// distance of the normalised embeddings when the backbone normalises: at the start,
+    /// before the MLP's zero last layer has learnt anything, the pairs rank as the extractor
+    /// ranks them). Symmetric in `a` and `b`.
+    pub fn pair_logits_t(&self, a: &Tensor, b: &Tensor, train: bool) -> Tensor {
+        let diff = a - b;
+        let h = Tensor::cat(&[diff.abs(), a * b], 1);
+        let logit = self.mlp_t(&h, train);
+        match &self.dist {
+            Some(l) => {
+                let d2 = (&diff * &diff).mean_dim([1i64].as_slice(), true, diff.kind());
+                logit + d2.apply(l).squeeze_dim(-1)
+            }
+            None => logit,
+        }
+    }
+
+    fn mlp_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let mut h = x.shallow_clone();
         let last = self.head.len() - 1;
         for (i, l) in self.head.iter().enumerate() {
             h = h.apply(l);
@@ -184,7 +310,8 @@ impl PairwiseNet {
     pub fn predict(&self, x1: &Tensor, x2: &Tensor, swap_average: bool) -> Tensor {
         tch::no_grad(|| {
             let p = self.logits_t(x1, x2, false).to_kind(Kind::Float).sigmoid();
-            if swap_average {
+            // A siamese score is symmetric already.
+            if swap_average && self.fusion == Fusion::Stack {
                 let q = self.logits_t(x2, x1, false).to_kind(Kind::Float).sigmoid();
                 (p + q) * 0.5
             } else {
@@ -301,6 +428,42 @@ impl PairwiseModel {
         Ok(p.to_device(Device::Cpu))
     }
 
+    pub fn fusion(&self) -> Fusion {
+        self.net.fusion
+    }
+
+    /// `siamese`: the features `[B, D]` (float32, on the model's device) of normalised
+    /// `[B, 3, S, S]` images, to pair with [`PairwiseModel::predict_features`].
+    pub fn features(&self, x: &Tensor) -> Result<Tensor> {
+        if self.net.fusion != Fusion::Siamese {
+            return Err(Error::internal(
+                "pairwise features: only a siamese model scores images one by one",
+            ));
+        }
+        Ok(tch::no_grad(|| {
+            self.net
+                .features_t(&x.to_device(self.device), false)
+                .to_kind(Kind::Float)
+        }))
+    }
+
+    /// `siamese`: scores `[B]` (float32, on the CPU) of feature pairs `(a[i], b[i])`.
+    pub fn predict_features(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        if a.size() != b.size() || a.size().len() != 2 {
+            return Err(Error::internal(format!(
+                "pairwise predict_features needs two [B, D] batches of one shape, got {:?} and {:?}",
+                a.size(),
+                b.size()
+            )));
+        }
+        let p = tch::no_grad(|| {
+            self.net
+                .pair_logits_t(&a.to_device(self.device), &b.to_device(self.device), false)
+                .sigmoid()
+        });
+        Ok(p.to_device(Device::Cpu))
+    }
+
     /// The weights file (for fingerprints).
     pub fn weights_path(&self) -> PathBuf {
         self.dir.join(&self.spec.model.weights)
@@ -314,6 +477,7 @@ mod tests {
 
     fn head() -> PairwiseHead {
         PairwiseHead {
+            fusion: Fusion::Stack,
             mlp_hidden: vec![8],
             dropout: 0.5,
             swap_average: true,
@@ -347,6 +511,87 @@ mod tests {
         assert!(a.allclose(&b, 1e-6, 1e-6, false));
         let p: Vec<f32> = Vec::try_from(a).unwrap();
         assert!(p.iter().all(|v| (0.0..=1.0).contains(v)));
+    }
+
+    #[test]
+    fn siamese_compares_each_image_on_its_own() {
+        tch::manual_seed(0);
+        let h = PairwiseHead {
+            fusion: Fusion::Siamese,
+            dropout: 0.0,
+            ..head()
+        };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = PairwiseNet::new(&vs.root(), &arch(), true, &h).unwrap();
+        // The head sees [|a - b|, a * b]: twice the backbone's width (smallcnn width 4: 32).
+        let vars = vs.variables();
+        assert_eq!(vars["head.0.weight"].size(), vec![8, 64]);
+        assert_eq!(vars["head.dist.weight"].size(), vec![1, 1]);
+        let x1 = Tensor::randn([3, 3, 16, 16], (Kind::Float, Device::Cpu));
+        let x2 = Tensor::randn([3, 3, 16, 16], (Kind::Float, Device::Cpu));
+        let l12 = tch::no_grad(|| net.logits_t(&x1, &x2, false));
+        assert_eq!(l12.size(), vec![3]);
+        // Symmetric under swapping the two images, without averaging.
+        let l21 = tch::no_grad(|| net.logits_t(&x2, &x1, false));
+        assert!(l12.allclose(&l21, 1e-5, 1e-5, false), "{l12} {l21}");
+        // Each image's features are its own: the same as a pass of that image alone, so
+        // pairing precomputed features gives the same logits.
+        let (fa, fb) = tch::no_grad(|| (net.features_t(&x1, false), net.features_t(&x2, false)));
+        let own =
+            tch::no_grad(|| net.backbone.forward_t(&x1.narrow(0, 0, 1), false)) * 32f64.sqrt();
+        assert!(fa.narrow(0, 0, 1).allclose(&own, 1e-5, 1e-5, false));
+        let lf = tch::no_grad(|| net.pair_logits_t(&fa, &fb, false));
+        assert!(lf.allclose(&l12, 1e-5, 1e-5, false));
+        // Changing the partner changes nothing of the other side's features: replacing x2
+        // with x1 makes every pair identical, |a - b| = 0.
+        let same = tch::no_grad(|| net.pair_logits_t(&fa, &fa, false));
+        let zero = Tensor::zeros([3, 32], (Kind::Float, Device::Cpu));
+        let by_hand =
+            tch::no_grad(|| net.mlp_t(&Tensor::cat(&[&zero, &(&fa * &fa)], 1), false)) - 4.0;
+        assert!(same.allclose(&by_hand, 1e-6, 1e-6, false));
+        // Untrained, the MLP's last layer is zero: the logit is 4 * (squared distance of the
+        // normalised embeddings) - 4, so pairs rank as the extractor ranks them.
+        let (ea, eb) = tch::no_grad(|| {
+            (
+                net.backbone.forward_t(&x1, false),
+                net.backbone.forward_t(&x2, false),
+            )
+        });
+        let d2 = (&ea - &eb)
+            .square()
+            .sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
+        assert!(l12.allclose(&(d2 * 4.0 - 4.0), 1e-4, 1e-4, false), "{l12}");
+        // The saved folder says siamese and the loaded model scores features as the net.
+        let dir = tempfile::tempdir().unwrap();
+        let spec = PairwiseSpec::new(
+            arch(),
+            true,
+            Preprocess::imagenet(16, ResizeMode::Pad),
+            h.clone(),
+        )
+        .unwrap();
+        save_folder(dir.path(), &spec, &vs).unwrap();
+        let text = std::fs::read_to_string(dir.path().join(MODEL_JSON)).unwrap();
+        assert!(text.contains("\"fusion\": \"siamese\""), "{text}");
+        let m = PairwiseModel::load(dir.path(), Device::Cpu).unwrap();
+        assert_eq!(m.fusion(), Fusion::Siamese);
+        let p = m
+            .predict_features(&m.features(&x1).unwrap(), &m.features(&x2).unwrap())
+            .unwrap();
+        assert!(p.allclose(&m.predict(&x1, &x2).unwrap(), 1e-5, 1e-5, false));
+        assert!(p.allclose(&l12.sigmoid(), 1e-5, 1e-5, false));
+    }
+
+    #[test]
+    fn fusion_defaults() {
+        assert_eq!(Fusion::default_for("smallcnn"), Fusion::Siamese);
+        assert_eq!(Fusion::default_for("resnet50"), Fusion::Siamese);
+        assert_eq!(Fusion::default_for("vits16"), Fusion::Stack);
+        // A pairwise section without the key: stacked (folders written before it existed).
+        let h: PairwiseHead =
+            serde_json::from_str(r#"{"mlp_hidden": [4], "dropout": 0.5, "swap_average": false}"#)
+                .unwrap();
+        assert_eq!(h.fusion, Fusion::Stack);
     }
 
     #[test]

@@ -33,7 +33,7 @@ use crate::knn::{Backend, Compute as KnnCompute, Engine, Metric};
 use crate::manifest::ManifestBuilder;
 use crate::metrics::{self, AggregateOptions, Relevance, Scores};
 use crate::miner::{AllTriplets, HardTriplets};
-use crate::model::pairwise::{self as pw, PairwiseHead, PairwiseNet, PairwiseSpec};
+use crate::model::pairwise::{self as pw, Fusion, PairwiseHead, PairwiseNet, PairwiseSpec};
 use crate::model::{self, Compute, Model};
 use crate::npy::{self, DType, Npy};
 use crate::rerank::pairwise::{merge, MERGE_EPS};
@@ -96,6 +96,10 @@ pub struct PairwiseConfig {
     /// The extractor whose embeddings mine the pairs and give the validation neighbours: a
     /// model folder or zoo key.
     pub extractor: String,
+    /// How the two images meet: `stack` (OML's ConcatSiamese) or `siamese` (each image on its
+    /// own, the head sees `[|a - b|, a * b]`). Unset: `stack` for ViTs, `siamese` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fusion: Option<Fusion>,
     /// Hidden widths of the MLP head (OML's `mlp_hidden_dims`).
     #[serde(default = "d_hidden")]
     pub mlp_hidden: Vec<i64>,
@@ -228,6 +232,10 @@ impl PairwiseTrainConfig {
 
     pub fn head(&self) -> PairwiseHead {
         PairwiseHead {
+            fusion: self
+                .pairwise
+                .fusion
+                .unwrap_or_else(|| Fusion::default_for(&self.model.arch)),
             mlp_hidden: self.pairwise.mlp_hidden.clone(),
             dropout: self.pairwise.dropout,
             swap_average: self.pairwise.swap_average,
@@ -524,6 +532,34 @@ fn validate(
             pairs.push((qr, val.qg.gallery.rows[*g as usize]));
         }
     }
+    let scores = match net.fusion() {
+        Fusion::Stack => stacked_scores(net, &pairs, cache, pre, cfg, dev)?,
+        Fusion::Siamese => siamese_scores(net, &pairs, cache, pre, cfg.batch_size_val, dev)?,
+    };
+    if scores.iter().any(|x| !x.is_finite()) {
+        return Err(Error::input(
+            "validation: the pairwise network produced NaN or infinite scores (the weights have diverged; lower the learning rate)",
+        ));
+    }
+    let mut lists = val.lists.clone();
+    let mut at = 0;
+    for l in &mut lists {
+        let n = l.len().min(top_n);
+        merge(l, &scores[at..at + n], MERGE_EPS);
+        at += n;
+    }
+    val.scores(&lists)
+}
+
+/// Scores of dataset-row pairs by a stacked network, batch by batch.
+fn stacked_scores(
+    net: &PairwiseNet,
+    pairs: &[(usize, usize)],
+    cache: &data::ImageCache,
+    pre: &crate::image::Preprocess,
+    cfg: &PairwiseTrainConfig,
+    dev: Device,
+) -> Result<Vec<f32>> {
     let s = pre.size as i64;
     let mut scores: Vec<f32> = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(cfg.batch_size_val) {
@@ -538,22 +574,48 @@ fn validate(
         let p = net
             .predict(&x1, &x2, cfg.pairwise.swap_average)
             .f_to_device(Device::Cpu)?;
-        let v = Vec::<f32>::try_from(p)?;
-        if v.iter().any(|x| !x.is_finite()) {
-            return Err(Error::input(
-                "validation: the pairwise network produced NaN or infinite scores (the weights have diverged; lower the learning rate)",
-            ));
+        scores.extend(Vec::<f32>::try_from(p)?);
+    }
+    Ok(scores)
+}
+
+/// Scores of dataset-row pairs by a siamese network: each image's features once, then the
+/// head on the pairs.
+fn siamese_scores(
+    net: &PairwiseNet,
+    pairs: &[(usize, usize)],
+    cache: &data::ImageCache,
+    pre: &crate::image::Preprocess,
+    bs: usize,
+    dev: Device,
+) -> Result<Vec<f32>> {
+    let mut rows: Vec<usize> = pairs.iter().flat_map(|&(a, b)| [a, b]).collect();
+    rows.sort_unstable();
+    rows.dedup();
+    let s = pre.size as i64;
+    let feats = tch::no_grad(|| -> Result<Tensor> {
+        let mut parts = Vec::new();
+        for chunk in rows.chunks(bs) {
+            let x = Tensor::f_from_slice(&data::batch(cache, chunk, pre, None))?
+                .f_view([chunk.len() as i64, 3, s, s])?
+                .f_to_device(dev)?;
+            parts.push(net.features_t(&x, false));
         }
-        scores.extend(v);
+        Ok(Tensor::f_cat(&parts, 0)?)
+    })?;
+    let at = |r: usize| rows.binary_search(&r).unwrap_or(0) as i64;
+    let mut scores = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(bs.max(1) * 16) {
+        let i1: Vec<i64> = chunk.iter().map(|p| at(p.0)).collect();
+        let i2: Vec<i64> = chunk.iter().map(|p| at(p.1)).collect();
+        let p = tch::no_grad(|| -> Result<Tensor> {
+            let a = feats.f_index_select(0, &Tensor::f_from_slice(&i1)?.f_to_device(dev)?)?;
+            let b = feats.f_index_select(0, &Tensor::f_from_slice(&i2)?.f_to_device(dev)?)?;
+            Ok(net.pair_logits_t(&a, &b, false).sigmoid())
+        })?;
+        scores.extend(Vec::<f32>::try_from(p.f_to_device(Device::Cpu)?)?);
     }
-    let mut lists = val.lists.clone();
-    let mut at = 0;
-    for l in &mut lists {
-        let n = l.len().min(top_n);
-        merge(l, &scores[at..at + n], MERGE_EPS);
-        at += n;
-    }
-    val.scores(&lists)
+    Ok(scores)
 }
 
 struct Progress {
@@ -884,11 +946,11 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
             let x = Tensor::f_from_slice(&buf)?
                 .f_view([rows.len() as i64, 3, s, s])?
                 .f_to_device(dev)?;
-            let i1: Vec<i64> = pairs.iter().map(|p| p.0 as i64).collect();
-            let i2: Vec<i64> = pairs.iter().map(|p| p.1 as i64).collect();
+            let i1 = Tensor::f_from_slice(&pairs.iter().map(|p| p.0 as i64).collect::<Vec<_>>())?
+                .f_to_device(dev)?;
+            let i2 = Tensor::f_from_slice(&pairs.iter().map(|p| p.1 as i64).collect::<Vec<_>>())?
+                .f_to_device(dev)?;
             let target: Vec<f32> = pairs.iter().map(|p| p.2 as u8 as f32).collect();
-            let x1 = x.f_index_select(0, &Tensor::f_from_slice(&i1)?.f_to_device(dev)?)?;
-            let x2 = x.f_index_select(0, &Tensor::f_from_slice(&i2)?.f_to_device(dev)?)?;
             let y = Tensor::f_from_slice(&target)?.f_to_device(dev)?;
             let factor = schedule.factor(step, epoch);
             let base = cfg.optimizer.group_lrs();
@@ -896,7 +958,16 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
             // Dropout draws from torch's generator: reseeded per step so a resumed run
             // repeats them.
             tch::manual_seed((cfg.seed as i64) ^ ((step as i64 + 1) << 20));
-            let logits = net.logits_t(&x1, &x2, true);
+            let logits = match net.fusion() {
+                // One backbone pass per image of the batch, however many pairs it gives.
+                Fusion::Siamese => {
+                    let f = net.features_t(&x, true);
+                    net.pair_logits_t(&f.f_index_select(0, &i1)?, &f.f_index_select(0, &i2)?, true)
+                }
+                Fusion::Stack => {
+                    net.logits_t(&x.f_index_select(0, &i1)?, &x.f_index_select(0, &i2)?, true)
+                }
+            };
             let loss_t = logits.f_binary_cross_entropy_with_logits(
                 &y,
                 None::<&Tensor>,
@@ -1229,6 +1300,15 @@ extractor = "smallcnn"
         assert_eq!(c.pairwise.mlp_hidden, vec![192]);
         assert_eq!(c.pairwise.mining, PairMining::Hard);
         assert_eq!(c.pairwise.top_n, 5);
+        // The fusion follows the backbone unless the config names one.
+        assert_eq!(c.pairwise.fusion, None);
+        assert_eq!(c.head().fusion, Fusion::Siamese);
+        let v =
+            PairwiseTrainConfig::parse(MINIMAL, &["model.arch=\"vits16\"".into()], "t").unwrap();
+        assert_eq!(v.head().fusion, Fusion::Stack);
+        let st = PairwiseTrainConfig::parse(MINIMAL, &["pairwise.fusion=\"stack\"".into()], "t")
+            .unwrap();
+        assert_eq!(st.head().fusion, Fusion::Stack);
         let text = toml::to_string_pretty(&c).unwrap();
         assert_eq!(PairwiseTrainConfig::parse(&text, &[], "r").unwrap(), c);
         let e = PairwiseTrainConfig::parse(MINIMAL, &["pairwise.top_n=1".into()], "t").unwrap_err();
