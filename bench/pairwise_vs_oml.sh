@@ -6,10 +6,9 @@
 #
 #   bench/pairwise_vs_oml.sh            # WORK=work/fontid, needs $WORK/trained (make demo)
 #
-# OML 4.0.0 is installed once with pip into its own virtualenv,
-# ${SIMILE_CACHE:-~/.cache/simile}/oml-4.0.0, which sees the torch wheel simile builds against
-# (a .pth file pointing at the torch virtualenv's site-packages), so torch is not downloaded
-# again. OML's Lightning/Hydra wrapper is not used (bench/pairwise_oml.py runs OML's classes in a
+# OML 4.0.0 runs from the virtualenv bench/oml-venv.sh creates once (shared with
+# bench/train_vs_oml.sh; it sees the torch wheel simile builds against, so torch is not
+# downloaded again). OML's Lightning/Hydra wrapper is not used (bench/pairwise_oml.py runs OML's classes in a
 # plain loop), so its "pipelines" extra is not needed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,22 +22,7 @@ EXT=$WORK/trained
   exit 2
 }
 
-TORCH_VENV=$(scripts/bootstrap-torch.sh)
-CACHE="${SIMILE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/simile}"
-OML_VENV=${OML_VENV:-$CACHE/oml-4.0.0}
-if [ ! -f "$OML_VENV/.simile-complete" ]; then
-  echo "installing open-metric-learning==4.0.0 into $OML_VENV (once)" >&2
-  rm -rf "$OML_VENV"
-  "$TORCH_VENV/bin/python" -m venv "$OML_VENV"
-  site=$("$OML_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  tsite=$("$TORCH_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  echo "$tsite" >"$site/simile-torch.pth"
-  # OML pins numpy<2 but runs with the torch venv's numpy 2; its other dependencies as usual.
-  "$OML_VENV/bin/python" -m pip install --quiet --no-deps open-metric-learning==4.0.0
-  "$OML_VENV/bin/python" -m pip install --quiet albumentations opencv-python-headless pandas \
-    pyarrow matplotlib validators gdown
-  touch "$OML_VENV/.simile-complete"
-fi
+OML_VENV=$(bench/oml-venv.sh)
 
 echo "== simile (simile-train, pairwise mode, siamese fusion; validation = the whole validation split)" >&2
 OUT=$WORK/bench_pairwise

@@ -15,12 +15,12 @@
 # OML runs from bench/train_vs_oml.py: OML's BalanceSampler, miners, TripletLossWithMiner /
 # ArcFaceLoss and metrics in a plain PyTorch loop (its Lightning pipeline wraps the same calls),
 # the network OML's ResnetExtractor (resnet18) or a PyTorch copy of simile's smallcnn, initialised
-# from simile's distributions (--init torch: PyTorch's own). OML goes (once) into its own
-# virtualenv, ${XDG_CACHE_HOME:-$HOME/.cache}/simile/bench-oml-train, that reuses the torch wheel
-# (and torchvision) of simile's torch virtualenv (a .pth file) instead of downloading another:
-# open-metric-learning==4.0.0 without its dependency resolver (it pins numpy < 2; the modules used
-# here import and run with the venv's numpy 2) plus the modules it imports, and pyarrow to read
-# simile's logs. Threads: both sides get the same 2 intra-op threads (torch.set_num_threads /
+# from simile's distributions (--init torch: PyTorch's own). OML runs from the virtualenv
+# bench/oml-venv.sh creates once (shared with bench/pairwise_vs_oml.sh): it reuses the torch
+# wheel (and torchvision) of simile's torch virtualenv instead of downloading another, with
+# open-metric-learning==4.0.0 installed without its dependency resolver (it pins numpy < 2; the
+# modules used here import and run with numpy 2) plus the modules it imports, and pyarrow to
+# read simile's logs. Threads: both sides get the same 2 intra-op threads (torch.set_num_threads /
 # simile's libtorch default on 2 cores); OML runs with PyTorch's default OpenMP settings, simile
 # with its own (passive waiting), as each is shipped.
 #
@@ -51,22 +51,7 @@ done
 cd "$ROOT"
 # shellcheck source=/dev/null
 . scripts/env.sh
-TORCH_VENV="$(scripts/bootstrap-torch.sh)"
-CACHE="${SIMILE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/simile}"
-VENV="$CACHE/bench-oml-train"
-if [ ! -f "$VENV/.simile-complete" ]; then
-    echo "bench: installing open-metric-learning==4.0.0 into $VENV (once)" >&2
-    TMP="$VENV.tmp.$$"
-    rm -rf "$TMP"
-    "$TORCH_VENV/bin/python" -m venv "$TMP"
-    py="$(ls -d "$TMP"/lib/python3*/site-packages)"
-    echo "$(ls -d "$TORCH_VENV"/lib/python3*/site-packages)" >"$py/simile-torch.pth"
-    "$TMP/bin/python" -m pip install --quiet --no-deps "open-metric-learning==4.0.0"
-    "$TMP/bin/python" -m pip install --quiet pandas pyarrow gdown omegaconf validators matplotlib albumentations
-    rm -rf "$VENV"
-    mv "$TMP" "$VENV"
-    touch "$VENV/.simile-complete"
-fi
+VENV="$(bench/oml-venv.sh)"
 # SIMILE_BIN: a folder with a frozen simile-train (and simile-prepare, if work/fontid is not
 # prepared yet), not rebuilt: other builds may replace target/release during the hour this takes.
 [ -n "${SIMILE_BIN:-}" ] || cargo build --release --quiet --bin simile-train --bin simile-prepare
