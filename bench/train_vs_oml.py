@@ -253,12 +253,7 @@ def main():
     data = Augmented(img_tr, tuple(args.crop_scale), tuple(args.crop_ratio), args.contrast, args.mean, args.std)
     loader = DataLoader(data, batch_sampler=sampler, num_workers=args.workers, persistent_workers=args.workers > 0)
 
-    if args.arch == "resnet18":
-        model = resnet18(args.dim, args.pool, args.gem_p, args.normalise)
-    else:
-        model = SmallCnn(args.width, args.dim, args.pool, args.gem_p, args.normalise)
-    if args.init == "simile":
-        simile_init(model)
+    model = build_model(args)
     emb_dim = args.dim or (512 if args.arch == "resnet18" else 8 * args.width)
     if args.loss == "triplet":
         miner = AllTripletsMiner() if args.miner == "all" else HardTripletsMiner()
@@ -322,17 +317,23 @@ def main():
     )
 
 
-def profile(args):
-    """Seconds of forward, loss, backward and optimiser per step, as SIMILE_TRAIN_PROFILE=1 prints
-    them for simile: one random batch, no loader; then the loss's forward and backward alone."""
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
+def build_model(args):
+    """The network the simile config names, initialised as --init says."""
     if args.arch == "resnet18":
         model = resnet18(args.dim, args.pool, args.gem_p, args.normalise)
     else:
         model = SmallCnn(args.width, args.dim, args.pool, args.gem_p, args.normalise)
     if args.init == "simile":
         simile_init(model)
+    return model
+
+
+def profile(args):
+    """Seconds of forward, loss, backward and optimiser per step, as SIMILE_TRAIN_PROFILE=1 prints
+    them for simile: one random batch, no loader; then the loss's forward and backward alone."""
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    model = build_model(args)
     miner = AllTripletsMiner() if args.miner == "all" else HardTripletsMiner()
     crit = TripletLossWithMiner(margin=args.margin, miner=miner, need_logs=True)
     opt = torch.optim.Adam(model.parameters(), args.lr)
