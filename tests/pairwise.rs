@@ -5,7 +5,6 @@
 //! reproduces the weights.
 mod common;
 
-use image::{Rgb, RgbImage};
 use simile::dataset::{Dataset, Split};
 use simile::image::{Preprocess, ResizeMode};
 use simile::model::pairwise::Fusion;
@@ -15,62 +14,6 @@ use tch::{nn, Device, Tensor};
 
 const TRAIN: &str = env!("CARGO_BIN_EXE_simile-train");
 const EMBED: &str = env!("CARGO_BIN_EXE_simile-embed");
-
-/// `train` + `val` labels with `per` images each: a colour and a stripe frequency per label,
-/// noisy, shifted instances.
-fn make_data(dir: &Path, train: usize, val: usize, per: usize) -> PathBuf {
-    std::fs::create_dir_all(dir.join("img")).unwrap();
-    let n = (train + val) * per;
-    let mut ds = Dataset {
-        ids: (0..n as i64).collect(),
-        ..Default::default()
-    };
-    let mut state = 777u32;
-    let mut rnd = move || {
-        state ^= state << 13;
-        state ^= state >> 17;
-        state ^= state << 5;
-        state
-    };
-    for l in 0..train + val {
-        for k in 0..per {
-            let c = [
-                (l * 53 % 256) as u8,
-                (l * 97 % 256) as u8,
-                (l * 31 % 256) as u8,
-            ];
-            let f = 2 + (l % 5) as u32;
-            let shift = rnd() % 5;
-            let im = RgbImage::from_fn(24, 24, |x, y| {
-                let noise = (rnd() % 40) as u8;
-                if ((x + shift) / f + y / (1 + l as u32 % 3)).is_multiple_of(2) {
-                    Rgb([c[0].saturating_add(noise), c[1], c[2]])
-                } else {
-                    Rgb([255 - c[0], 255 - c[1].saturating_add(noise), 255 - c[2]])
-                }
-            });
-            let name = format!("img/{l}_{k}.png");
-            im.save(dir.join(&name)).unwrap();
-            let is_val = l >= train;
-            ds.label.push(Some(l as i64));
-            ds.path.push(Some(name));
-            ds.text.push(None);
-            ds.split.push(if is_val {
-                Split::Validation
-            } else {
-                Split::Train
-            });
-            ds.is_query.push(is_val.then_some(true));
-            ds.is_gallery.push(is_val.then_some(true));
-            ds.category.push(None);
-            ds.sequence.push(None);
-            ds.bbox.push(None);
-        }
-    }
-    let dest = dir.join("dataset.parquet");
-    ds.write(&dest, dir).unwrap();
-    dest
-}
 
 fn arch() -> ArchSpec {
     let mut a = ArchSpec::new("smallcnn");
@@ -138,7 +81,7 @@ struct Env {
 fn env() -> Env {
     let dir = tempfile::tempdir().unwrap();
     // 6 train labels / 3 per batch: an epoch is 2 steps.
-    let ds = make_data(dir.path(), 6, 3, 4);
+    let ds = common::striped_dataset(dir.path(), 6, 3, 4, false, 777);
     let ext = dir.path().join("extractor");
     make_extractor(&ext);
     let cfg = write_config(dir.path(), &ext);

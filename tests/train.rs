@@ -3,7 +3,6 @@
 //! stop equal to an uninterrupted run, the OML recipes for two steps, bad input (exit 2).
 mod common;
 
-use image::{Rgb, RgbImage};
 use simile::dataset::{Dataset, Split};
 use simile::train::log;
 use std::path::{Path, PathBuf};
@@ -15,64 +14,6 @@ const SCORE: &str = env!("CARGO_BIN_EXE_simile-score");
 
 fn configs() -> PathBuf {
     common::repo_root().join("pipelines/configs")
-}
-
-/// A dataset of `train` + `val` labels with `per` images each: every label is a colour and a
-/// stripe frequency, every image a noisy, shifted instance; categories `c0..c2` by label.
-fn make_data(dir: &Path, train: usize, val: usize, per: usize, categories: bool) -> PathBuf {
-    let img = dir.join("img");
-    std::fs::create_dir_all(&img).unwrap();
-    let n = (train + val) * per;
-    let mut ds = Dataset {
-        ids: (0..n as i64).collect(),
-        ..Default::default()
-    };
-    let mut state = 12345u32;
-    let mut rnd = move || {
-        state ^= state << 13;
-        state ^= state >> 17;
-        state ^= state << 5;
-        state
-    };
-    for l in 0..train + val {
-        for k in 0..per {
-            let (r, g, b) = (
-                (l * 53 % 256) as u8,
-                (l * 97 % 256) as u8,
-                (l * 31 % 256) as u8,
-            );
-            let f = 2 + (l % 5) as u32;
-            let shift = rnd() % 5;
-            let im = RgbImage::from_fn(24, 24, |x, y| {
-                let stripe = ((x + shift) / f + y / (1 + (l as u32 % 3))).is_multiple_of(2);
-                let noise = (rnd() % 40) as u8;
-                if stripe {
-                    Rgb([r.saturating_add(noise), g, b.saturating_sub(noise)])
-                } else {
-                    Rgb([255 - r, 255 - g.saturating_add(noise), 255 - b])
-                }
-            });
-            let name = format!("img/{l}_{k}.png");
-            im.save(dir.join(&name)).unwrap();
-            let is_val = l >= train;
-            ds.label.push(Some(l as i64));
-            ds.path.push(Some(name));
-            ds.text.push(None);
-            ds.split.push(if is_val {
-                Split::Validation
-            } else {
-                Split::Train
-            });
-            ds.is_query.push(is_val.then_some(true));
-            ds.is_gallery.push(is_val.then_some(true));
-            ds.category.push(categories.then(|| format!("c{}", l % 3)));
-            ds.sequence.push(None);
-            ds.bbox.push(None);
-        }
-    }
-    let dest = dir.join("dataset.parquet");
-    ds.write(&dest, dir).unwrap();
-    dest
 }
 
 struct Env {
@@ -130,7 +71,7 @@ fn fontid_args<'a>(ds: &'a str, out: &'a str, cfg: &'a str) -> Vec<&'a str> {
 #[test]
 fn trains_and_the_folder_is_read_by_embed_with_the_same_metrics() {
     let e = env();
-    let ds = make_data(e.dir.path(), 6, 4, 6, true);
+    let ds = common::striped_dataset(e.dir.path(), 6, 4, 6, true, 12345);
     let out = e.dir.path().join("model");
     let cfg = configs().join("fontid.toml");
     let mut args = fontid_args(s(&ds), s(&out), s(&cfg));
@@ -270,7 +211,7 @@ fn tensors(p: &Path) -> Vec<(String, Vec<f32>)> {
 #[test]
 fn resume_after_a_stop_ends_like_an_uninterrupted_run() {
     let e = env();
-    let ds = make_data(e.dir.path(), 6, 3, 5, false);
+    let ds = common::striped_dataset(e.dir.path(), 6, 3, 5, false, 12345);
     let cfg = configs().join("fontid.toml");
     // A memory-bank miner and SGD with momentum: their state must survive the checkpoint.
     let extra = [
@@ -355,7 +296,7 @@ fn resume_after_a_stop_ends_like_an_uninterrupted_run() {
 #[test]
 fn oml_recipes_run_two_steps() {
     let e = env();
-    let ds = make_data(e.dir.path(), 6, 3, 4, true);
+    let ds = common::striped_dataset(e.dir.path(), 6, 3, 4, true, 12345);
     for (name, sets) in [
         (
             "cub.toml",
@@ -419,7 +360,7 @@ fn oml_recipes_run_two_steps() {
 #[test]
 fn bf16_compute_trains() {
     let e = env();
-    let ds = make_data(e.dir.path(), 6, 3, 4, false);
+    let ds = common::striped_dataset(e.dir.path(), 6, 3, 4, false, 12345);
     let out = e.dir.path().join("m");
     let cfg = configs().join("fontid.toml");
     let mut args = fontid_args(s(&ds), s(&out), s(&cfg));
@@ -438,7 +379,7 @@ fn bf16_compute_trains() {
 #[test]
 fn a_diverging_loss_stops_with_a_message_and_keeps_the_checkpoint() {
     let e = env();
-    let ds = make_data(e.dir.path(), 6, 3, 4, false);
+    let ds = common::striped_dataset(e.dir.path(), 6, 3, 4, false, 12345);
     let out = e.dir.path().join("m");
     let cfg = configs().join("fontid.toml");
     let mut args = fontid_args(s(&ds), s(&out), s(&cfg));
@@ -468,7 +409,7 @@ fn a_diverging_loss_stops_with_a_message_and_keeps_the_checkpoint() {
 #[test]
 fn bad_input_is_refused_before_training() {
     let e = env();
-    let ds = make_data(e.dir.path(), 4, 2, 3, false);
+    let ds = common::striped_dataset(e.dir.path(), 4, 2, 3, false, 12345);
     let cfg = configs().join("fontid.toml");
     let out = e.dir.path().join("m");
     let check = |extra: &[&str], want: &str| {

@@ -114,3 +114,69 @@ impl Rng {
         self.next() % n
     }
 }
+
+/// A dataset of `train` + `val` labels with `per` 24 x 24 images each, written under `dir`: every
+/// label is a colour and a stripe frequency, every image a noisy, shifted instance (noise from
+/// `seed`); validation labels are queries and gallery; categories `c0..c2` by label on request.
+pub fn striped_dataset(
+    dir: &Path,
+    train: usize,
+    val: usize,
+    per: usize,
+    categories: bool,
+    seed: u32,
+) -> PathBuf {
+    let img = dir.join("img");
+    std::fs::create_dir_all(&img).unwrap();
+    let n = (train + val) * per;
+    let mut ds = simile::dataset::Dataset {
+        ids: (0..n as i64).collect(),
+        ..Default::default()
+    };
+    let mut state = seed;
+    let mut rnd = move || {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        state
+    };
+    for l in 0..train + val {
+        for k in 0..per {
+            let (r, g, b) = (
+                (l * 53 % 256) as u8,
+                (l * 97 % 256) as u8,
+                (l * 31 % 256) as u8,
+            );
+            let f = 2 + (l % 5) as u32;
+            let shift = rnd() % 5;
+            let im = image::RgbImage::from_fn(24, 24, |x, y| {
+                let stripe = ((x + shift) / f + y / (1 + (l as u32 % 3))).is_multiple_of(2);
+                let noise = (rnd() % 40) as u8;
+                if stripe {
+                    image::Rgb([r.saturating_add(noise), g, b.saturating_sub(noise)])
+                } else {
+                    image::Rgb([255 - r, 255 - g.saturating_add(noise), 255 - b])
+                }
+            });
+            let name = format!("img/{l}_{k}.png");
+            im.save(dir.join(&name)).unwrap();
+            let is_val = l >= train;
+            ds.label.push(Some(l as i64));
+            ds.path.push(Some(name));
+            ds.text.push(None);
+            ds.split.push(if is_val {
+                simile::dataset::Split::Validation
+            } else {
+                simile::dataset::Split::Train
+            });
+            ds.is_query.push(is_val.then_some(true));
+            ds.is_gallery.push(is_val.then_some(true));
+            ds.category.push(categories.then(|| format!("c{}", l % 3)));
+            ds.sequence.push(None);
+            ds.bbox.push(None);
+        }
+    }
+    let dest = dir.join("dataset.parquet");
+    ds.write(&dest, dir).unwrap();
+    dest
+}
