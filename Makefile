@@ -31,7 +31,7 @@ build:
 test: deps
 	@scripts/step fmt cargo fmt --check
 	@scripts/step clippy cargo clippy --all-targets -- -D warnings
-	@scripts/step tests cargo test --all-targets
+	@SIMILE_REQUIRE_CHROMIUM=1 scripts/step tests cargo test --all-targets
 	@scripts/step airflow scripts/airflow-test target/debug
 
 demo: deps build

@@ -4,6 +4,13 @@ use crate::error::Error;
 /// Runs a stage's main, printing the error chain and exiting with 2 for the user's errors
 /// (bad input, bad flags) and 1 for simile's own failures.
 pub fn run(main: impl FnOnce() -> anyhow::Result<()>) -> ! {
+    // A closed stdout (`| head`) ends the process quietly, as for any Unix tool, instead of
+    // a panic in `println!`: outputs are committed before anything is printed.
+    #[cfg(unix)]
+    // SAFETY: restoring the default action of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     match main() {
         Ok(()) => std::process::exit(0),
         // Not a failure: the stage found its output up to date and did nothing.
@@ -43,12 +50,4 @@ pub struct UserError(pub String);
 /// Fails with exit code 2 and a message.
 pub fn user_error(msg: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(UserError(msg.into()))
-}
-
-/// For stages whose issue is still open: says so and exits 2.
-pub fn not_yet(stage: &str, issue: u32) -> ! {
-    eprintln!(
-        "simile-{stage} is not implemented yet (tracked in issue #{issue}); see README.md for the stages that work today"
-    );
-    std::process::exit(2)
 }

@@ -248,6 +248,11 @@ impl Dataset {
     /// Writes `dataset.parquet` atomically. `root_dir` (absolute) is recorded relative to
     /// the file's folder when possible, so the folder can move as a whole.
     pub fn write(&mut self, dest: &Path, root_dir: &Path) -> Result<()> {
+        self.seal(dest, root_dir)?.persist()
+    }
+
+    /// [`write`](Self::write) under the temporary name, for a set committed with its manifest.
+    pub fn seal(&mut self, dest: &Path, root_dir: &Path) -> Result<crate::io::Sealed> {
         let dest_dir = absolute(dest.parent().unwrap_or(Path::new(".")));
         self.meta.root = relative_to(&absolute(root_dir), &dest_dir)
             .map(|p| {
@@ -261,13 +266,14 @@ impl Dataset {
             .unwrap_or_else(|| absolute(root_dir).display().to_string());
         self.root_dir = absolute(root_dir);
         let batch = self.to_batch()?;
-        table::write_parquet(dest, &batch, &self.meta_kv())?;
+        let sealed = table::seal_parquet(dest, &batch, &self.meta_kv())?;
         self.file = dest.to_path_buf();
-        Ok(())
+        Ok(sealed)
     }
 
     /// Reads and checks `dataset.parquet`.
     pub fn read(path: &Path) -> Result<Dataset> {
+        crate::manifest::verify(path)?;
         let t = table::read_parquet(path, None)?;
         if t.meta.get("simile.artifact").map(String::as_str) != Some("dataset") {
             return Err(Error::input(format!(
@@ -551,14 +557,52 @@ impl Problems {
     }
 }
 
+/// What the file check found wrong with a row's image.
+enum FileProblem {
+    Missing,
+    /// The bounding box reaches past the image's (width, height).
+    BoxOutside(u32, u32),
+    Unreadable(String),
+}
+
+/// Line numbers of byte offsets in a text, right for LF and CRLF endings and for quoted
+/// fields that span lines (the csv crate's own count is one short after a CRLF).
+struct LineIndex<'a> {
+    text: &'a [u8],
+    newlines: Vec<usize>,
+}
+
+impl<'a> LineIndex<'a> {
+    fn new(text: &'a [u8]) -> Self {
+        let newlines = text
+            .iter()
+            .enumerate()
+            .filter(|(_, &b)| b == b'\n')
+            .map(|(i, _)| i)
+            .collect();
+        LineIndex { text, newlines }
+    }
+
+    /// The 1-based line of the first character at or after `byte` that is not a line ending
+    /// (a record's position may point at the end of the previous line).
+    fn line(&self, byte: u64) -> u64 {
+        let mut b = byte as usize;
+        while b < self.text.len() && matches!(self.text[b], b'\r' | b'\n') {
+            b += 1;
+        }
+        1 + self.newlines.partition_point(|&n| n < b) as u64
+    }
+}
+
 /// Reads and validates a CSV in OML's format (every rule of OML's
 /// `check_retrieval_dataframe_format` and more); all problems are reported together.
 pub fn import_csv(csv_path: &Path, opts: &CsvOptions) -> Result<(Dataset, ImportReport)> {
-    let file = std::fs::File::open(csv_path).map_err(|e| Error::io(csv_path, e))?;
+    let bytes = std::fs::read(csv_path).map_err(|e| Error::io(csv_path, e))?;
+    let line_of = LineIndex::new(&bytes);
     let mut rdr = csv::ReaderBuilder::new()
         .has_headers(true)
         .flexible(false)
-        .from_reader(std::io::BufReader::new(file));
+        .from_reader(bytes.as_slice());
     let headers = rdr
         .headers()
         .map_err(|e| {
@@ -568,13 +612,19 @@ pub fn import_csv(csv_path: &Path, opts: &CsvOptions) -> Result<(Dataset, Import
             ))
         })?
         .clone();
-    let cols: HashMap<String, usize> = headers
-        .iter()
-        .enumerate()
-        .map(|(i, h)| (h.trim().to_string(), i))
-        .collect();
     let found = headers.iter().collect::<Vec<_>>().join(", ");
     let file_s = csv_path.display().to_string();
+    let mut cols: HashMap<String, usize> = HashMap::new();
+    for (i, h) in headers.iter().enumerate() {
+        if let Some(first) = cols.insert(h.trim().to_string(), i) {
+            return Err(Error::input(format!(
+                "{file_s}:1: column '{}' appears twice in the header (columns {} and {}); found columns: {found}",
+                h.trim(),
+                first + 1,
+                i + 1
+            )));
+        }
+    }
     let has = |c: &str| cols.contains_key(c);
     // Header-level rules.
     let required: &[&str] = if opts.unlabeled {
@@ -609,15 +659,19 @@ pub fn import_csv(csv_path: &Path, opts: &CsvOptions) -> Result<(Dataset, Import
     let mut p = Problems::new(csv_path);
     let mut ds = Dataset::default();
     let mut lines: Vec<u64> = Vec::new();
+    let mut bad_split = false;
     for (row, rec) in rdr.records().enumerate() {
         let rec = match rec {
             Ok(r) => r,
             Err(e) => {
-                let line = e.position().map(|p| p.line()).unwrap_or(0);
+                let line = e.position().map(|p| line_of.line(p.byte())).unwrap_or(0);
                 return Err(Error::input(format!("{file_s}:{line}: malformed CSV: {e}")));
             }
         };
-        let line = rec.position().map(|p| p.line()).unwrap_or(row as u64 + 2);
+        let line = rec
+            .position()
+            .map(|p| line_of.line(p.byte()))
+            .unwrap_or(row as u64 + 2);
         lines.push(line);
         ds.ids.push(row as i64);
         // label
@@ -659,14 +713,15 @@ pub fn import_csv(csv_path: &Path, opts: &CsvOptions) -> Result<(Dataset, Import
                             "column 'split': expected 'train' or 'validation', found '{other}'"
                         ),
                     );
+                    bad_split = true;
                     Split::Train
                 }
             }
         };
         ds.split.push(split);
-        // is_query / is_gallery
+        // is_query / is_gallery (not judged on a row whose split is itself wrong: one error)
         let mut flags = [None, None];
-        if !opts.unlabeled {
+        if !opts.unlabeled && !std::mem::take(&mut bad_split) {
             for (k, name) in ["is_query", "is_gallery"].iter().enumerate() {
                 let v = col(&rec, name).unwrap_or_default();
                 if split == Split::Train {
@@ -838,31 +893,60 @@ pub fn import_csv(csv_path: &Path, opts: &CsvOptions) -> Result<(Dataset, Import
         None => absolute(csv_path.parent().unwrap_or(Path::new("."))),
     };
     if !opts.skip_file_check {
-        let missing: Vec<usize> = (0..ds.len())
+        // Each file must exist, and a box must lie inside its image (read from the header).
+        let found: Vec<(usize, FileProblem)> = (0..ds.len())
             .into_par_iter()
-            .filter(|&i| match &ds.path[i] {
-                Some(pth) => {
-                    let pp = Path::new(pth);
-                    let full = if pp.is_absolute() {
-                        pp.to_path_buf()
-                    } else {
-                        root.join(pp)
-                    };
-                    !full.is_file()
+            .filter_map(|i| {
+                let pth = ds.path[i].as_deref()?;
+                let pp = Path::new(pth);
+                let full = if pp.is_absolute() {
+                    pp.to_path_buf()
+                } else {
+                    root.join(pp)
+                };
+                if !full.is_file() {
+                    return Some((i, FileProblem::Missing));
                 }
-                None => false,
+                let b = ds.bbox[i]?;
+                match image::image_dimensions(&full) {
+                    Ok((w, h)) if b[1] as u64 > w as u64 || b[3] as u64 > h as u64 => {
+                        Some((i, FileProblem::BoxOutside(w, h)))
+                    }
+                    Ok(_) => None,
+                    Err(e) => Some((i, FileProblem::Unreadable(e.to_string()))),
+                }
             })
             .collect();
-        for i in missing {
-            p.add(
-                "missing file",
-                lines[i],
-                format!(
-                    "column 'path': file '{}' does not exist under root {}",
-                    ds.path[i].as_deref().unwrap_or(""),
-                    root.display()
+        for (i, what) in found {
+            let name = ds.path[i].as_deref().unwrap_or("");
+            match what {
+                FileProblem::Missing => p.add(
+                    "missing file",
+                    lines[i],
+                    format!(
+                        "column 'path': file '{name}' does not exist under root {}",
+                        root.display()
+                    ),
                 ),
-            );
+                FileProblem::BoxOutside(w, h) => {
+                    let b = ds.bbox[i].unwrap_or_default();
+                    p.add(
+                        "bbox outside the image",
+                        lines[i],
+                        format!(
+                            "columns 'x_2', 'y_2': the box x_1={} x_2={} y_1={} y_2={} reaches outside '{name}', which is {w} x {h} pixels (x_2 <= width and y_2 <= height)",
+                            b[0], b[1], b[2], b[3]
+                        ),
+                    )
+                }
+                FileProblem::Unreadable(e) => p.add(
+                    "unreadable image",
+                    lines[i],
+                    format!(
+                        "column 'path': '{name}' has a bounding box but its size cannot be read: {e}"
+                    ),
+                ),
+            }
         }
     }
     p.into_result()?;
@@ -910,7 +994,7 @@ pub fn import_csv(csv_path: &Path, opts: &CsvOptions) -> Result<(Dataset, Import
             "csv"
         }
         .into(),
-        source_fingerprint: crate::io::Fingerprint::of(csv_path, false)?.hash,
+        source_fingerprint: crate::io::Fingerprint::of(csv_path)?.hash,
         modality: if has("path") { "image" } else { "text" }.into(),
         label_names: None,
     };

@@ -1,7 +1,9 @@
 //! Embeddings artifacts: `emb.npy` ([M, D] float32/float16) with `emb.ids.npy` (int64 dataset
 //! ids, in id order) and, when rows were left out, `emb.skipped.tsv`; joining shard parts into
 //! one file.
+use crate::dataset::{Dataset, Split};
 use crate::error::{Error, Result};
+use crate::io::Sealed;
 use crate::manifest::ManifestBuilder;
 use crate::npy::{self, Npy, NpyWriter};
 use crate::shard;
@@ -30,24 +32,20 @@ pub fn skipped_path(emb: &Path) -> PathBuf {
 /// The header line of a `.skipped.tsv` file.
 pub const SKIPPED_HEADER: &str = "id\tpath\treason";
 
-/// Writes `<stem>.skipped.tsv` for `emb` from `(id, path, reason)` rows, or removes a stale
-/// one when nothing was skipped. Returns its path when written.
-pub fn write_skipped(emb: &Path, rows: &[(i64, String, String)]) -> Result<Option<PathBuf>> {
+/// `<stem>.skipped.tsv` for `emb` from `(id, path, reason)` rows, sealed for its set, or
+/// `None` when nothing was skipped (the set's commit then removes an earlier list).
+pub fn seal_skipped(emb: &Path, rows: &[(i64, String, String)]) -> Result<Option<Sealed>> {
     // One row per line whatever the path or message holds.
     let clean = |s: &str| s.replace(['\t', '\n', '\r'], " ");
     let lines: Vec<String> = rows
         .iter()
         .map(|(id, p, why)| format!("{id}\t{}\t{}", clean(p), clean(why)))
         .collect();
-    write_skipped_lines(emb, &lines)
+    seal_skipped_lines(emb, &lines)
 }
 
-fn write_skipped_lines(emb: &Path, lines: &[String]) -> Result<Option<PathBuf>> {
-    let path = skipped_path(emb);
+fn seal_skipped_lines(emb: &Path, lines: &[String]) -> Result<Option<Sealed>> {
     if lines.is_empty() {
-        if path.exists() {
-            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
-        }
         return Ok(None);
     }
     let mut text = format!("{SKIPPED_HEADER}\n");
@@ -55,8 +53,10 @@ fn write_skipped_lines(emb: &Path, lines: &[String]) -> Result<Option<PathBuf>> 
         text.push_str(l);
         text.push('\n');
     }
-    crate::io::atomic_write_bytes(&path, text.as_bytes())?;
-    Ok(Some(path))
+    Ok(Some(crate::io::seal_bytes(
+        skipped_path(emb),
+        text.as_bytes(),
+    )?))
 }
 
 /// Reads a part's `.skipped.tsv`: (id, line) for each data line, after checking the header.
@@ -96,11 +96,15 @@ pub fn merge_parts(out: &Path, given: &[PathBuf]) -> Result<MergeSummary> {
     let parts = shard::validate(&paths)?;
     let first = &parts.manifests[0];
     let mut m = ManifestBuilder::new(&first.stage, first.params.clone());
-    for (role, rec) in &first.inputs {
-        m.input_record(role, rec.clone());
+    for (role, rec) in parts.merged_inputs() {
+        m.input_record(&role, rec);
     }
     let ids_out = npy::ids_path(out);
     m.companion(&ids_out);
+    m.optional_companion(&skipped_path(out));
+    for p in &parts.paths {
+        m.reads("a part", p);
+    }
     m.skip_if_done(out)?;
     let mut arrays = Vec::new();
     let mut ids = Vec::new();
@@ -173,16 +177,14 @@ pub fn merge_parts(out: &Path, given: &[PathBuf]) -> Result<MergeSummary> {
     for a in &arrays {
         w.write_raw(a.data())?;
     }
-    npy::write_i64(&ids_out, &ids)?;
+    let mut sealed = vec![npy::seal_i64(&ids_out, &ids)?];
     let lines: Vec<String> = skipped_lines.into_iter().map(|(_, l)| l).collect();
-    let skipped_list = write_skipped_lines(out, &lines)?;
-    w.finish()?;
+    let skipped = seal_skipped_lines(out, &lines)?;
+    let skipped_list = skipped.as_ref().map(|s| s.dest().to_path_buf());
+    sealed.extend(skipped);
     m.rows("rows", rows as u64)
         .rows("skipped", lines.len() as u64);
-    if let Some(s) = &skipped_list {
-        m.companion(s);
-    }
-    m.write(out)?;
+    m.commit(w.seal()?, sealed)?;
     Ok(MergeSummary {
         parts: parts.count,
         rows,
@@ -190,4 +192,79 @@ pub fn merge_parts(out: &Path, given: &[PathBuf]) -> Result<MergeSummary> {
         skipped: lines.len(),
         skipped_list,
     })
+}
+
+/// The `.npy` row of every dataset row of `ds` (`usize::MAX` where it has none): the one rule
+/// every reader of an embeddings file follows. With `<stem>.ids.npy` beside it, its ids say
+/// (each must be a dataset id, and appear once); without, the rows must be those of `split` in
+/// id order, or of the whole dataset.
+pub fn rows_of_dataset(
+    ds: &Dataset,
+    ds_path: &Path,
+    emb: &Npy,
+    emb_path: &Path,
+    split: Option<Split>,
+) -> Result<Vec<usize>> {
+    let m = emb.rows();
+    let mut of_row = vec![usize::MAX; ds.len()];
+    let ids_path = npy::ids_path(emb_path);
+    if ids_path.exists() {
+        let ids = Npy::open(&ids_path)?.to_i64_vec()?;
+        if ids.len() != m {
+            return Err(Error::input(format!(
+                "{}: {} ids, but {} has {m} rows; they must match row for row",
+                ids_path.display(),
+                ids.len(),
+                emb_path.display()
+            )));
+        }
+        for (e, &id) in ids.iter().enumerate() {
+            let r = ds.position_of(id).ok_or_else(|| {
+                Error::input(format!(
+                    "{}: row {e}: id {id} is not in {}; were these embeddings made from another dataset?",
+                    ids_path.display(),
+                    ds_path.display()
+                ))
+            })?;
+            if of_row[r] != usize::MAX {
+                return Err(Error::input(format!(
+                    "{}: row {e}: id {id} appears twice (first at row {})",
+                    ids_path.display(),
+                    of_row[r]
+                )));
+            }
+            of_row[r] = e;
+        }
+        return Ok(of_row);
+    }
+    let split_rows = split.map(|s| ds.rows_of_split(s));
+    match &split_rows {
+        Some(rows) if rows.len() == m => {
+            for (e, &r) in rows.iter().enumerate() {
+                of_row[r] = e;
+            }
+        }
+        _ if ds.len() == m => {
+            for (r, v) in of_row.iter_mut().enumerate() {
+                *v = r;
+            }
+        }
+        _ => {
+            let expected = match (&split_rows, split) {
+                (Some(rows), Some(s)) => format!(
+                    "{} (the rows of split '{s}', in id order) or {} (all rows of {})",
+                    rows.len(),
+                    ds.len(),
+                    ds_path.display()
+                ),
+                _ => format!("{} (all rows of {})", ds.len(), ds_path.display()),
+            };
+            return Err(Error::input(format!(
+                "{}: {m} rows and no {} beside it to say which ids they are; expected {expected}",
+                emb_path.display(),
+                ids_path.display()
+            )));
+        }
+    }
+    Ok(of_row)
 }

@@ -364,6 +364,11 @@ struct FontFile {
     file_name: String,
 }
 
+/// The font files Font-ID renders from `dir` (its inputs), sorted by file name.
+pub fn font_paths(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(list_font_files(dir)?.into_iter().map(|f| f.path).collect())
+}
+
 /// `*.ttf` / `*.otf` (any case) in `dir`, sorted by file name.
 fn list_font_files(dir: &Path) -> Result<Vec<FontFile>> {
     let missing = || {

@@ -1,78 +1,260 @@
-//! Atomic file writes and file fingerprints: the two things every stage does to its files.
+//! The file-level rules every stage follows: atomic writes, output locks, fingerprints, and
+//! keeping outputs apart from inputs.
 //!
-//! Every output goes through [`atomic_write`] (or [`AtomicFile`]): the bytes are written to a
-//! temporary file in the destination folder and renamed over the final name only when
-//! complete, so a killed or failed run never leaves a partial or stale file under that name.
+//! Every file goes through [`AtomicFile`]: the bytes are written to a temporary file in the
+//! destination folder, named `.<name>.<pid>-<n>.tmp`, flushed to disk, and renamed over the
+//! final name only when complete (then the folder is flushed too), so a killed or failed run
+//! never leaves a partial file under that name. A file that belongs to a set (an output and its
+//! companions, committed together by `manifest::ManifestBuilder::commit`) is first
+//! [`sealed`](AtomicFile::seal): complete on disk under its temporary name, renamed later.
+//! Temporary files whose writer is dead are removed by the next writer of the same name.
 use crate::error::{Error, IoContext, Result};
 use serde::{Deserialize, Serialize};
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::UNIX_EPOCH;
 use xxhash_rust::xxh3::Xxh3;
 
 /// A file being written under a temporary name beside its final path.
-/// Dropped without [`AtomicFile::commit`], the temporary file is deleted.
+/// Dropped without [`commit`](Self::commit) or [`seal`](Self::seal), the temporary file is
+/// deleted.
 pub struct AtomicFile {
-    tmp: tempfile::NamedTempFile,
+    file: File,
+    tmp: TempPath,
     dest: PathBuf,
+}
+
+/// A complete file under its temporary name, waiting to be renamed to its destination
+/// ([`persist`](Self::persist)); dropped unpersisted, it is deleted.
+#[must_use = "a sealed file is deleted unless it is persisted or committed with its set"]
+pub struct Sealed {
+    tmp: TempPath,
+    dest: PathBuf,
+}
+
+/// A temporary path removed on drop unless disarmed.
+struct TempPath {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// `.<name>.<pid>-<n>.tmp` beside `dest`: the pid tells a later run whether its writer lives.
+pub fn temp_path_for(dest: &Path) -> PathBuf {
+    temp_path_with(dest, "")
+}
+
+/// As [`temp_path_for`], ending in `ext` (`.tmp.safetensors`: libtorch picks the format by it).
+fn temp_path_with(dest: &Path, ext: &str) -> PathBuf {
+    let n = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    parent_dir(dest).join(format!(
+        ".{}.{}-{n}{nanos:08x}.tmp{ext}",
+        file_name(dest),
+        std::process::id()
+    ))
 }
 
 impl AtomicFile {
     pub fn create(dest: impl AsRef<Path>) -> Result<Self> {
+        Self::create_ext(dest, "")
+    }
+
+    /// A temporary file whose name keeps `dest`'s extension (for writers that choose the
+    /// format by it, as libtorch's `save` does).
+    pub fn create_keeping_extension(dest: impl AsRef<Path>) -> Result<Self> {
+        let ext = dest
+            .as_ref()
+            .extension()
+            .map(|e| format!(".{}", e.to_string_lossy()))
+            .unwrap_or_default();
+        Self::create_ext(dest, &ext)
+    }
+
+    fn create_ext(dest: impl AsRef<Path>, ext: &str) -> Result<Self> {
         let dest = dest.as_ref().to_path_buf();
         let dir = parent_dir(&dest);
-        if !dir.as_os_str().is_empty() && !dir.exists() {
+        if !dir.exists() {
             std::fs::create_dir_all(&dir).at(&dir)?;
         }
-        let name = dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "out".into());
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".tmp")
-            .tempfile_in(&dir)
-            .at(&dir)?;
-        Ok(AtomicFile { tmp, dest })
+        if dest.is_dir() {
+            return Err(Error::input(format!(
+                "{}: is a folder; the output must be a file path",
+                dest.display()
+            )));
+        }
+        remove_dead_temps(&dest);
+        let tmp = temp_path_with(&dest, ext);
+        let mut o = OpenOptions::new();
+        o.write(true).read(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            o.mode(0o644);
+        }
+        let file = o.open(&tmp).at(&dest)?;
+        Ok(AtomicFile {
+            file,
+            tmp: TempPath {
+                path: tmp,
+                armed: true,
+            },
+            dest,
+        })
     }
 
     pub fn file(&mut self) -> &mut File {
-        self.tmp.as_file_mut()
+        &mut self.file
     }
 
+    /// The temporary path (a library that writes by path, e.g. safetensors, writes here).
     pub fn path(&self) -> &Path {
-        self.tmp.path()
+        &self.tmp.path
+    }
+
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    /// Flushes the content to disk; the file keeps its temporary name until persisted.
+    pub fn seal(self) -> Result<Sealed> {
+        let AtomicFile { file, tmp, dest } = self;
+        file.sync_all().at(&dest)?;
+        drop(file);
+        Ok(Sealed { tmp, dest })
     }
 
     /// Flushes to disk and renames over the destination.
     pub fn commit(self) -> Result<()> {
-        let AtomicFile { tmp, dest } = self;
-        tmp.as_file().sync_all().at(&dest)?;
-        // tempfile creates 0600 files; outputs are ordinary files readable as usual.
-        set_default_permissions(tmp.path());
-        tmp.persist(&dest).map_err(|e| Error::io(&dest, e.error))?;
+        self.seal()?.persist()
+    }
+}
+
+impl Sealed {
+    /// Where it will be renamed to.
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    /// Where its bytes are now.
+    pub fn temp(&self) -> &Path {
+        &self.tmp.path
+    }
+
+    /// Renames it over its destination and flushes the folder, so the rename survives a crash.
+    pub fn persist(self) -> Result<()> {
+        let dest = self.dest.clone();
+        self.rename()?;
+        sync_dir(&parent_dir(&dest))
+    }
+
+    /// The rename alone; the caller flushes the folder (once for a whole set).
+    pub(crate) fn rename(mut self) -> Result<()> {
+        std::fs::rename(&self.tmp.path, &self.dest).at(&self.dest)?;
+        self.tmp.armed = false;
         Ok(())
     }
 }
 
-#[cfg(unix)]
-fn set_default_permissions(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644));
+/// Flushes a folder's entries (a rename in it) to disk, as tantivy's `atomic_write` does.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        File::open(dir).and_then(|d| d.sync_all()).at(dir)?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
 }
-#[cfg(not(unix))]
-fn set_default_permissions(_: &Path) {}
 
-fn parent_dir(p: &Path) -> PathBuf {
+pub(crate) fn parent_dir(p: &Path) -> PathBuf {
     match p.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     }
 }
 
+pub(crate) fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into())
+}
+
+/// Whether process `pid` is alive (on this machine).
+fn pid_alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        if pid == std::process::id() {
+            return true;
+        }
+        // SAFETY: kill with signal 0 only checks for the process; it sends nothing.
+        let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
+/// Removes the temporary files and folders (`.<name>.<pid>-<n>.tmp[.ext]`) that dead writers of
+/// `dest` left behind: a killed run's litter goes with the next run of the same output.
+pub fn remove_dead_temps(dest: &Path) {
+    let dir = parent_dir(dest);
+    let prefix = format!(".{}.", file_name(dest));
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some((rest, _ext)) = name
+            .strip_prefix(&prefix)
+            .and_then(|r| r.split_once(".tmp"))
+        else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !rest.contains('-') || pid_alive(pid) {
+            continue;
+        }
+        let p = e.path();
+        let _ = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+    }
+}
+
 /// Writes a whole file atomically from a closure that fills a writer.
 pub fn atomic_write<F>(dest: impl AsRef<Path>, fill: F) -> Result<()>
+where
+    F: FnOnce(&mut std::io::BufWriter<&mut File>) -> Result<()>,
+{
+    seal_with(dest, fill)?.persist()
+}
+
+/// Writes a whole file under its temporary name (see [`Sealed`]).
+pub fn seal_with<F>(dest: impl AsRef<Path>, fill: F) -> Result<Sealed>
 where
     F: FnOnce(&mut std::io::BufWriter<&mut File>) -> Result<()>,
 {
@@ -82,119 +264,273 @@ where
         fill(&mut w)?;
         w.flush().at(dest.as_ref())?;
     }
-    f.commit()
+    f.seal()
 }
 
 /// Writes bytes atomically.
 pub fn atomic_write_bytes(dest: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
-    let d = dest.as_ref().to_path_buf();
-    atomic_write(&d, |w| w.write_all(bytes).at(&d))
+    seal_bytes(dest, bytes)?.persist()
 }
 
-/// What identifies a file's content without reading all of it.
+/// Writes bytes under a temporary name (see [`Sealed`]).
+pub fn seal_bytes(dest: impl AsRef<Path>, bytes: &[u8]) -> Result<Sealed> {
+    let d = dest.as_ref().to_path_buf();
+    seal_with(&d, |w| w.write_all(bytes).at(&d))
+}
+
+/// An advisory lock on an output: one writer at a time. Held from the moment a stage decides
+/// to write an output until its set is committed, so two runs writing the same output never mix
+/// (the second waits, then finds the output up to date or writes it whole). The lock file,
+/// `.<name>.lock` beside the output, is removed when the lock is released (a killed run's stays,
+/// empty, and is taken over by the next run).
+pub struct OutputLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl OutputLock {
+    pub fn acquire(output: &Path) -> Result<OutputLock> {
+        let dir = parent_dir(output);
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir).at(&dir)?;
+        }
+        let path = dir.join(format!(".{}.lock", file_name(output)));
+        let mut said = false;
+        loop {
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .at(&path)?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    if !said {
+                        eprintln!(
+                            "simile: another process is writing {}; waiting for it to finish",
+                            output.display()
+                        );
+                        said = true;
+                    }
+                    file.lock().at(&path)?;
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+            }
+            // The holder before us may have removed the file as it released it: the lock is
+            // ours only if the name still leads to the file we locked.
+            if same_file(&file, &path) {
+                return Ok(OutputLock { file, path });
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+fn same_file(f: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (f.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+#[cfg(not(unix))]
+fn same_file(_: &File, _: &Path) -> bool {
+    true
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        // Removed while still held, so no one can lock the name we are about to leave.
+        let _ = std::fs::remove_file(&self.path);
+        let _ = self.file.unlock();
+    }
+}
+
+/// What identifies a file's content: its size and an xxh3 hash of every byte.
 ///
-/// `hash` covers the size, the first and last 64 KiB (a `.npy` header, a Parquet footer) and
-/// 64 evenly spaced 4 KiB blocks in between, so any rewrite of a real artifact changes it.
 /// `mtime_ns` is recorded but not compared: datasets move between machines and containers,
-/// and a copy must stay the same input. `content_hash` (with `--verify`) hashes every byte.
+/// and a copy must stay the same input. Hashing is cached per process (keyed by the file's
+/// device, inode, size, modification and change times), so a file checked by several steps
+/// of one stage is read once.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Fingerprint {
     pub size: u64,
     pub mtime_ns: i128,
     pub hash: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub content_hash: Option<String>,
 }
 
-const EDGE: u64 = 64 * 1024;
-const BLOCK: u64 = 4096;
-const BLOCKS: u64 = 64;
+/// The hash prefix of a list of files' fingerprint.
+const SUM: &str = "xxh3-sum:";
+
+type FileKey = (u64, u64, u64, i128, i128);
+
+fn fp_cache() -> &'static Mutex<HashMap<PathBuf, (FileKey, Fingerprint)>> {
+    static CACHE: OnceLock<Mutex<HashMap<PathBuf, (FileKey, Fingerprint)>>> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn file_key(meta: &std::fs::Metadata) -> (FileKey, i128) {
+    let mtime_ns = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let ctime = meta.ctime() as i128 * 1_000_000_000 + meta.ctime_nsec() as i128;
+        (
+            (meta.dev(), meta.ino(), meta.len(), mtime_ns, ctime),
+            mtime_ns,
+        )
+    }
+    #[cfg(not(unix))]
+    ((0, 0, meta.len(), mtime_ns, 0), mtime_ns)
+}
 
 impl Fingerprint {
-    /// Fingerprints a file; `verify` also hashes its whole content.
-    pub fn of(path: impl AsRef<Path>, verify: bool) -> Result<Self> {
+    /// Fingerprints a file: every byte is hashed (xxh3 streams at several GB/s).
+    pub fn of(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let mut f = File::open(path).at(path)?;
-        let meta = f.metadata().at(path)?;
-        let size = meta.len();
-        let mtime_ns = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map(|d| d.as_nanos() as i128)
-            .unwrap_or(0);
-        let mut h = Xxh3::new();
-        h.update(&size.to_le_bytes());
-        let mut buf = vec![0u8; EDGE as usize];
-        let mut read_at = |f: &mut File, off: u64, len: u64, h: &mut Xxh3| -> Result<()> {
-            f.seek(SeekFrom::Start(off)).at(path)?;
-            let b = &mut buf[..len as usize];
-            f.read_exact(b).at(path)?;
-            h.update(b);
-            Ok(())
-        };
-        if size <= 2 * EDGE + BLOCKS * BLOCK {
-            read_at(&mut f, 0, size.min(EDGE), &mut h)?;
-            if size > EDGE {
-                // Small files: hash everything after the head too, in EDGE pieces.
-                let mut off = EDGE;
-                while off < size {
-                    let len = (size - off).min(EDGE);
-                    read_at(&mut f, off, len, &mut h)?;
-                    off += len;
-                }
+        let meta = std::fs::metadata(path).at(path)?;
+        let (key, mtime_ns) = file_key(&meta);
+        if let Some((k, fp)) = fp_cache().lock().ok().and_then(|c| c.get(path).cloned()) {
+            if k == key {
+                return Ok(fp);
             }
-        } else {
-            read_at(&mut f, 0, EDGE, &mut h)?;
-            let span = size - 2 * EDGE - BLOCK;
-            for i in 0..BLOCKS {
-                read_at(&mut f, EDGE + span * i / (BLOCKS - 1), BLOCK, &mut h)?;
-            }
-            read_at(&mut f, size - EDGE, EDGE, &mut h)?;
         }
-        let content_hash = if verify { Some(hash_file(path)?) } else { None };
-        Ok(Fingerprint {
-            size,
+        let fp = Fingerprint {
+            size: meta.len(),
             mtime_ns,
-            hash: format!("xxh3:{:016x}", h.digest()),
-            content_hash,
+            hash: hash_file(path)?,
+        };
+        if let Ok(mut c) = fp_cache().lock() {
+            c.insert(path.to_path_buf(), (key, fp.clone()));
+        }
+        Ok(fp)
+    }
+
+    /// One fingerprint of many files' contents, in the order given (the images a stage reads):
+    /// `size` is their total, `hash` covers every byte of each, file by file. Files are read in
+    /// parallel. A missing or unreadable file counts as such (the stage reports it when it
+    /// decodes, or leaves it out), so it changes the fingerprint without failing it.
+    pub fn of_files(paths: &[PathBuf]) -> Self {
+        Self::of_files_at(0, paths)
+    }
+
+    /// [`of_files`](Self::of_files) of files that are positions `first..` of a longer list (a
+    /// shard's rows). The hash is a sum over positions of a hash of (position, size, content),
+    /// so the parts' fingerprints [`sum`](Self::sum) to the whole list's: a merged shard run
+    /// records the images of the unsharded run.
+    pub fn of_files_at(first: u64, paths: &[PathBuf]) -> Self {
+        use rayon::prelude::*;
+        let each: Vec<(u64, u64)> = paths
+            .par_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let (n, x) = match std::fs::read(p) {
+                    Ok(bytes) => (bytes.len() as u64, xxhash_rust::xxh3::xxh3_64(&bytes)),
+                    Err(e) => (u64::MAX, e.kind() as u64),
+                };
+                let mut key = [0u8; 24];
+                key[..8].copy_from_slice(&(first + i as u64).to_le_bytes());
+                key[8..16].copy_from_slice(&n.to_le_bytes());
+                key[16..].copy_from_slice(&x.to_le_bytes());
+                (
+                    if n == u64::MAX { 0 } else { n },
+                    xxhash_rust::xxh3::xxh3_64(&key),
+                )
+            })
+            .collect();
+        Fingerprint {
+            size: each.iter().map(|e| e.0).sum(),
+            mtime_ns: 0,
+            hash: format!(
+                "{SUM}{:016x}",
+                each.iter().fold(0u64, |a, e| a.wrapping_add(e.1))
+            ),
+        }
+    }
+
+    /// Whether this fingerprints a list of files (see [`of_files_at`](Self::of_files_at)).
+    pub fn is_sum(&self) -> bool {
+        self.hash.starts_with(SUM)
+    }
+
+    /// The fingerprint of the concatenated lists whose parts these are (`None` unless all are
+    /// list fingerprints).
+    pub fn sum<'a>(parts: impl IntoIterator<Item = &'a Fingerprint>) -> Option<Fingerprint> {
+        let (mut size, mut h) = (0u64, 0u64);
+        for p in parts {
+            let v = u64::from_str_radix(p.hash.strip_prefix(SUM)?, 16).ok()?;
+            size += p.size;
+            h = h.wrapping_add(v);
+        }
+        Some(Fingerprint {
+            size,
+            mtime_ns: 0,
+            hash: format!("{SUM}{h:016x}"),
         })
     }
 
     /// Whether two fingerprints name the same content (see the type's documentation).
     pub fn same_content(&self, other: &Fingerprint) -> bool {
-        if self.size != other.size || self.hash != other.hash {
-            return false;
-        }
-        match (&self.content_hash, &other.content_hash) {
-            (Some(a), Some(b)) => a == b,
-            _ => true,
-        }
+        self.size == other.size && self.hash == other.hash
     }
 }
 
-/// xxh3 of a whole file.
+/// xxh3 of a whole file (memory-mapped when large, so it is not copied).
 pub fn hash_file(path: &Path) -> Result<String> {
     let mut f = File::open(path).at(path)?;
+    let len = f.metadata().at(path)?.len();
     let mut h = Xxh3::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).at(path)?;
-        if n == 0 {
-            break;
+    if len >= 1 << 22 {
+        // SAFETY: a read-only map, dropped before returning; a file truncated under it by
+        // another program would fault, which no stage does to its inputs.
+        let map = unsafe { memmap2::Mmap::map(&f) }.at(path)?;
+        for chunk in map.chunks(1 << 24) {
+            h.update(chunk);
         }
-        h.update(&buf[..n]);
+    } else {
+        let mut buf = Vec::with_capacity(len as usize);
+        f.read_to_end(&mut buf).at(path)?;
+        h.update(&buf);
     }
     Ok(format!("xxh3:{:016x}", h.digest()))
 }
 
-/// Refuses to read an output path that is also an input (it would be replaced mid-run).
-pub fn ensure_distinct(input: &Path, output: &Path) -> Result<()> {
-    if let (Ok(a), Ok(b)) = (input.canonicalize(), output.canonicalize()) {
-        if a == b {
+/// The absolute, symlink-free form of a path that may not exist yet (its folder must, or it
+/// is taken as given).
+fn normalised(p: &Path) -> PathBuf {
+    if let Ok(c) = p.canonicalize() {
+        return c;
+    }
+    let dir = parent_dir(p);
+    match (dir.canonicalize(), p.file_name()) {
+        (Ok(d), Some(n)) => d.join(n),
+        _ => std::env::current_dir()
+            .map(|c| c.join(p))
+            .unwrap_or_else(|_| p.to_path_buf()),
+    }
+}
+
+/// Refuses (exit 2, nothing written) when any file a stage would write is one of the files it
+/// reads. Both lists hold every file of each artifact: an output's companions and manifest,
+/// an input's companions and manifest (see `manifest::artifact_files`).
+pub fn refuse_overlap(inputs: &[(String, PathBuf)], outputs: &[PathBuf]) -> Result<()> {
+    let ins: Vec<(PathBuf, &str, &Path)> = inputs
+        .iter()
+        .map(|(what, p)| (normalised(p), what.as_str(), p.as_path()))
+        .collect();
+    for o in outputs {
+        let n = normalised(o);
+        if let Some((_, what, p)) = ins.iter().find(|(i, _, _)| *i == n) {
             return Err(Error::input(format!(
-                "{}: the output would overwrite an input; choose another --out",
-                output.display()
+                "{}: the output would overwrite an input, {} ({what}), which this stage reads; choose another --out",
+                o.display(),
+                p.display()
             )));
         }
     }
@@ -218,33 +554,92 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         atomic_write_bytes(&dest, b"done").unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), b"done");
+        // Sealed but not persisted: nothing under the name, and nothing left on drop.
+        let s = seal_bytes(&dest, b"next").unwrap();
+        assert!(s.temp().exists());
+        assert_eq!(std::fs::read(&dest).unwrap(), b"done");
+        drop(s);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]
-    fn fingerprint_tracks_content_not_mtime() {
+    fn dead_writers_temps_are_removed_live_ones_kept() {
         let dir = tempfile::tempdir().unwrap();
-        for size in [10usize, 200_000, 3_000_000] {
-            let a = dir.path().join("a");
+        let dest = dir.path().join("emb.npy");
+        // A pid that cannot be alive (above the kernel's pid_max).
+        let dead = dir.path().join(".emb.npy.999999999-0.tmp");
+        let live = dir
+            .path()
+            .join(format!(".emb.npy.{}-7.tmp", std::process::id()));
+        let other = dir.path().join(".other.npy.999999999-0.tmp");
+        std::fs::create_dir(dir.path().join(".emb.npy.999999998-1.tmp")).unwrap();
+        for p in [&dead, &live, &other] {
+            std::fs::write(p, b"x").unwrap();
+        }
+        atomic_write_bytes(&dest, b"new").unwrap();
+        assert!(!dead.exists());
+        assert!(!dir.path().join(".emb.npy.999999998-1.tmp").exists());
+        assert!(live.exists(), "a live writer's temp is kept");
+        assert!(other.exists(), "another output's temp is not touched");
+    }
+
+    #[test]
+    fn fingerprint_sees_every_byte_not_mtime() {
+        let dir = tempfile::tempdir().unwrap();
+        for size in [10usize, 200_000, 9_000_000] {
+            let a = dir.path().join(format!("a{size}"));
             let mut data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
             std::fs::write(&a, &data).unwrap();
-            let fa = Fingerprint::of(&a, false).unwrap();
-            let b = dir.path().join("b");
+            let fa = Fingerprint::of(&a).unwrap();
+            let b = dir.path().join(format!("b{size}"));
             std::fs::write(&b, &data).unwrap();
-            assert!(fa.same_content(&Fingerprint::of(&b, false).unwrap()));
-            // A change in the middle of a large file is seen through the sampled blocks
-            // (the change covers more than one block gap).
-            let mid = size / 2;
-            for x in data
-                .iter_mut()
-                .skip(mid.saturating_sub(30_000))
-                .take(60_000)
-            {
-                *x ^= 0xff;
-            }
+            assert!(fa.same_content(&Fingerprint::of(&b).unwrap()));
+            // One byte anywhere changes it, even in place with the same size.
+            let at = size * 3 / 7;
+            data[at] ^= 1;
             std::fs::write(&b, &data).unwrap();
-            assert!(!fa.same_content(&Fingerprint::of(&b, false).unwrap()));
-            let v = Fingerprint::of(&a, true).unwrap();
-            assert!(v.content_hash.is_some());
+            assert!(!fa.same_content(&Fingerprint::of(&b).unwrap()));
         }
+        let (x, y) = (dir.path().join("x"), dir.path().join("y"));
+        std::fs::write(&x, b"one").unwrap();
+        std::fs::write(&y, b"two").unwrap();
+        let f1 = Fingerprint::of_files(&[x.clone(), y.clone()]);
+        assert_eq!(f1.size, 6);
+        assert_ne!(f1, Fingerprint::of_files(&[y.clone(), x.clone()]));
+        std::fs::write(&y, b"twO").unwrap();
+        assert!(!f1.same_content(&Fingerprint::of_files(&[x.clone(), y.clone()])));
+        let missing = Fingerprint::of_files(&[x.clone(), dir.path().join("missing")]);
+        assert_ne!(missing, Fingerprint::of_files(std::slice::from_ref(&x)));
+        // Parts of a list sum to the whole list's fingerprint.
+        let z = dir.path().join("z");
+        std::fs::write(&z, b"three").unwrap();
+        let whole = Fingerprint::of_files(&[x.clone(), y.clone(), z.clone()]);
+        let parts = [
+            Fingerprint::of_files_at(0, std::slice::from_ref(&x)),
+            Fingerprint::of_files_at(1, &[y.clone(), z.clone()]),
+        ];
+        assert_eq!(Fingerprint::sum(&parts), Some(whole.clone()));
+        assert_ne!(
+            Fingerprint::sum(&[Fingerprint::of_files_at(0, &[y, z]), parts[0].clone()]),
+            Some(whole)
+        );
+    }
+
+    #[test]
+    fn overlap_is_refused_through_links_and_relative_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = dir.path().join("dataset.parquet");
+        std::fs::write(&ds, b"d").unwrap();
+        let inputs = vec![("dataset".to_string(), ds.clone())];
+        let e = refuse_overlap(&inputs, &[dir.path().join("./dataset.parquet")]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("dataset"), "{e}");
+        #[cfg(unix)]
+        {
+            let link = dir.path().join("link.parquet");
+            std::os::unix::fs::symlink(&ds, &link).unwrap();
+            assert!(refuse_overlap(&inputs, &[link]).is_err());
+        }
+        refuse_overlap(&inputs, &[dir.path().join("emb.npy")]).unwrap();
     }
 }

@@ -182,11 +182,19 @@ impl NeighborsWriter {
         self.w.write(&b)
     }
 
-    /// Finishes the file; returns the number of rows written.
-    pub fn finish(mut self) -> Result<u64> {
+    /// Completes the file and renames it into place (a file with no manifest); returns the
+    /// number of rows written.
+    pub fn finish(self) -> Result<u64> {
+        let (sealed, rows) = self.seal()?;
+        sealed.persist()?;
+        Ok(rows)
+    }
+
+    /// Completes the file under its temporary name (committed with its manifest); returns it
+    /// and the number of rows written.
+    pub fn seal(mut self) -> Result<(crate::io::Sealed, u64)> {
         self.flush()?;
-        self.w.finish()?;
-        Ok(self.rows)
+        Ok((self.w.seal()?, self.rows))
     }
 }
 

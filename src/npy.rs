@@ -3,7 +3,7 @@
 //! Embeddings are `[M, D]` float32 or float16 in C order; ids are `[M]` int64. Files are
 //! memory-mapped and never read whole, so a stage's anonymous memory does not grow with them.
 use crate::error::{Error, IoContext, Result};
-use crate::io::AtomicFile;
+use crate::io::{AtomicFile, Sealed};
 use half::f16;
 use memmap2::Mmap;
 use std::fs::File;
@@ -309,7 +309,14 @@ impl NpyWriter {
         self.flush_buf()
     }
 
-    pub fn finish(mut self) -> Result<()> {
+    /// Completes the file and renames it into place.
+    pub fn finish(self) -> Result<()> {
+        self.seal()?.persist()
+    }
+
+    /// Completes the file under its temporary name, for a set committed together
+    /// (`ManifestBuilder::commit`).
+    pub fn seal(mut self) -> Result<Sealed> {
         if self.written != self.expected {
             return Err(Error::internal(format!(
                 "{}: wrote {} elements, header promised {}",
@@ -323,15 +330,20 @@ impl NpyWriter {
         w.write_all(&self.buf).at(&self.dest)?;
         w.flush().at(&self.dest)?;
         drop(w);
-        file.commit()
+        file.seal()
     }
 }
 
 /// Writes a 1-d int64 array atomically.
 pub fn write_i64(dest: impl AsRef<Path>, values: &[i64]) -> Result<()> {
+    seal_i64(dest, values)?.persist()
+}
+
+/// Writes a 1-d int64 array under its temporary name (see `io::Sealed`).
+pub fn seal_i64(dest: impl AsRef<Path>, values: &[i64]) -> Result<Sealed> {
     let mut w = NpyWriter::create(dest, DType::I64, &[values.len()])?;
     w.write_i64(values)?;
-    w.finish()
+    w.seal()
 }
 
 /// Writes a `[rows, cols]` f32 matrix atomically.
@@ -341,10 +353,20 @@ pub fn write_f32_matrix(
     cols: usize,
     dtype: DType,
 ) -> Result<()> {
+    seal_f32_matrix(dest, values, cols, dtype)?.persist()
+}
+
+/// Writes a `[rows, cols]` f32 matrix under its temporary name (see `io::Sealed`).
+pub fn seal_f32_matrix(
+    dest: impl AsRef<Path>,
+    values: &[f32],
+    cols: usize,
+    dtype: DType,
+) -> Result<Sealed> {
     let rows = values.len().checked_div(cols).unwrap_or(0);
     let mut w = NpyWriter::create(dest, dtype, &[rows, cols])?;
     w.write_f32(values)?;
-    w.finish()
+    w.seal()
 }
 
 /// The ids file beside an embeddings file: `emb.npy` -> `emb.ids.npy`.

@@ -191,6 +191,35 @@ impl QueryGallery {
         }
     }
 
+    /// How many gallery items each query may retrieve: the gallery less the items the
+    /// exclusion rule takes out (itself, its sequence). A query with none has an empty list.
+    pub fn candidate_counts(&self) -> Vec<usize> {
+        let mut per_seq: HashMap<_, usize> = HashMap::new();
+        for &s in &self.gallery.seq {
+            if s != NO_SEQUENCE {
+                *per_seq.entry(s).or_default() += 1;
+            }
+        }
+        (0..self.queries.len())
+            .map(|q| {
+                let seq = self.queries.seq[q];
+                let mut excluded = if seq != NO_SEQUENCE {
+                    per_seq.get(&seq).copied().unwrap_or(0)
+                } else {
+                    0
+                };
+                if self.same_dataset {
+                    if let Some(g) = self.gallery_pos(self.queries.ids[q]) {
+                        if seq == NO_SEQUENCE || self.gallery.seq[g] != seq {
+                            excluded += 1;
+                        }
+                    }
+                }
+                self.gallery.len() - excluded
+            })
+            .collect()
+    }
+
     /// Gallery positions by label, for fast ground truth.
     pub fn gallery_by_label(&self) -> HashMap<i64, Vec<usize>> {
         let mut m: HashMap<i64, Vec<usize>> = HashMap::new();

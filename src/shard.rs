@@ -70,12 +70,10 @@ pub fn part_of_name(path: &Path) -> Option<(usize, usize)> {
     Some((a.parse().ok()?, b.parse().ok()?))
 }
 
-/// Every consumer calls this on its inputs: an unmerged part is refused.
+/// Every consumer calls this on its inputs: an unmerged part is refused, and so is a file that
+/// does not match its manifest (`manifest::verify`).
 pub fn refuse_part(path: &Path) -> Result<()> {
-    let by_manifest = manifest::read_for(path)
-        .ok()
-        .flatten()
-        .and_then(|m| m.shard.map(|s| (s.index, s.count)));
+    let by_manifest = manifest::verify(path)?.and_then(|m| m.shard.map(|s| (s.index, s.count)));
     if let Some((i, n)) = part_of_name(path).or(by_manifest) {
         return Err(Error::input(format!(
             "{} is shard part {i} of {n}, not a complete result; join the parts first with the stage's `merge` subcommand",
@@ -90,6 +88,25 @@ pub struct Parts {
     pub paths: Vec<PathBuf>,
     pub manifests: Vec<Manifest>,
     pub count: usize,
+}
+
+impl Parts {
+    /// The inputs of the whole run: the parts' shared inputs, and each list of files (the
+    /// images) summed over the parts, as the unsharded run records them.
+    pub fn merged_inputs(&self) -> std::collections::BTreeMap<String, manifest::InputRecord> {
+        let mut inputs = self.manifests[0].inputs.clone();
+        for (role, rec) in inputs.iter_mut() {
+            if let Some(fp) = crate::io::Fingerprint::sum(
+                self.manifests
+                    .iter()
+                    .filter_map(|m| m.inputs.get(role).map(|r| &r.fingerprint)),
+            ) {
+                rec.fingerprint = fp;
+                rec.path = format!("{} (all parts)", rec.path);
+            }
+        }
+        inputs
+    }
 }
 
 /// Finds the parts of `out` (`<stem>.part-*-of-*<ext>` beside it) when `given` is empty.
@@ -133,7 +150,7 @@ pub fn discover(out: &Path, given: &[PathBuf]) -> Result<Vec<PathBuf>> {
 pub fn validate(paths: &[PathBuf]) -> Result<Parts> {
     let mut items = Vec::new();
     for p in paths {
-        let m = manifest::read_for(p)?.ok_or_else(|| {
+        let m = manifest::verify(p)?.ok_or_else(|| {
             Error::input(format!(
                 "{}: no manifest describing this part ({} missing or stale); re-run that shard",
                 p.display(),
@@ -186,12 +203,13 @@ pub fn validate(paths: &[PathBuf]) -> Result<Parts> {
     }
     let first = &items[0].2;
     for (s, p, m) in &items[1..] {
+        // A part's list of files (its images) is its own; every other input is shared.
         let same_inputs = m.inputs.len() == first.inputs.len()
             && m.inputs.iter().all(|(role, rec)| {
-                first
-                    .inputs
-                    .get(role)
-                    .is_some_and(|r| r.fingerprint.same_content(&rec.fingerprint))
+                first.inputs.get(role).is_some_and(|r| {
+                    (r.fingerprint.is_sum() && rec.fingerprint.is_sum())
+                        || r.fingerprint.same_content(&rec.fingerprint)
+                })
             });
         if !same_inputs || m.params != first.params || m.stage != first.stage {
             return Err(Error::input(format!(

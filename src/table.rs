@@ -1,7 +1,7 @@
 //! Parquet tables: atomic writing with key-value metadata, reading with typed column access
 //! whose errors name the file, the column and the type expected.
 use crate::error::{Error, Result};
-use crate::io::AtomicFile;
+use crate::io::{AtomicFile, Sealed};
 use arrow::array::{Array, ArrayRef, RecordBatch, RecordBatchReader};
 use arrow::datatypes::{DataType, SchemaRef};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -50,25 +50,45 @@ impl TableWriter {
     pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
         self.writer
             .write(batch)
-            .map_err(|e| Error::internal(format!("{}: {e}", self.dest.display())))
+            .map_err(|e| write_error(&self.dest, e))
     }
 
+    /// Completes the file and renames it into place.
     pub fn finish(self) -> Result<()> {
+        self.seal()?.persist()
+    }
+
+    /// Completes the file under its temporary name (see `io::Sealed`).
+    pub fn seal(self) -> Result<Sealed> {
         let TableWriter {
             writer, file, dest, ..
         } = self;
-        writer
-            .close()
-            .map_err(|e| Error::internal(format!("{}: {e}", dest.display())))?;
-        file.commit()
+        writer.close().map_err(|e| write_error(&dest, e))?;
+        file.seal()
+    }
+}
+
+/// A Parquet writer's failure: an I/O error (a full disk) is an I/O error on the file.
+fn write_error(dest: &Path, e: parquet::errors::ParquetError) -> Error {
+    match e {
+        parquet::errors::ParquetError::External(b) => match b.downcast::<std::io::Error>() {
+            Ok(io) => Error::io(dest, *io),
+            Err(b) => Error::internal(format!("{}: {b}", dest.display())),
+        },
+        e => Error::internal(format!("{}: {e}", dest.display())),
     }
 }
 
 /// Writes one batch as a Parquet file, atomically.
 pub fn write_parquet(dest: impl AsRef<Path>, batch: &RecordBatch, meta: &Meta) -> Result<()> {
+    seal_parquet(dest, batch, meta)?.persist()
+}
+
+/// Writes one batch as a Parquet file under its temporary name (see `io::Sealed`).
+pub fn seal_parquet(dest: impl AsRef<Path>, batch: &RecordBatch, meta: &Meta) -> Result<Sealed> {
     let mut w = TableWriter::create(dest, batch.schema(), meta)?;
     w.write(batch)?;
-    w.finish()
+    w.seal()
 }
 
 /// A whole Parquet file in memory, as one batch, with its footer metadata.

@@ -662,7 +662,7 @@ fn sharded_then_merged_equals_unsharded() {
             "{name}"
         );
         assert_eq!(merged.meta, whole.meta, "{name}");
-        assert!(simile::manifest::read_for(&out).unwrap().is_some());
+        assert!(simile::manifest::verify(&out).unwrap().is_some());
     }
     // A missing part is reported by number, and nothing is written.
     std::fs::remove_file(f.out("gallery.part-2-of-3.parquet")).unwrap();
@@ -791,7 +791,7 @@ fn output_matches_schema_json() {
         assert!(t.meta.contains_key(key), "metadata key {key} missing");
     }
     // The manifest records both inputs.
-    let m = simile::manifest::read_for(&out).unwrap().unwrap();
+    let m = simile::manifest::verify(&out).unwrap().unwrap();
     assert_eq!(m.stage, "distance");
     assert!(m.inputs.contains_key("dataset") && m.inputs.contains_key("embeddings"));
 }
@@ -937,11 +937,11 @@ fn bad_inputs_fail_cleanly() {
     let other = dir.join("other.parquet");
     write_dataset(&other, &f.rows[..10]);
     let e = dir.join("stale.npy");
-    std::fs::copy(f.embeddings(), &e).unwrap();
     std::fs::copy(npy::ids_path(&f.embeddings()), npy::ids_path(&e)).unwrap();
     let mut mb = simile::manifest::ManifestBuilder::new("embed", serde_json::json!({}));
     mb.input("dataset", &other).unwrap();
-    mb.write(&e).unwrap();
+    let sealed = simile::io::seal_bytes(&e, &std::fs::read(f.embeddings()).unwrap()).unwrap();
+    mb.commit(sealed, vec![]).unwrap();
     check(one(&e), 5, "made from a different dataset");
 
     // Through the binary: exit code 2 and the message for a library error, a bad flag and

@@ -7,12 +7,14 @@ use std::path::Path;
 
 const BIN: &str = env!("CARGO_BIN_EXE_simile-prepare");
 
-/// A folder with `n` small image files named img/0.png .. and a CSV body.
+/// A folder with `n` small 32 x 24 images named img/0.png .. and a CSV body.
 fn fixture(csv: &str, n_images: usize) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("img")).unwrap();
     for i in 0..n_images {
-        std::fs::write(dir.path().join(format!("img/{i}.png")), b"x").unwrap();
+        image::RgbImage::from_pixel(32, 24, image::Rgb([i as u8 * 20, 100, 50]))
+            .save(dir.path().join(format!("img/{i}.png")))
+            .unwrap();
     }
     std::fs::write(dir.path().join("df.csv"), csv).unwrap();
     dir

@@ -1,7 +1,7 @@
 //! `simile-score --report`: the real binary on a small generated image dataset (real PNGs, a
 //! bbox, text that needs escaping) with a hand-made neighbours file and a training folder;
 //! then the page rendered in headless Chromium as a person sees it (skipped, with a message,
-//! where Chromium is not installed; `make test` installs it).
+//! where Chromium is not installed; `make test` installs it and fails without it).
 mod common;
 
 use image::{Rgb, RgbImage};
@@ -136,7 +136,7 @@ impl Fx {
             k: 6,
             split: Some("validation".into()),
             dataset: self.dataset.display().to_string(),
-            dataset_fingerprint: Fingerprint::of(&self.dataset, false).unwrap().hash,
+            dataset_fingerprint: Fingerprint::of(&self.dataset).unwrap().hash,
             n_queries: 6,
             n_gallery: 6,
             exclusions: "self,sequence".into(),
@@ -431,6 +431,12 @@ fn renders_in_headless_chromium() {
             .unwrap_or(false)
     });
     if !have {
+        // `make test` installs Chromium and sets SIMILE_REQUIRE_CHROMIUM: there a missing
+        // browser is a failure, not a skip.
+        assert!(
+            std::env::var_os("SIMILE_REQUIRE_CHROMIUM").is_none(),
+            "chromium is not installed but SIMILE_REQUIRE_CHROMIUM is set (make test): `make deps` or scripts/bootstrap-apt.sh chromium installs it"
+        );
         eprintln!(
             "SKIPPED renders_in_headless_chromium: chromium is not installed (`make deps` or scripts/bootstrap-apt.sh chromium installs it)"
         );

@@ -23,13 +23,13 @@ fn write_part(dir: &Path, spec: ShardSpec, dataset: &Path) -> PathBuf {
     let vals: Vec<f32> = (a..b)
         .flat_map(|r| (0..D).map(move |c| value(r, c)))
         .collect();
-    npy::write_f32_matrix(&part, &vals, D, DType::F32).unwrap();
+    let emb = npy::seal_f32_matrix(&part, &vals, D, DType::F32).unwrap();
     let ids: Vec<i64> = (a..b).map(|r| r as i64 * 2).collect();
-    npy::write_i64(npy::ids_path(&part), &ids).unwrap();
+    let ids = npy::seal_i64(npy::ids_path(&part), &ids).unwrap();
     let mut m = ManifestBuilder::new("embed", serde_json::json!({"model": "toy"}));
     m.input("dataset", dataset).unwrap();
     m.shard(spec, a, b).companion(&npy::ids_path(&part));
-    m.write(&part).unwrap();
+    m.commit(emb, vec![ids]).unwrap();
     part
 }
 
@@ -63,7 +63,7 @@ fn merge_joins_parts_like_an_unsharded_run() {
         .unwrap();
     assert_eq!(ids, (0..N as i64).map(|r| r * 2).collect::<Vec<_>>());
     // The merged manifest is complete (no shard) and keeps the upstream dataset.
-    let m = manifest::read_for(&out).unwrap().unwrap();
+    let m = manifest::verify(&out).unwrap().unwrap();
     assert!(m.shard.is_none());
     manifest::check_upstream(&out, "dataset", &ds).unwrap();
     // Consumers refuse parts but accept the merged file.

@@ -46,9 +46,6 @@ enum Cmd {
 
 #[derive(Args)]
 struct Common {
-    /// Hash whole input files in the manifest (default: size and sampled blocks).
-    #[arg(long)]
-    verify: bool,
     /// Rebuild the dataset even when it is up to date (same inputs, parameters and version).
     #[arg(long)]
     force: bool,
@@ -125,7 +122,10 @@ fn main() {
                 simile::manifest::reuse_up_to_date(!a.common.force);
                 csv(a)
             }
-            Cmd::Folder(a) => folder(a),
+            Cmd::Folder(a) => {
+                simile::manifest::reuse_up_to_date(!a.common.force);
+                folder(a)
+            }
             Cmd::Fonts(a) => {
                 simile::manifest::reuse_up_to_date(!a.common.force);
                 fonts(a)
@@ -140,13 +140,16 @@ fn main() {
 }
 
 fn csv(a: CsvArgs) -> anyhow::Result<()> {
-    simile::io::ensure_distinct(&a.csv, &a.out)?;
     let params = serde_json::json!({
         "source": "csv", "unlabeled": a.unlabeled, "root": a.root, "skip_file_check": a.skip_file_check,
     });
+    let mut m = ManifestBuilder::new("prepare", params);
     // A missing CSV is left to the import, which reports it properly.
     if a.csv.is_file() {
-        plan(params.clone(), &[("csv", &a.csv)], a.common.verify)?.skip_if_done(&a.out)?;
+        m.input("csv", &a.csv)?;
+        m.skip_if_done(&a.out)?;
+    } else {
+        simile::manifest::refuse_overlap(&[("CSV", &a.csv)], &[&a.out])?;
     }
     let opts = CsvOptions {
         root: a.root.clone(),
@@ -155,7 +158,6 @@ fn csv(a: CsvArgs) -> anyhow::Result<()> {
     };
     let (mut ds, report) = dataset::import_csv(&a.csv, &opts)?;
     let root = ds.root_dir.clone();
-    let m = plan(params, &[("csv", &a.csv)], a.common.verify)?;
     write(&mut ds, &a.out, &root, m)?;
     summary(&ds, &report, &a.out);
     Ok(())
@@ -173,8 +175,18 @@ fn folder(a: FolderArgs) -> anyhow::Result<()> {
     let params = serde_json::json!({
         "source": "folder", "images": a.images, "val_fraction": a.val_fraction, "seed": a.seed,
     });
-    // Always rebuilt: its input is a folder tree, which has no fingerprint to compare.
-    write(&mut ds, &a.out, &root, plan(params, &[], a.common.verify)?)?;
+    // The folder's input is its files: their list (in the dataset) and their bytes.
+    let files: Vec<PathBuf> = (0..ds.len())
+        .filter_map(|r| ds.resolve_path(r, None))
+        .collect();
+    let mut m = ManifestBuilder::new("prepare", params);
+    m.input_files(
+        "images",
+        &format!("{} files under {}", files.len(), a.images.display()),
+        &files,
+    )?;
+    m.skip_if_done(&a.out)?;
+    write(&mut ds, &a.out, &root, m)?;
     summary(&ds, &report, &a.out);
     Ok(())
 }
@@ -187,9 +199,20 @@ fn fonts(a: FontsArgs) -> anyhow::Result<()> {
     });
     let out = a.out.join("dataset.parquet");
     let df = a.out.join("df.csv");
-    // The glyph images are not fingerprinted (tens of thousands of files); df.csv lists them.
-    if df.is_file() {
-        plan(params.clone(), &[("csv", &df)], a.common.verify)?.skip_if_done(&out)?;
+    // The fonts are the input; df.csv lists the glyph images rendered from them.
+    let plan = |params: serde_json::Value| -> anyhow::Result<ManifestBuilder> {
+        let fonts = simile::fonts::font_paths(&a.font_dir)?;
+        let mut m = ManifestBuilder::new("prepare", params);
+        m.input_files(
+            "fonts",
+            &format!("{} fonts in {}", fonts.len(), a.font_dir.display()),
+            &fonts,
+        )?;
+        m.input("csv", &df)?;
+        Ok(m)
+    };
+    if df.is_file() && a.font_dir.is_dir() {
+        plan(params.clone())?.skip_if_done(&out)?;
     }
     let opts = simile::fonts::FontIdOptions {
         size: a.size,
@@ -219,33 +242,18 @@ fn fonts(a: FontsArgs) -> anyhow::Result<()> {
     .context("validating the generated df.csv")?;
     ds.meta.source_kind = "fonts".into();
     ds.meta.source = a.font_dir.display().to_string();
-    let m = plan(params, &[("csv", &df)], a.common.verify)?;
-    write(&mut ds, &out, &a.out, m)?;
+    write(&mut ds, &out, &a.out, plan(params)?)?;
     summary(&ds, &report, &out);
     Ok(())
 }
 
-/// The manifest's parameters and inputs, recorded before the work so an up-to-date dataset is
-/// not built again.
-fn plan(
-    params: serde_json::Value,
-    inputs: &[(&str, &Path)],
-    verify: bool,
-) -> anyhow::Result<ManifestBuilder> {
-    let mut m = ManifestBuilder::new("prepare", params).verify(verify);
-    for (role, p) in inputs {
-        m.input(role, p)?;
-    }
-    Ok(m)
-}
-
 fn write(ds: &mut Dataset, out: &Path, root: &Path, mut m: ManifestBuilder) -> anyhow::Result<()> {
-    ds.write(out, root)?;
+    let sealed = ds.seal(out, root)?;
     m.rows("rows", ds.len() as u64);
     for (s, n) in ds.split_counts() {
         m.rows(s.as_str(), n as u64);
     }
-    m.write(out)?;
+    m.commit(sealed, Vec::new())?;
     Ok(())
 }
 

@@ -169,14 +169,23 @@ fn main() {
             Some(r) => Some(simile::report::build(&req, &computed, r)?),
             None => None,
         };
-        stage::write(&req, &computed)?;
-        print_table(&req, &computed);
-        if let (Some(page), Some(r)) = (page, &report) {
-            for w in page.unavailable.iter().take(5) {
-                eprintln!("warning: report: image unavailable: {w}");
+        // Every file is complete on disk before any is renamed into place: a failure on
+        // the report leaves neither the metrics nor the report.
+        let scored = stage::seal(&req, &computed)?;
+        let page = match page {
+            Some(p) => {
+                for w in p.unavailable.iter().take(5) {
+                    eprintln!("warning: report: image unavailable: {w}");
+                }
+                let (kib, rows) = (p.html.len().div_ceil(1024), p.n_query_rows);
+                Some((p.seal()?, kib, rows))
             }
-            let (kib, rows) = (page.html.len().div_ceil(1024), page.n_query_rows);
-            page.write()?;
+            None => None,
+        };
+        scored.commit()?;
+        print_table(&req, &computed);
+        if let (Some((page, kib, rows)), Some(r)) = (page, &report) {
+            page.commit()?;
             eprintln!(
                 "wrote report {} ({kib} KiB, {rows} query rows)",
                 r.out.display()

@@ -6,7 +6,7 @@
 //! are exact and computed the same way in every part, so the result is the unsharded one.
 //! Parts are streamed, never loaded whole.
 use crate::error::{Error, Result};
-use crate::io;
+
 use crate::manifest::ManifestBuilder;
 use crate::neighbors::{NeighborsMeta, NeighborsWriter};
 use crate::shard;
@@ -137,9 +137,6 @@ impl Cursor {
 pub fn merge(out: &Path, parts: &[PathBuf]) -> Result<MergeSummary> {
     let started = std::time::Instant::now();
     let paths = shard::discover(out, parts)?;
-    for p in &paths {
-        io::ensure_distinct(p, out)?;
-    }
     let set = shard::validate(&paths)?;
     let m0 = &set.manifests[0];
     if m0.stage != "distance" {
@@ -163,8 +160,11 @@ pub fn merge(out: &Path, parts: &[PathBuf]) -> Result<MergeSummary> {
     let mut params = m0.params.clone();
     params["shard"] = serde_json::Value::Null;
     let mut mb = ManifestBuilder::new("distance", params);
-    for (role, rec) in &m0.inputs {
-        mb.input_record(role, rec.clone());
+    for (role, rec) in set.merged_inputs() {
+        mb.input_record(&role, rec);
+    }
+    for p in &set.paths {
+        mb.reads("a part", p);
     }
     mb.skip_if_done(out)?;
     let metas: Vec<NeighborsMeta> = set
@@ -240,12 +240,12 @@ pub fn merge(out: &Path, parts: &[PathBuf]) -> Result<MergeSummary> {
             emit(q, &mut list, true)?;
         }
     }
-    let rows = writer.finish()?;
+    let (sealed, rows) = writer.seal()?;
     mb.rows("queries", meta.n_queries as u64)
         .rows("gallery", meta.n_gallery as u64)
         .rows("neighbors", rows)
         .rows("parts", set.count as u64);
-    mb.write(out)?;
+    mb.commit(sealed, Vec::new())?;
     Ok(MergeSummary {
         out: out.to_path_buf(),
         parts: set.count,

@@ -4,7 +4,7 @@
 //! `.npy` must have exactly the rows of the split (in id order) or of the whole dataset.
 use crate::dataset::{Dataset, Split};
 use crate::error::{Error, Result};
-use crate::io::{self, Fingerprint};
+use crate::io::Fingerprint;
 use crate::knn::rows::Rows;
 use crate::knn::search::{self, Job};
 use crate::knn::{Compute, Engine, Metric};
@@ -96,78 +96,6 @@ impl std::fmt::Display for Summary {
             self.out.display()
         )
     }
-}
-
-/// The `.npy` row of every dataset row (`usize::MAX` where it has none).
-pub fn npy_rows_of(
-    ds: &Dataset,
-    ds_path: &Path,
-    emb: &Npy,
-    emb_path: &Path,
-    split: Option<Split>,
-) -> Result<Vec<usize>> {
-    let m = emb.rows();
-    let mut of_row = vec![usize::MAX; ds.len()];
-    let ids_path = npy::ids_path(emb_path);
-    if ids_path.exists() {
-        let ids = Npy::open(&ids_path)?.to_i64_vec()?;
-        if ids.len() != m {
-            return Err(Error::input(format!(
-                "{}: {} ids, but {} has {m} rows; they must match row for row",
-                ids_path.display(),
-                ids.len(),
-                emb_path.display()
-            )));
-        }
-        for (e, &id) in ids.iter().enumerate() {
-            let r = ds.position_of(id).ok_or_else(|| {
-                Error::input(format!(
-                    "{}: row {e}: id {id} is not in {}; were these embeddings made from another dataset?",
-                    ids_path.display(),
-                    ds_path.display()
-                ))
-            })?;
-            if of_row[r] != usize::MAX {
-                return Err(Error::input(format!(
-                    "{}: row {e}: id {id} appears twice (first at row {})",
-                    ids_path.display(),
-                    of_row[r]
-                )));
-            }
-            of_row[r] = e;
-        }
-        return Ok(of_row);
-    }
-    let split_rows = split.map(|s| ds.rows_of_split(s));
-    match &split_rows {
-        Some(rows) if rows.len() == m => {
-            for (e, &r) in rows.iter().enumerate() {
-                of_row[r] = e;
-            }
-        }
-        _ if ds.len() == m => {
-            for (r, v) in of_row.iter_mut().enumerate() {
-                *v = r;
-            }
-        }
-        _ => {
-            let expected = match (&split_rows, split) {
-                (Some(rows), Some(s)) => format!(
-                    "{} (the rows of split '{s}', in id order) or {} (all rows of {})",
-                    rows.len(),
-                    ds.len(),
-                    ds_path.display()
-                ),
-                _ => format!("{} (all rows of {})", ds.len(), ds_path.display()),
-            };
-            return Err(Error::input(format!(
-                "{}: {m} rows and no {} beside it to say which ids they are; expected {expected}",
-                emb_path.display(),
-                ids_path.display()
-            )));
-        }
-    }
-    Ok(of_row)
 }
 
 /// `.npy` rows of a side's dataset rows; every side row must have one.
@@ -350,7 +278,7 @@ fn reader_rows_hint(path: &Path) -> usize {
 }
 
 fn fingerprint(path: &Path) -> Result<String> {
-    Ok(Fingerprint::of(path, false)?.hash)
+    Ok(Fingerprint::of(path)?.hash)
 }
 
 /// Runs the stage.
@@ -382,9 +310,6 @@ pub fn run(opts: &Options) -> Result<Summary> {
             gallery_embeddings,
         ),
     };
-    for p in [q_ds_path, q_emb_path, g_ds_path, g_emb_path] {
-        io::ensure_distinct(p, &out)?;
-    }
 
     // Datasets, the query/gallery sets (and with them the exclusion rule), embeddings.
     let q_ds = read_dataset(q_ds_path)?;
@@ -432,7 +357,8 @@ pub fn run(opts: &Options) -> Result<Summary> {
             g_npy.cols()
         )));
     }
-    let q_of_row = npy_rows_of(&q_ds, q_ds_path, &q_npy, q_emb_path, q_split)?;
+    let q_of_row =
+        crate::embeddings::rows_of_dataset(&q_ds, q_ds_path, &q_npy, q_emb_path, q_split)?;
     let q_map = side_map(
         &q_of_row,
         &qg.queries.rows,
@@ -452,7 +378,8 @@ pub fn run(opts: &Options) -> Result<Summary> {
         )?
     } else {
         drop(q_of_row);
-        let g_of_row = npy_rows_of(g_ds, g_ds_path, g_npy, g_emb_path, g_split)?;
+        let g_of_row =
+            crate::embeddings::rows_of_dataset(g_ds, g_ds_path, g_npy, g_emb_path, g_split)?;
         side_map(
             &g_of_row,
             &qg.gallery.rows,
@@ -561,7 +488,7 @@ pub fn run(opts: &Options) -> Result<Summary> {
         writer.push(qg.queries.ids[q], &ids, &dists)
     })?;
     let seconds_search = t_search.elapsed().as_secs_f64();
-    let rows = writer.finish()?;
+    let (sealed, rows) = writer.seal()?;
 
     mb.rows("queries", q_range.len() as u64)
         .rows("gallery", g_range.len() as u64)
@@ -572,7 +499,7 @@ pub fn run(opts: &Options) -> Result<Summary> {
         .timing("rescore", stats.seconds_rescore)
         .timing("scan_cpu", stats.cpu_scan)
         .timing("rescore_cpu", stats.cpu_rescore);
-    mb.write(&out)?;
+    mb.commit(sealed, Vec::new())?;
     Ok(Summary {
         out,
         queries: q_range.len(),

@@ -4,7 +4,7 @@ use super::fnmr::{self, Counts, Pass};
 use super::pcf;
 use crate::dataset::{Dataset, Split};
 use crate::error::{Error, Result};
-use crate::npy::{self, Npy};
+use crate::npy::Npy;
 use crate::retrieval::QueryGallery;
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -49,48 +49,21 @@ impl Embeddings {
         crate::shard::refuse_part(path)?;
         crate::manifest::check_upstream(path, "dataset", &ds.file)?;
         let npy = Npy::open(path)?;
-        let (m, dim) = npy.expect_matrix()?;
+        let (_, dim) = npy.expect_matrix()?;
         if dim == 0 {
             return Err(Error::input(format!(
                 "{}: embeddings of width 0",
                 path.display()
             )));
         }
-        let ids_file = npy::ids_path(path);
-        let ids: Vec<i64> = if ids_file.exists() {
-            let ids = Npy::open(&ids_file)?.to_i64_vec()?;
-            if ids.len() != m {
-                return Err(Error::input(format!(
-                    "{}: {} ids for the {m} rows of {}",
-                    ids_file.display(),
-                    ids.len(),
-                    path.display()
-                )));
-            }
-            ids
-        } else {
-            let split_rows = split.map(|s| ds.rows_of_split(s)).unwrap_or_default();
-            if split.is_some() && m == split_rows.len() {
-                split_rows.iter().map(|&r| ds.ids[r]).collect()
-            } else if m == ds.len() {
-                ds.ids.clone()
-            } else {
-                return Err(Error::input(format!(
-                    "{}: {m} rows and no {} beside it, so the rows must be {} in id order: expected {}{} rows",
-                    path.display(),
-                    ids_file.display(),
-                    match split {
-                        Some(s) => format!("the rows of split '{s}' or of the whole dataset"),
-                        None => "the rows of the dataset".into(),
-                    },
-                    split
-                        .map(|_| format!("{} or ", split_rows.len()))
-                        .unwrap_or_default(),
-                    ds.len()
-                )));
-            }
-        };
-        let row_of = ids.iter().enumerate().map(|(r, &id)| (id, r)).collect();
+        // The one ids rule (duplicates and unknown ids refused), as every reader.
+        let of_row = crate::embeddings::rows_of_dataset(ds, &ds.file, &npy, path, split)?;
+        let row_of = of_row
+            .iter()
+            .enumerate()
+            .filter(|(_, &e)| e != usize::MAX)
+            .map(|(r, &e)| (ds.ids[r], e))
+            .collect();
         Ok(Embeddings { npy, dim, row_of })
     }
 

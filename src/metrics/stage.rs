@@ -7,7 +7,7 @@ use super::ranking::{Metric, MetricSet};
 use super::{fnmr, pcf};
 use crate::dataset::{Dataset, Split};
 use crate::error::{Error, Result};
-use crate::io::{atomic_write_bytes, ensure_distinct, Fingerprint};
+use crate::io::{seal_bytes, Fingerprint};
 use crate::manifest::ManifestBuilder;
 use crate::neighbors::NeighborsMeta;
 use crate::retrieval::{QueryGallery, SequenceRule};
@@ -38,8 +38,30 @@ pub struct ScoreRequest {
     pub options: AggregateOptions,
 }
 
+impl ScoreRequest {
+    /// The files scored, by what they are.
+    pub fn inputs(&self) -> Vec<(&'static str, &Path)> {
+        let mut v: Vec<(&str, &Path)> =
+            vec![("dataset", &self.dataset), ("neighbours", &self.neighbors)];
+        v.extend(
+            self.gallery_dataset
+                .as_deref()
+                .map(|p| ("gallery dataset", p)),
+        );
+        v.extend(self.embeddings.as_deref().map(|p| ("embeddings", p)));
+        v.extend(
+            self.gallery_embeddings
+                .as_deref()
+                .map(|p| ("gallery embeddings", p)),
+        );
+        v
+    }
+}
+
 /// Everything computed, before anything is written.
 pub struct Computed {
+    /// Queries with candidates but no row in the neighbours file (scored as empty lists).
+    pub queries_without_rows: usize,
     pub qg: QueryGallery,
     pub per_query: PerQuery,
     pub groups: Vec<GroupStats>,
@@ -71,7 +93,7 @@ fn fingerprint_check(
     recorded: Option<&str>,
     dataset: &Path,
 ) -> Result<()> {
-    let now = Fingerprint::of(dataset, false)?.hash;
+    let now = Fingerprint::of(dataset)?.hash;
     match recorded {
         Some(r) if r == now => Ok(()),
         Some(r) if !r.is_empty() => Err(Error::input(format!(
@@ -100,16 +122,9 @@ pub fn compute(req: &ScoreRequest) -> Result<Computed> {
             "--pcf needs the embeddings: give --embeddings emb.npy",
         ));
     }
-    let mut inputs: Vec<&Path> = vec![&req.dataset, &req.neighbors];
-    inputs.extend(req.gallery_dataset.as_deref());
-    inputs.extend(req.embeddings.as_deref());
-    inputs.extend(req.gallery_embeddings.as_deref());
-    for i in &inputs {
-        ensure_distinct(i, &req.out)?;
-        if let Some(p) = &req.per_query {
-            ensure_distinct(i, p)?;
-        }
-    }
+    let mut outputs: Vec<&Path> = vec![&req.out];
+    outputs.extend(req.per_query.as_deref());
+    crate::manifest::refuse_overlap(&req.inputs(), &outputs)?;
     if req.per_query.as_deref() == Some(req.out.as_path()) {
         return Err(Error::input(
             "--per-query and --out name the same file; choose two paths",
@@ -291,6 +306,28 @@ pub fn compute(req: &ScoreRequest) -> Result<Computed> {
             )));
         }
     }
+    // A query with candidates but no row in the file: the file may have been cut or filtered
+    // (or a threshold left the list empty); it is scored as an empty list, and said so.
+    let candidates = qg.candidate_counts();
+    let missing: Vec<i64> = (0..qg.queries.len())
+        .filter(|&q| scan.n_retrieved[q] == 0 && candidates[q] > 0)
+        .map(|q| qg.queries.ids[q])
+        .collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "warning: {}: {} of {} queries have no rows though the gallery has candidates for them (query ids {}{}); they are scored as empty lists (misses)",
+            req.neighbors.display(),
+            missing.len(),
+            qg.queries.len(),
+            missing
+                .iter()
+                .take(5)
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            if missing.len() > 5 { ", ..." } else { "" }
+        );
+    }
     timings.push(("scan_neighbors", t.elapsed().as_secs_f64()));
     let t = Instant::now();
     let per_query = PerQuery {
@@ -338,6 +375,7 @@ pub fn compute(req: &ScoreRequest) -> Result<Computed> {
     }
     let scores = aggregate::scores(&groups, &metrics, &extras);
     Ok(Computed {
+        queries_without_rows: missing.len(),
         n_rows: scan.rows,
         qg,
         per_query,
@@ -440,13 +478,36 @@ pub fn skip_if_done(req: &ScoreRequest) -> Result<()> {
 
 /// Writes the per-query table, `metrics.json` and its manifest.
 pub fn write(req: &ScoreRequest, c: &Computed) -> Result<()> {
-    if let Some(p) = &req.per_query {
-        write_per_query(p, c)?;
+    seal(req, c)?.commit()
+}
+
+/// The score's output set, complete on disk under temporary names (see `io::Sealed`).
+pub struct SealedScore {
+    manifest: ManifestBuilder,
+    metrics: crate::io::Sealed,
+    per_query: Option<crate::io::Sealed>,
+}
+
+impl SealedScore {
+    /// Publishes `metrics.json`, the per-query table and the manifest as one set.
+    pub fn commit(self) -> Result<()> {
+        self.manifest
+            .commit(self.metrics, self.per_query.into_iter().collect())?;
+        Ok(())
     }
+}
+
+/// Writes the per-query table and `metrics.json` under temporary names, with the manifest to
+/// commit them by: nothing appears under the final names until [`SealedScore::commit`].
+pub fn seal(req: &ScoreRequest, c: &Computed) -> Result<SealedScore> {
+    let per_query = match &req.per_query {
+        Some(p) => Some(seal_per_query(p, c)?),
+        None => None,
+    };
     let mut json = serde_json::to_vec_pretty(&c.scores.to_json())
         .map_err(|e| Error::internal(e.to_string()))?;
     json.push(b'\n');
-    atomic_write_bytes(&req.out, &json)?;
+    let metrics = seal_bytes(&req.out, &json)?;
     let mut m = plan(req)?;
     m.note("neighbors_k", c.meta.k.into())
         .note("neighbors_metric", c.meta.metric.clone().into())
@@ -455,19 +516,23 @@ pub fn write(req: &ScoreRequest, c: &Computed) -> Result<()> {
     m.rows("queries", c.qg.queries.len() as u64);
     m.rows("gallery", c.qg.gallery.len() as u64);
     m.rows("neighbor_rows", c.n_rows as u64);
+    m.rows("queries_without_rows", c.queries_without_rows as u64);
     for (k, v) in &c.timings {
         m.timing(k, *v);
     }
     m.timing("total", c.started.elapsed().as_secs_f64());
-    m.write(&req.out)?;
-    Ok(())
+    Ok(SealedScore {
+        manifest: m,
+        metrics,
+        per_query,
+    })
 }
 
 pub const PER_QUERY_SCHEMA_VERSION: &str = "1";
 
 /// One row per query: id, label, category, positives, list length, one column per metric
 /// (null where the value is undefined). Schema in `schemas/per_query.md`.
-pub fn write_per_query(dest: &Path, c: &Computed) -> Result<()> {
+pub fn seal_per_query(dest: &Path, c: &Computed) -> Result<crate::io::Sealed> {
     let pq = &c.per_query;
     let q = &c.qg.queries;
     let mut fields = vec![
@@ -514,5 +579,5 @@ pub fn write_per_query(dest: &Path, c: &Computed) -> Result<()> {
             .collect::<Vec<_>>()
             .join(","),
     );
-    table::write_parquet(dest, &batch, &meta)
+    table::seal_parquet(dest, &batch, &meta)
 }

@@ -123,10 +123,21 @@ pub fn run(opts: &EmbedOptions, on_device: impl FnOnce(&str)) -> Result<EmbedSum
     m.input("dataset", &opts.dataset)?;
     m.input("model", &model.dir.join(super::MODEL_JSON))?;
     m.input("weights", &model.weights_path())?;
+    // Every byte of every image: a changed picture makes the output stale.
+    let paths: Vec<PathBuf> = items.iter().map(|it| it.path.clone()).collect();
+    m.input_files_at(
+        "images",
+        &format!("{} images", paths.len()),
+        start as u64,
+        &paths,
+    )?;
+    drop(paths);
     if let Some(s) = opts.shard {
         m.shard(s, start, end);
     }
-    m.companion(&npy::ids_path(&out));
+    let ids_path = npy::ids_path(&out);
+    m.companion(&ids_path);
+    m.optional_companion(&skipped_path(&out));
     // Recorded before the work so an up-to-date output is not computed again.
     m.skip_if_done(&out)?;
     on_device(&device::describe(dev));
@@ -258,16 +269,17 @@ pub fn run(opts: &EmbedOptions, on_device: impl FnOnce(&str)) -> Result<EmbedSum
         }
     };
     let ids: Vec<i64> = embedded.iter().map(|&i| work[i].id).collect();
-    let ids_path = npy::ids_path(&out);
-    npy::write_i64(&ids_path, &ids)?;
+    let mut sealed = vec![npy::seal_i64(&ids_path, &ids)?];
     // Bad rows in id order, whichever pass found them.
     bad.sort_by_key(|b| b.0);
     let skipped_rows: Vec<(i64, String, String)> = bad
         .iter()
         .map(|(id, p, why)| (*id, p.display().to_string(), why.clone()))
         .collect();
-    let skipped_list = crate::embeddings::write_skipped(&out, &skipped_rows)?;
-    writer.finish()?;
+    let skipped = crate::embeddings::seal_skipped(&out, &skipped_rows)?;
+    let skipped_list = skipped.as_ref().map(|s| s.dest().to_path_buf());
+    sealed.extend(skipped);
+    let main = writer.seal()?;
 
     m.rows("rows", n as u64).rows("skipped", bad.len() as u64);
     let seconds = t0.elapsed().as_secs_f64();
@@ -277,10 +289,7 @@ pub fn run(opts: &EmbedOptions, on_device: impl FnOnce(&str)) -> Result<EmbedSum
         .timing("tensor", t.tensor)
         .timing("inference", t.forward)
         .timing("total", seconds);
-    if let Some(s) = &skipped_list {
-        m.companion(s);
-    }
-    m.write(&out)?;
+    m.commit(main, sealed)?;
     Ok(EmbedSummary {
         out,
         ids: ids_path,
@@ -302,6 +311,14 @@ fn list_items(opts: &EmbedOptions) -> Result<(Vec<Item>, usize, usize)> {
         Some(s) => ds.rows_of_split(s),
         None => (0..ds.len()).collect(),
     };
+    if rows.is_empty() {
+        return Err(Error::input(format!(
+            "{}: no rows in split {} (the dataset has {}): nothing to embed",
+            opts.dataset.display(),
+            opts.split.map(|s| s.as_str()).unwrap_or("all"),
+            describe_splits(&ds)
+        )));
+    }
     let (start, end) = match opts.shard {
         Some(s) => s.range(rows.len()),
         None => (0, rows.len()),
@@ -333,6 +350,20 @@ fn list_items(opts: &EmbedOptions) -> Result<(Vec<Item>, usize, usize)> {
         )));
     }
     Ok((items, start, end))
+}
+
+/// "80 train, 20 validation rows" (or "no rows").
+fn describe_splits(ds: &Dataset) -> String {
+    let parts: Vec<String> = ds
+        .split_counts()
+        .into_iter()
+        .map(|(s, n)| format!("{n} {}", s.as_str()))
+        .collect();
+    if parts.is_empty() {
+        "no rows".into()
+    } else {
+        format!("{} rows", parts.join(", "))
+    }
 }
 
 /// Decodes, crops and resizes every image in parallel, keeping nothing: (the good items, the

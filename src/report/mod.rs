@@ -20,7 +20,7 @@ mod thumbs;
 
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
-use crate::io::{atomic_write_bytes, ensure_distinct};
+use crate::io::seal_bytes;
 use crate::manifest::ManifestBuilder;
 use crate::metrics::stage::{Computed, ScoreRequest};
 use crate::metrics::{python_float, OVERALL};
@@ -81,12 +81,12 @@ pub struct Report {
 /// Checks what can be checked before scoring: the report's path against the inputs and the
 /// other outputs, and the training folder's layout.
 pub fn check(req: &ScoreRequest, opts: &ReportOptions) -> Result<()> {
-    let mut inputs: Vec<&Path> = vec![&req.dataset, &req.neighbors];
-    inputs.extend(req.gallery_dataset.as_deref());
-    inputs.extend(req.embeddings.as_deref());
-    inputs.extend(req.gallery_embeddings.as_deref());
-    for i in inputs {
-        ensure_distinct(i, &opts.out)?;
+    crate::manifest::refuse_overlap(&req.inputs(), &[&opts.out])?;
+    if opts.out.is_dir() {
+        return Err(Error::input(format!(
+            "--report {}: is a folder; name the page's file",
+            opts.out.display()
+        )));
     }
     for (flag, p) in [
         ("--out", Some(&req.out)),
@@ -305,13 +305,31 @@ pub fn build(req: &ScoreRequest, c: &Computed, opts: &ReportOptions) -> Result<R
 }
 
 impl Report {
-    /// Writes the page atomically, then its manifest (stage `score`).
+    /// Writes the page atomically with its manifest (stage `score`).
     pub fn write(self) -> Result<()> {
-        atomic_write_bytes(&self.out, self.html.as_bytes())?;
+        self.seal()?.commit()
+    }
+
+    /// Writes the page under its temporary name (see `io::Sealed`), for `simile-score` to
+    /// commit with the metrics only when both are complete.
+    pub fn seal(self) -> Result<SealedReport> {
+        let page = seal_bytes(&self.out, self.html.as_bytes())?;
         let mut m = self.manifest;
         m.rows("query_rows", self.n_query_rows as u64);
         m.timing("report", self.started.elapsed().as_secs_f64());
-        m.write(&self.out)?;
+        Ok(SealedReport { page, manifest: m })
+    }
+}
+
+/// A report page complete on disk under its temporary name.
+pub struct SealedReport {
+    page: crate::io::Sealed,
+    manifest: ManifestBuilder,
+}
+
+impl SealedReport {
+    pub fn commit(self) -> Result<()> {
+        self.manifest.commit(self.page, Vec::new())?;
         Ok(())
     }
 }

@@ -2,9 +2,9 @@
 //! re-ranked neighbours file with the same schema and its manifest out.
 use crate::dataset::{Dataset, Split};
 use crate::error::{Error, Result};
-use crate::io::{self, Fingerprint};
+use crate::io::Fingerprint;
 use crate::knn::rows::Rows;
-use crate::knn::stage::{npy_rows_of, open_embeddings, side_map};
+use crate::knn::stage::{open_embeddings, side_map};
 use crate::knn::{Engine, Metric};
 use crate::manifest::{self, ManifestBuilder};
 use crate::neighbors::{Neighbors, NeighborsMeta, NeighborsWriter};
@@ -222,7 +222,7 @@ impl std::fmt::Display for Summary {
 
 /// Refuses neighbours made from another dataset than the one given.
 fn check_dataset(neighbors: &Path, meta: &NeighborsMeta, dataset: &Path) -> Result<()> {
-    let now = Fingerprint::of(dataset, false)?.hash;
+    let now = Fingerprint::of(dataset)?.hash;
     if meta.dataset_fingerprint != now {
         return Err(Error::input(format!(
             "{} was computed from a different dataset: its metadata records {} (fingerprint {}), but {} is {now}; give the dataset it was made from, or re-run simile-distance",
@@ -263,6 +263,21 @@ fn lists_by_position(
     Ok(out)
 }
 
+/// The image paths of every dataset row a neighbours file names (queries and neighbours),
+/// in id order; rows without a path or unknown ids are left to the scoring, which reports them.
+fn listed_images(dataset: &Path, neighbors: &Path) -> Result<Vec<PathBuf>> {
+    let ds = Dataset::read(dataset)?;
+    let nb = Neighbors::read(neighbors)?;
+    let mut ids: Vec<i64> = nb.query_id.iter().chain(&nb.gallery_id).copied().collect();
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids
+        .into_iter()
+        .filter_map(|id| ds.position_of(id))
+        .filter_map(|r| ds.resolve_path(r, None))
+        .collect())
+}
+
 /// The model folder's `kind`, read from its `model.json` without loading anything else.
 fn model_kind(dir: &Path) -> Result<String> {
     let p = dir.join(crate::model::MODEL_JSON);
@@ -281,11 +296,6 @@ pub fn run(opts: &Options) -> Result<Summary> {
     opts.method.validate()?;
     if opts.top_k == Some(0) {
         return Err(Error::input("--top-k must be at least 1"));
-    }
-    let mut inputs: Vec<&Path> = vec![&opts.dataset, &opts.neighbors];
-    inputs.extend(opts.embeddings.as_deref());
-    for i in &inputs {
-        io::ensure_distinct(i, &opts.out)?;
     }
     if opts.method.needs_embeddings() && opts.embeddings.is_none() {
         return Err(Error::input(format!(
@@ -318,6 +328,9 @@ pub fn run(opts: &Options) -> Result<Summary> {
         if weights.is_file() {
             mb.input("model_weights", &weights)?;
         }
+        // The pictures it scores: every row the neighbours name (a superset of the top-n).
+        let paths = listed_images(&opts.dataset, &opts.neighbors)?;
+        mb.input_files("images", &format!("{} images", paths.len()), &paths)?;
     }
     mb.skip_if_done(&opts.out)?;
 
@@ -409,7 +422,13 @@ pub fn run(opts: &Options) -> Result<Summary> {
             }
             let emb = open_embeddings(emb_path, &opts.dataset)?;
             manifest::check_upstream(&opts.neighbors, "embeddings", emb_path)?;
-            let of_row = npy_rows_of(&ds, &opts.dataset, &emb, emb_path, Some(split))?;
+            let of_row = crate::embeddings::rows_of_dataset(
+                &ds,
+                &opts.dataset,
+                &emb,
+                emb_path,
+                Some(split),
+            )?;
             let input = lists_by_position(&nb, &opts.neighbors, &qg)?;
             let lists = match &opts.method {
                 Method::KReciprocal(p) => k_reciprocal(
@@ -497,7 +516,7 @@ pub fn run(opts: &Options) -> Result<Summary> {
     let mut meta = nb.meta.clone();
     meta.k = out_k;
     meta.extra.retain(|k, _| !k.starts_with("simile.rerank."));
-    let neighbors_fp = Fingerprint::of(&opts.neighbors, false)?.hash;
+    let neighbors_fp = Fingerprint::of(&opts.neighbors)?.hash;
     let mut put = |k: &str, v: String| {
         meta.extra.insert(format!("simile.rerank.{k}"), v);
     };
@@ -507,7 +526,7 @@ pub fn run(opts: &Options) -> Result<Summary> {
     put("neighbors_fingerprint", neighbors_fp);
     if let Some(e) = &opts.embeddings {
         put("embeddings", e.display().to_string());
-        put("embeddings_fingerprint", Fingerprint::of(e, false)?.hash);
+        put("embeddings_fingerprint", Fingerprint::of(e)?.hash);
     }
     if let Method::Pairwise { model, .. } = &opts.method {
         put("model", model.display().to_string());
@@ -526,14 +545,14 @@ pub fn run(opts: &Options) -> Result<Summary> {
         }
         w.push(*qid, &ids, &dists)?;
     }
-    let rows_out = w.finish()?;
+    let (sealed, rows_out) = w.seal()?;
     mb.note("metric", serde_json::json!(metric.as_str()))
         .note("input_k", serde_json::json!(in_k))
         .note("k", serde_json::json!(out_k));
     mb.rows("queries", nb.meta.n_queries as u64)
         .rows("neighbors_in", rows_in as u64)
         .rows("neighbors", rows_out);
-    mb.write(&opts.out)?;
+    mb.commit(sealed, Vec::new())?;
     Ok(Summary {
         out: opts.out.clone(),
         method: opts.method.name().into(),

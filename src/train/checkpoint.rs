@@ -35,8 +35,7 @@ fn write_tensors(dir: &Path, name: &str, t: &[(String, Tensor)]) -> Result<()> {
     }
     let named: Vec<(&str, &Tensor)> = t.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let p = dir.join(name);
-    Tensor::write_safetensors(&named, &p)
-        .map_err(|e| Error::internal(format!("{}: {e}", p.display())))
+    Tensor::write_safetensors(&named, &p).map_err(|e| crate::model::write_error(&p, e))
 }
 
 fn read_tensors(dir: &Path, name: &str) -> Result<Vec<(String, Tensor)>> {
@@ -55,10 +54,10 @@ fn read_tensors(dir: &Path, name: &str) -> Result<Vec<(String, Tensor)>> {
 /// Writes `ckpt` as `root/<name>` (atomically, as the module says).
 pub fn save(root: &Path, name: &str, ckpt: &Checkpoint) -> Result<()> {
     std::fs::create_dir_all(root).at(root)?;
-    let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).at(&tmp)?;
-    }
+    let dest = root.join(name);
+    // Folders of killed runs (`.<name>.<pid>-<n>.tmp`) go first.
+    crate::io::remove_dead_temps(&dest);
+    let tmp = crate::io::temp_path_for(&dest);
     std::fs::create_dir_all(&tmp).at(&tmp)?;
     write_tensors(&tmp, NET, &ckpt.net)?;
     write_tensors(&tmp, CRITERION, &ckpt.criterion)?;
@@ -67,7 +66,11 @@ pub fn save(root: &Path, name: &str, ckpt: &Checkpoint) -> Result<()> {
     let json =
         serde_json::to_vec_pretty(&ckpt.state).map_err(|e| Error::internal(e.to_string()))?;
     std::fs::write(tmp.join(STATE), json).at(tmp.join(STATE))?;
-    let dest = root.join(name);
+    for f in std::fs::read_dir(&tmp).at(&tmp)?.flatten() {
+        std::fs::File::open(f.path())
+            .and_then(|f| f.sync_all())
+            .at(f.path())?;
+    }
     let old = root.join(format!(".{name}.old"));
     if old.exists() {
         std::fs::remove_dir_all(&old).at(&old)?;
@@ -76,6 +79,7 @@ pub fn save(root: &Path, name: &str, ckpt: &Checkpoint) -> Result<()> {
         std::fs::rename(&dest, &old).at(&dest)?;
     }
     std::fs::rename(&tmp, &dest).at(&dest)?;
+    crate::io::sync_dir(root)?;
     if old.exists() {
         std::fs::remove_dir_all(&old).at(&old)?;
     }

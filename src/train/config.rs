@@ -565,8 +565,9 @@ impl TrainConfig {
         for s in sets {
             apply_set(&mut table, s)?;
         }
-        let mut cfg: TrainConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| Error::input(format!("{source}: {}", explain(&e))))?;
+        let mut cfg: TrainConfig =
+            serde_path_to_error::deserialize(toml::Value::Table(table.clone()))
+                .map_err(|e| Error::input(format!("{source}: {}", explain_in(&e, &table))))?;
         // TOML integers stop at i64::MAX: that is "unlimited" in a resolved config.
         if let LossConfig::Triplet {
             miner:
@@ -751,6 +752,53 @@ pub(crate) fn explain(e: &serde_path_to_error::Error<toml::de::Error>) -> String
     } else {
         format!("config key '{path}': {msg}")
     }
+}
+
+/// [`explain`], naming the exact key of a value of the wrong type: inside a table chosen by
+/// its `name` (an optimizer, a loss) serde reports only the table, so the key is found in
+/// `table` by the value the message quotes; the expected type is said in words.
+pub(crate) fn explain_in(
+    e: &serde_path_to_error::Error<toml::de::Error>,
+    table: &toml::Table,
+) -> String {
+    let msg = e.inner().message().trim().to_string();
+    let path = e.path().to_string();
+    let Some(rest) = msg.strip_prefix("invalid type: ") else {
+        return explain(e);
+    };
+    let (got, expected) = rest.split_once(", expected ").unwrap_or((rest, ""));
+    let words = match expected.trim() {
+        "f64" | "f32" => "a number",
+        "usize" | "u64" | "u32" | "i64" | "i32" | "u8" => "an integer",
+        "a boolean" => "true or false",
+        other => other,
+    };
+    let mut sub = Some(table);
+    for part in path.split('.').filter(|p| !p.is_empty() && *p != ".") {
+        sub = sub.and_then(|t| t.get(part)).and_then(|v| v.as_table());
+    }
+    let literal = |v: &toml::Value| match v {
+        toml::Value::String(s) => format!("string {s:?}"),
+        toml::Value::Integer(i) => format!("integer `{i}`"),
+        toml::Value::Float(f) => format!("floating point `{f}`"),
+        toml::Value::Boolean(b) => format!("boolean `{b}`"),
+        _ => String::new(),
+    };
+    let keys: Vec<&String> = sub
+        .map(|t| {
+            t.iter()
+                .filter(|(_, v)| literal(v) == got)
+                .map(|(k, _)| k)
+                .collect()
+        })
+        .unwrap_or_default();
+    let at = match (keys.as_slice(), path.as_str()) {
+        ([k], "" | ".") => k.to_string(),
+        ([k], p) => format!("{p}.{k}"),
+        (_, "" | ".") => return explain(e),
+        (_, p) => p.to_string(),
+    };
+    format!("config key '{at}': expected {words}, found {got}")
 }
 
 /// `unknown field \`x\`, expected one of \`a\`, \`b\`` -> ("x", ["a", "b"]).

@@ -65,11 +65,14 @@ pub fn default_cache_dir() -> PathBuf {
 impl ImageCache {
     /// The images of `rows` (dataset rows, ascending), from the cache in `dir` when it has
     /// them, else prepared now (and stored there when `dir` is given).
+    /// `images`: the fingerprint of the images' bytes (`Fingerprint::of_files` of the rows'
+    /// paths), part of the cache key, so a changed picture rebuilds the cache.
     pub fn open(
         ds: &Dataset,
         rows: &[usize],
         pre: &Preprocess,
         dir: Option<&Path>,
+        images: &crate::io::Fingerprint,
     ) -> Result<ImageCache> {
         let mut paths = Vec::with_capacity(rows.len());
         let mut missing = Vec::new();
@@ -93,7 +96,7 @@ impl ImageCache {
             slot[r] = i as u32;
         }
         let size = pre.size as usize;
-        let key = cache_key(ds, rows, &paths, pre)?;
+        let key = cache_key(ds, rows, &paths, pre, images)?;
         if let Some(dir) = dir {
             let data = dir.join(format!("{key}.u8"));
             let meta_p = dir.join(format!("{key}.json"));
@@ -159,32 +162,21 @@ impl ImageCache {
     }
 }
 
-fn cache_key(ds: &Dataset, rows: &[usize], paths: &[PathBuf], pre: &Preprocess) -> Result<String> {
-    let fp = crate::io::Fingerprint::of(&ds.file, false)?;
-    let stats: Vec<(u64, i128)> = paths
-        .par_iter()
-        .map(|p| {
-            std::fs::metadata(p)
-                .map(|m| {
-                    let t = m
-                        .modified()
-                        .ok()
-                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                        .map(|d| d.as_nanos() as i128)
-                        .unwrap_or(0);
-                    (m.len(), t)
-                })
-                .unwrap_or((0, 0))
-        })
-        .collect();
+fn cache_key(
+    ds: &Dataset,
+    rows: &[usize],
+    paths: &[PathBuf],
+    pre: &Preprocess,
+    images: &crate::io::Fingerprint,
+) -> Result<String> {
+    let fp = crate::io::Fingerprint::of(&ds.file)?;
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     h.update(fp.hash.as_bytes());
     h.update(&fp.size.to_le_bytes());
-    for ((r, p), (len, t)) in rows.iter().zip(paths).zip(&stats) {
+    h.update(images.hash.as_bytes());
+    for (r, p) in rows.iter().zip(paths) {
         h.update(&(*r as u64).to_le_bytes());
         h.update(p.to_string_lossy().as_bytes());
-        h.update(&len.to_le_bytes());
-        h.update(&t.to_le_bytes());
     }
     Ok(format!(
         "{:016x}-{}px-{}-{}",
@@ -193,6 +185,14 @@ fn cache_key(ds: &Dataset, rows: &[usize], paths: &[PathBuf], pre: &Preprocess) 
         pre.resize,
         pre.crop_ratio
     ))
+}
+
+/// The image paths of dataset rows (rows without one are left out; `ImageCache::open`
+/// reports them).
+pub fn row_paths(ds: &Dataset, rows: &[usize]) -> Vec<PathBuf> {
+    rows.iter()
+        .filter_map(|&r| ds.resolve_path(r, None))
+        .collect()
 }
 
 fn try_reuse(

@@ -156,7 +156,7 @@ fn cpu_copies(v: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
         .collect()
 }
 
-fn load_into(vs: &nn::VarStore, tensors: &[(String, Tensor)], what: &str) -> Result<()> {
+pub(crate) fn load_into(vs: &nn::VarStore, tensors: &[(String, Tensor)], what: &str) -> Result<()> {
     let vars = vs.variables();
     tch::no_grad(|| -> Result<()> {
         for (name, var) in &vars {
@@ -313,15 +313,6 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
             opts.out.display()
         )));
     }
-    // A missing dataset is left to `Dataset::read`, which reports it properly.
-    let last_dir = if opts.resume || !opts.dataset.is_file() {
-        last_dir
-    } else {
-        let dev = device::describe(device::resolve(opts.device)?);
-        let m = manifest_plan(opts, &cfg.to_json(), &dev, serde_json::Map::new())?;
-        start_over(opts, &m, last_dir.is_some())?;
-        None
-    };
     let ds = Dataset::read(&opts.dataset)?;
     let ts = train_set(&ds, &cfg)?;
     let row_labels: Vec<i64> = ts.classes.iter().map(|&c| ts.labels[c as usize]).collect();
@@ -336,6 +327,30 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
     }
     let validator = validate::Validator::new(&ds)?;
     let dev = device::resolve(opts.device)?;
+
+    // Every image training reads: their bytes are an input (and the image cache's key).
+    let mut cache_rows: Vec<usize> = ts.rows.clone();
+    if let Some(v) = &validator {
+        cache_rows.extend(&v.rows);
+    }
+    cache_rows.sort_unstable();
+    cache_rows.dedup();
+    let images_fp = crate::io::Fingerprint::of_files(&data::row_paths(&ds, &cache_rows));
+    let mut finish = manifest_plan(
+        opts,
+        &cfg.to_json(),
+        &device::describe(dev),
+        serde_json::Map::new(),
+        &images_fp,
+        cache_rows.len(),
+    )?;
+    let last_dir = if opts.resume {
+        finish.lock(&opts.out.join(model::WEIGHTS))?;
+        last_dir
+    } else {
+        start_over(opts, &mut finish, last_dir.is_some())?;
+        None
+    };
     on_device(&device::describe(dev));
 
     // The network (seeded), the loss's parameters, the parameter groups.
@@ -391,12 +406,6 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
 
     // Images.
     let pre = cfg.model.preprocess();
-    let mut cache_rows: Vec<usize> = ts.rows.clone();
-    if let Some(v) = &validator {
-        cache_rows.extend(&v.rows);
-    }
-    cache_rows.sort_unstable();
-    cache_rows.dedup();
     let cache_dir = opts
         .cache_dir
         .clone()
@@ -407,6 +416,7 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         &cache_rows,
         &pre,
         cfg.data.cache.then_some(cache_dir.as_path()),
+        &images_fp,
     )?;
     let cache_seconds = tc.elapsed().as_secs_f64();
     eprintln!(
@@ -428,7 +438,7 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
     let cfg_json = cfg.to_json();
     crate::io::atomic_write_bytes(opts.out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
-    let ds_fp = crate::io::Fingerprint::of(&opts.dataset, false)?;
+    let ds_fp = crate::io::Fingerprint::of(&opts.dataset)?;
 
     // Resume.
     let mut prog = Progress::default();
@@ -768,17 +778,8 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
     pb.finish_and_clear();
 
     if !stopped {
-        // Without validation the model is the last weights.
-        if validator.is_none() || !opts.out.join(model::WEIGHTS).exists() {
-            save_model(&ctx, &nets.vs, None)?;
-        }
         write_logs(&ctx, &prog)?;
-        let mut m = manifest_plan(
-            opts,
-            &cfg_json,
-            &device::describe(dev),
-            serde_json::Map::new(),
-        )?;
+        let mut m = finish;
         m.rows("train_rows", ts.rows.len() as u64)
             .rows("classes", ts.labels.len() as u64)
             .rows("steps", prog.step as u64)
@@ -786,18 +787,17 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         m.timing("image_cache", cache_seconds)
             .timing("train", train_seconds)
             .timing("total", t0.elapsed().as_secs_f64());
-        for f in [
-            "model.json",
-            "config.toml",
-            "train_log.parquet",
-            "val_metrics.parquet",
-        ] {
-            let p = opts.out.join(f);
-            if p.exists() {
-                m.companion(&p);
-            }
-        }
-        m.write(&opts.out.join(model::WEIGHTS))?;
+        // The model folder appears only now, with its manifest: the best validated weights
+        // (kept in checkpoints/best while training), or the last ones without validation.
+        let best_net = match prog.best {
+            Some(_) => checkpoint::find(&ckpt_root, "best")
+                .map(|d| checkpoint::load(&d))
+                .transpose()?
+                .map(|c| c.net),
+            None => None,
+        };
+        let folder = seal_model(&ctx, &nets.vs, best_net.as_deref(), prog.best)?;
+        model::commit_folder(m, folder, Vec::new())?;
     }
     Ok(TrainSummary {
         out: opts.out.clone(),
@@ -824,6 +824,8 @@ pub(crate) fn manifest_plan(
     cfg_json: &serde_json::Value,
     device: &str,
     extra: serde_json::Map<String, serde_json::Value>,
+    images: &crate::io::Fingerprint,
+    n_images: usize,
 ) -> Result<ManifestBuilder> {
     let mut params = serde_json::json!({
         "config": cfg_json,
@@ -837,14 +839,34 @@ pub(crate) fn manifest_plan(
     let mut m = ManifestBuilder::new("train", params);
     m.input("dataset", &opts.dataset)?;
     m.input("config", &opts.config)?;
+    m.input_record(
+        "images",
+        crate::manifest::InputRecord {
+            path: format!("{n_images} images of the dataset's train and validation rows"),
+            fingerprint: images.clone(),
+            companions: Default::default(),
+        },
+    );
+    m.companion(&opts.out.join(model::MODEL_JSON));
+    for f in COMPANIONS {
+        m.companion(&opts.out.join(f));
+    }
     Ok(m)
 }
+
+/// The files of a finished run's folder that its manifest records beside `model.json`.
+pub(crate) const COMPANIONS: [&str; 3] =
+    ["config.toml", "train_log.parquet", "val_metrics.parquet"];
 
 /// A run without `--resume`: a finished run with the same config, dataset and version is done
 /// (`Error::UpToDate`, unless `--force`); an unfinished one (checkpoints, no finished manifest)
 /// is refused, as it may be wanted with `--resume`, unless `--force`; a finished run made from
 /// other inputs or parameters, like any stale output, is replaced: training starts over.
-pub(crate) fn start_over(opts: &TrainOptions, m: &ManifestBuilder, has_last: bool) -> Result<()> {
+pub(crate) fn start_over(
+    opts: &TrainOptions,
+    m: &mut ManifestBuilder,
+    has_last: bool,
+) -> Result<()> {
     let weights = opts.out.join(model::WEIGHTS);
     m.skip_if_done(&weights)?;
     let manifest = crate::manifest::manifest_path(&weights);
@@ -860,9 +882,12 @@ pub(crate) fn start_over(opts: &TrainOptions, m: &ManifestBuilder, has_last: boo
             "simile-train: {} is out of date ({why}): training it again from scratch",
             opts.out.display()
         );
-        // The old run's manifest goes first, so a kill from here on leaves an unfinished run.
-        if manifest.is_file() {
-            std::fs::remove_file(&manifest).map_err(|e| Error::io(&manifest, e))?;
+        // The old run's manifest goes first, then its model: from here on the folder is an
+        // unfinished run, which no reader takes for a model.
+        for f in [manifest, opts.out.join(model::MODEL_JSON), weights] {
+            if f.is_file() {
+                std::fs::remove_file(&f).map_err(|e| Error::io(&f, e))?;
+            }
         }
         let ckpt = opts.out.join("checkpoints");
         if ckpt.exists() {
@@ -1014,7 +1039,6 @@ fn record_validation(
     });
     if improved {
         prog.best = Some((value.unwrap_or(f64::NAN), prog.epoch, prog.step));
-        save_model(ctx, &nets.vs, prog.best)?;
         save_ckpt(
             ctx, "best", prog, nets, crit_vs, optimizer, params, schedule, sampler, criterion,
         )?;
@@ -1079,8 +1103,14 @@ fn optimizer_name(cfg: &TrainConfig) -> &'static str {
     }
 }
 
-/// Writes the model folder (`model.safetensors` + `model.json`) from the master weights.
-fn save_model(ctx: &Ctx, vs: &nn::VarStore, best: Option<(f64, usize, usize)>) -> Result<()> {
+/// The model folder's files (`model.safetensors` + `model.json`), sealed: from `net` (the best
+/// checkpoint's tensors) when given, else from the master weights.
+fn seal_model(
+    ctx: &Ctx,
+    vs: &nn::VarStore,
+    net: Option<&[(String, Tensor)]>,
+    best: Option<(f64, usize, usize)>,
+) -> Result<model::SealedFolder> {
     let mut spec = ModelSpec::new(
         ctx.cfg.model.arch_spec(),
         ctx.cfg.model.normalise,
@@ -1114,15 +1144,13 @@ fn save_model(ctx: &Ctx, vs: &nn::VarStore, best: Option<(f64, usize, usize)>) -
             None => serde_json::json!({"chosen_by": "last (no validation split)"}),
         },
     });
-    let tmp_vs_needed = vs.device() != Device::Cpu;
-    if tmp_vs_needed {
-        let mut cpu = nn::VarStore::new(Device::Cpu);
-        Net::new(&cpu.root(), &spec.architecture, spec.normalise)?;
-        cpu.copy(vs)?;
-        model::save_folder(&ctx.opts.out, &spec, &cpu)
-    } else {
-        model::save_folder(&ctx.opts.out, &spec, vs)
+    let mut cpu = nn::VarStore::new(Device::Cpu);
+    Net::new(&cpu.root(), &spec.architecture, spec.normalise)?;
+    match net {
+        Some(t) => load_into(&cpu, t, "best checkpoint")?,
+        None => cpu.copy(vs)?,
     }
+    model::seal_folder(&ctx.opts.out, &spec, &spec.weights, &cpu)
 }
 
 fn write_logs(ctx: &Ctx, prog: &Progress) -> Result<()> {

@@ -19,7 +19,7 @@
 //! augmentations from `data::image_rng`, dropout from `tch::manual_seed` reseeded per step, so
 //! a run is a function of the seed and a resumed run repeats the uninterrupted one.
 use super::config::{
-    apply_set, explain, AugmentConfig, DataConfig, Mode, ModelConfig, OptimizerConfig,
+    apply_set, explain_in, AugmentConfig, DataConfig, Mode, ModelConfig, OptimizerConfig,
     ScheduleConfig,
 };
 use super::optim::{self, Optimizer, Param, Schedule};
@@ -30,7 +30,6 @@ use crate::error::{Error, Result};
 use crate::knn::rows::Rows;
 use crate::knn::search::{self, Job};
 use crate::knn::{Backend, Compute as KnnCompute, Engine, Metric};
-use crate::manifest::ManifestBuilder;
 use crate::metrics::{self, AggregateOptions, Relevance, Scores};
 use crate::miner::{AllTriplets, HardTriplets};
 use crate::model::pairwise::{self as pw, Fusion, PairwiseHead, PairwiseNet, PairwiseSpec};
@@ -180,8 +179,8 @@ impl PairwiseTrainConfig {
 
     fn from_table(table: toml::Table, source: &str) -> Result<Self> {
         let cfg: PairwiseTrainConfig =
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-                let m = explain(&e);
+            serde_path_to_error::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
+                let m = explain_in(&e, &table);
                 let hint = if m.contains("'loss'") {
                     " (a [pairwise] config trains a re-ranker with BCE on pairs: it takes no [loss] table)"
                 } else {
@@ -390,7 +389,7 @@ fn extractor_embeddings(
     dir: Option<&Path>,
 ) -> Result<(Vec<f32>, bool)> {
     let dim = ext.spec.embedding_dim as usize;
-    let weights = crate::io::Fingerprint::of(ext.weights_path(), false)?;
+    let weights = crate::io::Fingerprint::of(ext.weights_path())?;
     let key_src = serde_json::json!({
         "weights": [weights.size, weights.hash],
         "spec": { "architecture": ext.spec.architecture, "normalise": ext.spec.normalise,
@@ -440,9 +439,9 @@ fn embed_rows(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn build_val(
+fn build_val<'e>(
     ds: &Dataset,
-    emb_of: &dyn Fn(usize) -> Vec<f32>,
+    emb_of: &dyn Fn(usize) -> Result<&'e [f32]>,
     dim: usize,
     cfg: &PairwiseTrainConfig,
     dev: Device,
@@ -453,7 +452,10 @@ fn build_val(
     }
     let qg = QueryGallery::from_dataset(ds, Split::Validation, SequenceRule::default())?;
     let (rows, q_map, g_map) = qg.union_rows();
-    let emb: Vec<f32> = rows.iter().flat_map(|&r| emb_of(r)).collect();
+    let mut emb: Vec<f32> = Vec::with_capacity(rows.len() * dim);
+    for &r in &rows {
+        emb.extend_from_slice(emb_of(r)?);
+    }
     let tmp = tempfile::Builder::new()
         .prefix(".val-emb.")
         .suffix(".npy")
@@ -603,11 +605,16 @@ fn siamese_scores(
         }
         Ok(Tensor::f_cat(&parts, 0)?)
     })?;
-    let at = |r: usize| rows.binary_search(&r).unwrap_or(0) as i64;
+    // `rows` holds both rows of every pair (built from them above).
+    let at = |r: usize| -> Result<i64> {
+        rows.binary_search(&r)
+            .map(|i| i as i64)
+            .map_err(|_| Error::internal(format!("pair row {r} has no features")))
+    };
     let mut scores = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(bs.max(1) * 16) {
-        let i1: Vec<i64> = chunk.iter().map(|p| at(p.0)).collect();
-        let i2: Vec<i64> = chunk.iter().map(|p| at(p.1)).collect();
+        let i1: Vec<i64> = chunk.iter().map(|p| at(p.0)).collect::<Result<_>>()?;
+        let i2: Vec<i64> = chunk.iter().map(|p| at(p.1)).collect::<Result<_>>()?;
         let p = tch::no_grad(|| -> Result<Tensor> {
             let a = feats.f_index_select(0, &Tensor::f_from_slice(&i1)?.f_to_device(dev)?)?;
             let b = feats.f_index_select(0, &Tensor::f_from_slice(&i2)?.f_to_device(dev)?)?;
@@ -668,23 +675,38 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         )));
     }
     let cfg_json = cfg.to_json();
-    let plan = || -> Result<ManifestBuilder> {
-        let mut extra = serde_json::Map::new();
-        extra.insert("mode".into(), "pairwise".into());
-        let mut m = super::manifest_plan(opts, &cfg_json, &device::describe(dev), extra)?;
-        m.input("extractor", &ext.dir.join(model::MODEL_JSON))?;
-        m.input("extractor_weights", &ext.weights_path())?;
-        Ok(m)
-    };
-    // Without --resume: up to date, refused (unfinished) or started over, as extractor runs.
-    let last_dir = if opts.resume || !opts.dataset.is_file() {
-        last_dir
-    } else {
-        super::start_over(opts, &plan()?, last_dir.is_some())?;
-        None
-    };
     let ds = Dataset::read(&opts.dataset)?;
     let tr = train_rows(&ds, &cfg.sampler)?;
+    // Every image training reads (train rows, validation queries and gallery): their bytes
+    // are an input, and the image cache's key.
+    let val_rows: Vec<usize> = ds.rows_of_split(Split::Validation);
+    let mut cache_rows: Vec<usize> = tr.rows.iter().chain(&val_rows).copied().collect();
+    cache_rows.sort_unstable();
+    cache_rows.dedup();
+    let images_fp = crate::io::Fingerprint::of_files(&data::row_paths(&ds, &cache_rows));
+    let mut finish = {
+        let mut extra = serde_json::Map::new();
+        extra.insert("mode".into(), "pairwise".into());
+        let mut m = super::manifest_plan(
+            opts,
+            &cfg_json,
+            &device::describe(dev),
+            extra,
+            &images_fp,
+            cache_rows.len(),
+        )?;
+        m.input("extractor", &ext.dir.join(model::MODEL_JSON))?;
+        m.input("extractor_weights", &ext.weights_path())?;
+        m
+    };
+    // Without --resume: up to date, refused (unfinished) or started over, as extractor runs.
+    let last_dir = if opts.resume {
+        finish.lock(&opts.out.join(model::WEIGHTS))?;
+        last_dir
+    } else {
+        super::start_over(opts, &mut finish, last_dir.is_some())?;
+        None
+    };
     let mut sampler = cfg.sampler.build(&tr.labels, tr.label2category.as_ref())?;
     if sampler.is_empty() {
         return Err(Error::input(format!(
@@ -738,10 +760,6 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
     // Images: the train rows and the validation queries and gallery, one cache.
     let pre = cfg.model.preprocess();
     let ext_pre = ext.spec.input.clone();
-    let val_rows: Vec<usize> = ds.rows_of_split(Split::Validation);
-    let mut cache_rows: Vec<usize> = tr.rows.iter().chain(&val_rows).copied().collect();
-    cache_rows.sort_unstable();
-    cache_rows.dedup();
     let cache_dir = opts
         .cache_dir
         .clone()
@@ -753,6 +771,7 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
             &cache_rows,
             p,
             cfg.data.cache.then_some(cache_dir.as_path()),
+            &images_fp,
         )
     };
     let cache = open(&pre)?;
@@ -770,7 +789,7 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
     // The extractor's embeddings: train rows (mining), validation lists.
     let te = Instant::now();
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
-    let ds_fp = crate::io::Fingerprint::of(&opts.dataset, false)?;
+    let ds_fp = crate::io::Fingerprint::of(&opts.dataset)?;
     let (all_emb, emb_cached) = extractor_embeddings(
         &ext,
         ext_cache_ref,
@@ -782,11 +801,18 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
     )?;
     let dim = ext.spec.embedding_dim;
     let d = dim as usize;
-    let emb_of = |r: usize| -> Vec<f32> {
-        let i = cache_rows.binary_search(&r).unwrap_or(0);
-        all_emb[i * d..(i + 1) * d].to_vec()
+    // Every train and validation row is in `cache_rows` (built from them above).
+    let all_emb: &[f32] = &all_emb;
+    let emb_of = |r: usize| -> Result<&[f32]> {
+        let i = cache_rows
+            .binary_search(&r)
+            .map_err(|_| Error::internal(format!("dataset row {r} has no extractor embedding")))?;
+        Ok(&all_emb[i * d..(i + 1) * d])
     };
-    let train_emb: Vec<f32> = tr.rows.iter().flat_map(|&r| emb_of(r)).collect();
+    let mut train_emb: Vec<f32> = Vec::with_capacity(tr.rows.len() * d);
+    for &r in &tr.rows {
+        train_emb.extend_from_slice(emb_of(r)?);
+    }
     let val = build_val(&ds, &emb_of, d, &cfg, dev, &opts.out)?;
     let embed_seconds = te.elapsed().as_secs_f64();
     eprintln!(
@@ -1095,11 +1121,8 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
     pb.finish_and_clear();
 
     if !stopped {
-        if val.is_none() || !opts.out.join(model::WEIGHTS).exists() {
-            save_model(&ctx, &vs, None)?;
-        }
         write_logs(&ctx, &prog)?;
-        let mut m = plan()?;
+        let mut m = finish;
         m.rows("train_rows", tr.rows.len() as u64)
             .rows("labels", tr.n_labels as u64)
             .rows("steps", prog.step as u64)
@@ -1108,18 +1131,17 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
             .timing("extractor_embeddings", embed_seconds)
             .timing("train", train_seconds)
             .timing("total", t0.elapsed().as_secs_f64());
-        for f in [
-            "model.json",
-            "config.toml",
-            "train_log.parquet",
-            "val_metrics.parquet",
-        ] {
-            let p = opts.out.join(f);
-            if p.exists() {
-                m.companion(&p);
-            }
-        }
-        m.write(&opts.out.join(model::WEIGHTS))?;
+        // The model folder appears only now (see `train::run`): the best validated weights,
+        // or the last ones without validation.
+        let best_net = match prog.best {
+            Some(_) => checkpoint::find(&ckpt_root, "best")
+                .map(|d| checkpoint::load(&d))
+                .transpose()?
+                .map(|c| c.net),
+            None => None,
+        };
+        let folder = seal_model(&ctx, &vs, best_net.as_deref(), prog.best)?;
+        model::commit_folder(m, folder, Vec::new())?;
     }
     Ok(TrainSummary {
         out: opts.out.clone(),
@@ -1175,7 +1197,6 @@ fn record_validation(
     });
     if improved {
         prog.best = Some((value.unwrap_or(f64::NAN), prog.epoch, prog.step));
-        save_model(ctx, vs, prog.best)?;
         save_ckpt(ctx, "best", prog, vs, optimizer, params, schedule, sampler)?;
     }
     write_logs(ctx, prog)
@@ -1229,7 +1250,14 @@ fn save_ckpt(
 }
 
 /// Writes the model folder (kind pairwise) from the weights now.
-fn save_model(ctx: &Ctx, vs: &nn::VarStore, best: Option<(f64, usize, usize)>) -> Result<()> {
+/// The model folder's files, sealed: from `net` (the best checkpoint's tensors) when given,
+/// else from the current weights.
+fn seal_model(
+    ctx: &Ctx,
+    vs: &nn::VarStore,
+    net: Option<&[(String, Tensor)]>,
+    best: Option<(f64, usize, usize)>,
+) -> Result<model::SealedFolder> {
     let mut spec = ctx.spec.clone();
     spec.model.provenance = serde_json::json!({
         "trained_by": "simile-train (pairwise)",
@@ -1246,19 +1274,18 @@ fn save_model(ctx: &Ctx, vs: &nn::VarStore, best: Option<(f64, usize, usize)>) -
             None => serde_json::json!({"chosen_by": "last (no validation split)"}),
         },
     });
-    if vs.device() != Device::Cpu {
-        let mut cpu = nn::VarStore::new(Device::Cpu);
-        PairwiseNet::new(
-            &cpu.root(),
-            &spec.model.architecture,
-            spec.model.normalise,
-            &spec.pairwise,
-        )?;
-        cpu.copy(vs)?;
-        pw::save_folder(&ctx.opts.out, &spec, &cpu)
-    } else {
-        pw::save_folder(&ctx.opts.out, &spec, vs)
+    let mut cpu = nn::VarStore::new(Device::Cpu);
+    PairwiseNet::new(
+        &cpu.root(),
+        &spec.model.architecture,
+        spec.model.normalise,
+        &spec.pairwise,
+    )?;
+    match net {
+        Some(t) => super::load_into(&cpu, t, "best checkpoint")?,
+        None => cpu.copy(vs)?,
     }
+    pw::seal_folder(&ctx.opts.out, &spec, &cpu)
 }
 
 fn write_logs(ctx: &Ctx, prog: &Progress) -> Result<()> {

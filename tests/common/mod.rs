@@ -22,6 +22,26 @@ pub fn run(bin: &str, args: &[&str]) -> Run {
     }
 }
 
+/// Runs a binary with extra environment variables. A process killed by a signal reports
+/// `code` 128 + the signal, as a shell does (137 for SIGKILL).
+pub fn run_with(bin: &str, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Run {
+    use std::os::unix::process::ExitStatusExt;
+    let out: Output = Command::new(bin)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
+    Run {
+        code: out
+            .status
+            .code()
+            .or_else(|| out.status.signal().map(|s| 128 + s))
+            .unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
