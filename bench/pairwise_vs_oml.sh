@@ -6,7 +6,7 @@
 #
 #   bench/pairwise_vs_oml.sh            # WORK=work/fontid, needs $WORK/trained (make demo)
 #
-# OML 4.0.0 runs from the virtualenv bench/oml-venv.sh creates once (shared with
+# OML 4.0.0 runs from the virtualenv scripts/bootstrap-oml.sh creates once (shared with
 # bench/train_vs_oml.sh; it sees the torch wheel simile builds against, so torch is not
 # downloaded again). OML's Lightning/Hydra wrapper is not used (bench/pairwise_oml.py runs OML's classes in a
 # plain loop), so its "pipelines" extra is not needed.
@@ -22,7 +22,7 @@ EXT=$WORK/trained
   exit 2
 }
 
-OML_VENV=$(bench/oml-venv.sh)
+OML_VENV=$(scripts/bootstrap-oml.sh)
 
 echo "== simile (simile-train, pairwise mode, siamese fusion; validation = the whole validation split)" >&2
 OUT=$WORK/bench_pairwise

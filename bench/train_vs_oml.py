@@ -9,9 +9,11 @@ The network (src/model/arch.rs):
   normalisation by the detached norm (`normalise_features`);
 - `smallcnn`: a PyTorch copy of simile's: 4 blocks of conv3x3 (no bias) + BatchNorm + ReLU, 2x2
   max-pooling between them, average pooling, the projection, the same normalisation.
-`--init simile` (the default) draws the initial weights from the distributions simile's (tch's)
-layers use: conv and linear weights U(+-sqrt(6 / fan_in)), linear biases U(+-1 / sqrt(fan_in)),
-BatchNorm weights U(0, 1) and biases 0; `--init torch` keeps PyTorch's / torchvision's.
+The network starts as OML ships it: PyTorch's / torchvision's own initialisation (`--init torch`,
+the default; simile's layers are initialised the same way since issue 14). `--init tch` draws it
+instead from tch's defaults, which simile used before: conv and linear weights
+U(+-sqrt(6 / fan_in)), linear biases U(+-1 / sqrt(fan_in)), BatchNorm weights U(0, 1), biases 0.
+With `valid_at_start = true` in the simile config both sides are also validated before training.
 The images are decoded once into memory (as simile's image cache) and augmented per batch as
 simile's `[augment]` does (random resized crop, contrast jitter), in the DataLoader's workers.
 
@@ -88,8 +90,8 @@ def resnet18(dim, pool: str, gem_p: float, normalise: bool):
     return m
 
 
-def simile_init(model):
-    """The initial weights' distributions of simile's layers (tch's defaults, src/model/arch.rs)."""
+def tch_init(model):
+    """tch's default initial weights' distributions (simile's layers before issue 14)."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -161,17 +163,26 @@ def from_simile_config(args):
     with open(args.simile_config, "rb") as f:
         c = tomllib.load(f)
     m, smp, loss, opt, sch, aug = (c.get(k, {}) for k in ("model", "sampler", "loss", "optimizer", "schedule", "augment"))
-    if m.get("arch") not in ("smallcnn", "resnet18") or smp.get("name") != "balance" or opt.get("name") != "adam" or sch.get("name") != "cosine":
-        raise SystemExit("train_vs_oml.py mirrors smallcnn / resnet18 + balance sampler + adam + cosine only")
-    if m.get("resize", "pad") != "pad" or m.get("init") or m.get("pool", "avg") not in ("avg", "gem") or m.get("blocks", 4) != 4:
-        raise SystemExit("train_vs_oml.py mirrors resize = pad, pool avg / gem, 4 smallcnn blocks, from scratch only")
+    if (
+        m.get("arch") not in ("smallcnn", "resnet18")
+        or smp.get("name") != "balance"
+        or opt.get("name") not in ("adam", "adamw")
+        or sch.get("name") not in ("cosine", "constant")
+    ):
+        raise SystemExit("train_vs_oml.py mirrors smallcnn / resnet18 + balance sampler + adam / adamw + cosine / constant only")
+    # Font-ID's glyphs are square at the model's size: pad and stretch are the same (no resize).
+    if m.get("resize", "pad") not in ("pad", "stretch") or m.get("init") or m.get("pool", "avg") not in ("avg", "gem") or m.get("blocks", 4) != 4:
+        raise SystemExit("train_vs_oml.py mirrors resize = pad / stretch, pool avg / gem, 4 smallcnn blocks, from scratch only")
     args.epochs, args.size, args.arch = c["epochs"], m["size"], m["arch"]
     args.width, args.dim = m.get("width", 32), m.get("dim")
     args.pool, args.gem_p, args.normalise = m.get("pool", "avg"), m.get("gem_p", 3.0), m.get("normalise", True)
     args.mean, args.std = m.get("mean", [0.485, 0.456, 0.406]), m.get("std", [0.229, 0.224, 0.225])
     args.n_labels, args.n_instances = smp["n_labels"], smp["n_instances"]
     args.lr, args.lr_loss = opt["lr"], opt.get("lr_loss")
+    args.optimizer, args.weight_decay = opt["name"], opt.get("weight_decay", 0.01 if opt["name"] == "adamw" else 0.0)
+    args.schedule = sch["name"]
     args.warmup_epochs, args.min_factor = sch.get("warmup_epochs", 0.0), sch.get("min_factor", 0.0)
+    args.valid_at_start = c.get("valid_at_start", False)
     args.crop_scale, args.crop_ratio = aug.get("crop_scale", [1, 1]), aug.get("crop_ratio", [0.75, 4 / 3])
     args.contrast = aug.get("contrast", 0.0)
     args.loss = loss["name"]
@@ -196,7 +207,11 @@ def main():
     ap.add_argument("--no-normalise", dest="normalise", action="store_false")
     ap.add_argument("--mean", type=float, nargs=3, default=[0.5, 0.5, 0.5])
     ap.add_argument("--std", type=float, nargs=3, default=[0.5, 0.5, 0.5])
-    ap.add_argument("--init", choices=["simile", "torch"], default="simile")
+    ap.add_argument("--init", choices=["torch", "tch"], default="torch")
+    ap.add_argument("--optimizer", choices=["adam", "adamw"], default="adam")
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    ap.add_argument("--valid-at-start", action="store_true")
     ap.add_argument("--n-labels", type=int, default=16)
     ap.add_argument("--n-instances", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=20)
@@ -263,19 +278,22 @@ def main():
     groups = [{"params": model.parameters(), "lr": args.lr}]
     if any(True for _ in crit.parameters()):
         groups.append({"params": crit.parameters(), "lr": args.lr_loss or args.lr})
-    opt = torch.optim.Adam(groups)
+    # OML's pipeline: every parameter of the extractor (and the loss) decayed alike.
+    make = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    opt = make(groups, weight_decay=args.weight_decay)
     base = [g["lr"] for g in opt.param_groups]
     steps_per_epoch = len(sampler)
     total = args.epochs * steps_per_epoch
     warm = round(args.warmup_epochs * steps_per_epoch)
 
-    def factor(step):  # simile's cosine schedule with linear warm-up (src/train/optim.rs)
+    def factor(step):  # simile's schedules with linear warm-up (src/train/optim.rs)
         w = (step + 1) / warm if warm > 0 and step < warm else 1.0
-        if step < warm or total <= warm:
+        if step < warm or total <= warm or args.schedule == "constant":
             return w
         t = (step - warm) / (total - warm)
         return w * (args.min_factor + (1 - args.min_factor) * 0.5 * (1 + math.cos(math.pi * t)))
 
+    untrained = evaluate(model, img_val, df_val, root, 512, args.mean, args.std) if args.valid_at_start else None
     step, n_img, train_s, losses = 0, 0, 0.0, []
     for _ in range(args.epochs):
         it = iter(loader)
@@ -312,6 +330,7 @@ def main():
                 "load_after": load_after,
                 "last_loss": float(np.mean(losses[-steps_per_epoch:])),
                 "metrics": metrics,
+                "metrics_untrained": untrained,
             }
         )
     )
@@ -323,8 +342,8 @@ def build_model(args):
         model = resnet18(args.dim, args.pool, args.gem_p, args.normalise)
     else:
         model = SmallCnn(args.width, args.dim, args.pool, args.gem_p, args.normalise)
-    if args.init == "simile":
-        simile_init(model)
+    if args.init == "tch":
+        tch_init(model)
     return model
 
 
@@ -395,6 +414,7 @@ def simile_run(out, load_before, tags):
                 "load_before": load_before,
                 "load_after": loadavg(),
                 "metrics": {k: val[k][-1] for k in KEYS},
+                "metrics_untrained": {k: val[k][0] for k in KEYS} if val["step"][0] == 0 and len(val["step"]) > 1 else None,
             }
         )
     )
@@ -404,20 +424,21 @@ def summarise(path):
     """Per-seed rows and means per framework (and compute), Markdown; ratios against OML."""
     rows = [json.loads(line) for line in open(path) if line.startswith("{")]
     name = lambda r: r["framework"] + (f" {r['compute']}" if r.get("compute") else "")
-    print("| run | seed | steps | train s | images/s | CMC@1 | MAP@5 | load before / after (1, 5, 15 min) |")
-    print("|---|---|---|---|---|---|---|---|")
+    u = lambda r: f"{r['metrics_untrained']['OVERALL/cmc/1']:.4f}" if r.get("metrics_untrained") else "-"
+    print("| run | seed | steps | train s | images/s | CMC@1 untrained | CMC@1 | MAP@5 | load before / after (1, 5, 15 min) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         m = r["metrics"]
         print(
             f"| {name(r)} | {r.get('seed', '')} | {r['steps']} | {r['train_seconds']:.1f} | {r['images_per_s']:.1f} "
-            f"| {m['OVERALL/cmc/1']:.4f} | {m['OVERALL/map/5']:.4f} | {r.get('load_before', '')} / {r.get('load_after', '')} |"
+            f"| {u(r)} | {m['OVERALL/cmc/1']:.4f} | {m['OVERALL/map/5']:.4f} | {r.get('load_before', '')} / {r.get('load_after', '')} |"
         )
     means = {}
     for r in rows:
         means.setdefault(name(r), []).append(r)
     print()
-    print("| run | seeds | images/s (mean) | CMC@1 (mean) | MAP@5 (mean) | images/s vs OML | CMC@1 vs OML |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | seeds | images/s (mean) | CMC@1 untrained (mean) | CMC@1 (mean) | CMC@1 min-max | MAP@5 (mean) | images/s vs OML | CMC@1 vs OML |")
+    print("|---|---|---|---|---|---|---|---|---|")
     ref = next((v for k, v in means.items() if k.startswith("oml")), None)
     mean = lambda v, f: sum(f(r) for r in v) / len(v)
     ips = lambda r: r["images_per_s"]
@@ -425,9 +446,11 @@ def summarise(path):
     for k, v in means.items():
         ratio = f"{mean(v, ips) / mean(ref, ips):.2f}x" if ref else ""
         diff = f"{mean(v, cmc) - mean(ref, cmc):+.4f}" if ref else ""
+        un = [r["metrics_untrained"]["OVERALL/cmc/1"] for r in v if r.get("metrics_untrained")]
+        un = f"{sum(un) / len(un):.4f}" if un else "-"
         print(
-            f"| {k} | {len(v)} | {mean(v, ips):.1f} | {mean(v, cmc):.4f} | {mean(v, lambda r: r['metrics']['OVERALL/map/5']):.4f} "
-            f"| {ratio} | {diff} |"
+            f"| {k} | {len(v)} | {mean(v, ips):.1f} | {un} | {mean(v, cmc):.4f} | {min(map(cmc, v)):.4f}-{max(map(cmc, v)):.4f} "
+            f"| {mean(v, lambda r: r['metrics']['OVERALL/map/5']):.4f} | {ratio} | {diff} |"
         )
 
 

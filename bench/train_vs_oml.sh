@@ -4,8 +4,8 @@
 # images/s for both, per seed, then per-seed and mean tables (Markdown) with the ratios.
 #
 #   bench/train_vs_oml.sh [--seeds "0 1 2"] [--epochs N] [--config bench/configs/train_vs_oml_resnet18.toml]
-#                         [--compute "fp32 bf16"] [--init simile|torch] [--results FILE]
-#   bench/train_vs_oml.sh --config pipelines/configs/fontid.toml --compute fp32   # the small CNN
+#                         [--compute "fp32 bf16"] [--init torch|tch] [--results FILE]
+#   bench/train_vs_oml.sh --config bench/configs/train_vs_oml_smallcnn.toml --compute fp32
 #
 # Per seed, interleaved so that the machine's load hits both alike: simile (the first
 # --compute), OML, then simile in each further --compute (bf16: simile only). The load average
@@ -15,8 +15,10 @@
 # OML runs from bench/train_vs_oml.py: OML's BalanceSampler, miners, TripletLossWithMiner /
 # ArcFaceLoss and metrics in a plain PyTorch loop (its Lightning pipeline wraps the same calls),
 # the network OML's ResnetExtractor (resnet18) or a PyTorch copy of simile's smallcnn, initialised
-# from simile's distributions (--init torch: PyTorch's own). OML runs from the virtualenv
-# bench/oml-venv.sh creates once (shared with bench/pairwise_vs_oml.sh): it reuses the torch
+# as OML ships it: PyTorch's / torchvision's own init (--init tch: tch's defaults, which simile
+# used before issue 14). Both sides are validated before training and after the last epoch.
+# OML runs from the virtualenv
+# scripts/bootstrap-oml.sh creates once (shared with bench/pairwise_vs_oml.sh): it reuses the torch
 # wheel (and torchvision) of simile's torch virtualenv instead of downloading another, with
 # open-metric-learning==4.0.0 installed without its dependency resolver (it pins numpy < 2; the
 # modules used here import and run with numpy 2) plus the modules it imports, and pyarrow to
@@ -35,7 +37,7 @@ SEEDS="0 1 2"
 CONFIG=bench/configs/train_vs_oml_resnet18.toml
 EPOCHS=
 COMPUTE="fp32 bf16"
-INIT=simile
+INIT=torch
 RESULTS=
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -51,7 +53,7 @@ done
 cd "$ROOT"
 # shellcheck source=/dev/null
 . scripts/env.sh
-VENV="$(bench/oml-venv.sh)"
+VENV="$(scripts/bootstrap-oml.sh)"
 # SIMILE_BIN: a folder with a frozen simile-train (and simile-prepare, if work/fontid is not
 # prepared yet), not rebuilt: other builds may replace target/release during the hour this takes.
 [ -n "${SIMILE_BIN:-}" ] || cargo build --release --quiet --bin simile-train --bin simile-prepare
@@ -65,7 +67,7 @@ mkdir -p "$(dirname "$RESULTS")" "$WORK/bench-oml"
 : >"$RESULTS"
 # simile trains the config (its epochs unless --epochs); the OML side reads the resolved
 # config.toml of that run, so both train the same recipe.
-SETS=(--set valid_period=0 --set valid_at_start=false)
+SETS=(--set valid_period=0 --set valid_at_start=true)
 [ -n "$EPOCHS" ] && SETS+=(--set "epochs=$EPOCHS")
 load() { cut -d' ' -f1-3 /proc/loadavg; }
 simile() { # seed compute

@@ -134,7 +134,7 @@ impl Net {
             Some(d) if d <= 0 => {
                 return Err(Error::input(format!("projection dim {d} must be > 0")))
             }
-            Some(d) => Some(nn::linear(p / "proj", feat, d, Default::default())),
+            Some(d) => Some(torch_linear(p / "proj", feat, d)),
             None => None,
         };
         Ok(Net {
@@ -200,19 +200,71 @@ pub fn l2_normalise(x: &Tensor) -> Tensor {
     x / n
 }
 
-fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64, padding: i64) -> nn::Conv2D {
+// Initialisation, as PyTorch and the reference models do it (tch's defaults differ: its
+// convolution and linear weights are U(+-sqrt(6 / fan_in)), sqrt(6) times PyTorch's, and its
+// BatchNorm weights U(0, 1) where PyTorch's are 1, which shrinks every residual branch of an
+// untrained network to about a third).
+
+/// PyTorch's default for `Conv2d` and `Linear` weights, `kaiming_uniform_(a=sqrt(5))`:
+/// U(+-1 / sqrt(fan_in)).
+pub(crate) const TORCH_DEFAULT: nn::Init = nn::Init::Kaiming {
+    dist: nn::init::NormalOrUniform::Uniform,
+    fan: nn::init::FanInOut::FanIn,
+    non_linearity: nn::init::NonLinearity::ExplicitGain(0.577_350_269_189_625_8),
+};
+
+/// torchvision's ResNet convolutions: `kaiming_normal_(mode="fan_out", nonlinearity="relu")`.
+const RESNET_CONV: nn::Init = nn::Init::Kaiming {
+    dist: nn::init::NormalOrUniform::Normal,
+    fan: nn::init::FanInOut::FanOut,
+    non_linearity: nn::init::NonLinearity::ReLU,
+};
+
+/// PyTorch's default bias of a layer with `fan_in` inputs: U(+-1 / sqrt(fan_in)).
+pub(crate) fn torch_bias(fan_in: i64) -> nn::Init {
+    let b = 1.0 / (fan_in as f64).sqrt();
+    nn::Init::Uniform { lo: -b, up: b }
+}
+
+/// A `Linear` initialised as PyTorch's default.
+pub(crate) fn torch_linear(p: nn::Path, cin: i64, cout: i64) -> nn::Linear {
+    nn::linear(
+        p,
+        cin,
+        cout,
+        nn::LinearConfig {
+            ws_init: TORCH_DEFAULT,
+            bs_init: Some(torch_bias(cin)),
+            bias: true,
+        },
+    )
+}
+
+fn conv(
+    p: nn::Path,
+    cin: i64,
+    cout: i64,
+    k: i64,
+    stride: i64,
+    padding: i64,
+    init: nn::Init,
+) -> nn::Conv2D {
     let cfg = nn::ConvConfig {
         stride,
         padding,
         bias: false,
+        ws_init: init,
         ..Default::default()
     };
     nn::conv2d(p, cin, cout, k, cfg)
 }
 
+/// BatchNorm as PyTorch initialises it: weight 1, bias 0 (running mean 0, variance 1).
 fn bn(p: nn::Path, c: i64, eps: f64) -> nn::BatchNorm {
     let cfg = nn::BatchNormConfig {
         eps,
+        ws_init: nn::Init::Const(1.0),
+        bs_init: nn::Init::Const(0.0),
         ..Default::default()
     };
     nn::batch_norm2d(p, c, cfg)
@@ -234,7 +286,7 @@ impl SmallCnn {
             let cout = width << i;
             let b = p / "blocks" / i;
             blocks.push((
-                conv(&b / "conv", cin, cout, 3, 1, 1),
+                conv(&b / "conv", cin, cout, 3, 1, 1, TORCH_DEFAULT),
                 bn(&b / "bn", cout, 1e-5),
             ));
             cin = cout;
@@ -291,7 +343,7 @@ struct Resnet {
 
 impl Resnet {
     fn new(p: &nn::Path, counts: [i64; 4], bottleneck: bool) -> Self {
-        let conv1 = conv(p / "conv1", 3, 64, 7, 2, 3);
+        let conv1 = conv(p / "conv1", 3, 64, 7, 2, 3, RESNET_CONV);
         let bn1 = bn(p / "bn1", 64, 1e-5);
         let exp = if bottleneck { 4 } else { 1 };
         let mut cin = 64;
@@ -307,26 +359,26 @@ impl Resnet {
                 let convs = if bottleneck {
                     vec![
                         (
-                            conv(&bp / "conv1", cin, planes, 1, 1, 0),
+                            conv(&bp / "conv1", cin, planes, 1, 1, 0, RESNET_CONV),
                             bn(&bp / "bn1", planes, 1e-5),
                         ),
                         (
-                            conv(&bp / "conv2", planes, planes, 3, stride, 1),
+                            conv(&bp / "conv2", planes, planes, 3, stride, 1, RESNET_CONV),
                             bn(&bp / "bn2", planes, 1e-5),
                         ),
                         (
-                            conv(&bp / "conv3", planes, cout, 1, 1, 0),
+                            conv(&bp / "conv3", planes, cout, 1, 1, 0, RESNET_CONV),
                             bn(&bp / "bn3", cout, 1e-5),
                         ),
                     ]
                 } else {
                     vec![
                         (
-                            conv(&bp / "conv1", cin, planes, 3, stride, 1),
+                            conv(&bp / "conv1", cin, planes, 3, stride, 1, RESNET_CONV),
                             bn(&bp / "bn1", planes, 1e-5),
                         ),
                         (
-                            conv(&bp / "conv2", planes, planes, 3, 1, 1),
+                            conv(&bp / "conv2", planes, planes, 3, 1, 1, RESNET_CONV),
                             bn(&bp / "bn2", planes, 1e-5),
                         ),
                     ]
@@ -334,7 +386,7 @@ impl Resnet {
                 let down = (stride != 1 || cin != cout).then(|| {
                     let dp = &bp / "downsample";
                     (
-                        conv(&dp / "0", cin, cout, 1, stride, 0),
+                        conv(&dp / "0", cin, cout, 1, stride, 0, RESNET_CONV),
                         bn(&dp / "1", cout, 1e-5),
                     )
                 });
@@ -386,11 +438,18 @@ struct SameConv {
 impl SameConv {
     fn new(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64, groups: i64) -> Self {
         // Stride 1: TF's SAME is the symmetric k/2; stride 2 pads asymmetrically at run time.
+        // Weights as timm's `_init_weight_goog`: N(0, 2 / fan_out), fan_out = k * k * cout /
+        // groups (a depthwise convolution's is k * k).
+        let fan_out = k * k * cout / groups;
         let cfg = nn::ConvConfig {
             stride,
             padding: if stride == 1 { k / 2 } else { 0 },
             groups,
             bias: false,
+            ws_init: nn::Init::Randn {
+                mean: 0.0,
+                stdev: (2.0 / fan_out as f64).sqrt(),
+            },
             ..Default::default()
         };
         SameConv {
@@ -567,6 +626,9 @@ impl Vit {
             eps: 1e-6,
             ..Default::default()
         };
+        // timm's `init_weights`: every Linear N(0, 0.02) (its truncation at +-2 is 100
+        // standard deviations away) with zero bias; the patch projection keeps PyTorch's
+        // Conv2d defaults.
         let patch = nn::conv2d(
             p / "patch_embed" / "proj",
             3,
@@ -574,9 +636,26 @@ impl Vit {
             patch_size,
             nn::ConvConfig {
                 stride: patch_size,
+                ws_init: TORCH_DEFAULT,
+                bs_init: torch_bias(3 * patch_size * patch_size),
                 ..Default::default()
             },
         );
+        let linear = |p: nn::Path, cin: i64, cout: i64| {
+            nn::linear(
+                p,
+                cin,
+                cout,
+                nn::LinearConfig {
+                    ws_init: nn::Init::Randn {
+                        mean: 0.0,
+                        stdev: 0.02,
+                    },
+                    bs_init: Some(nn::Init::Const(0.0)),
+                    bias: true,
+                },
+            )
+        };
         let n = (img / patch_size) * (img / patch_size);
         let cls_token = p.var(
             "cls_token",
@@ -599,11 +678,11 @@ impl Vit {
                 let bp = p / "blocks" / i;
                 VitBlock {
                     norm1: nn::layer_norm(&bp / "norm1", vec![dim], ln),
-                    qkv: nn::linear(&bp / "attn" / "qkv", dim, 3 * dim, Default::default()),
-                    proj: nn::linear(&bp / "attn" / "proj", dim, dim, Default::default()),
+                    qkv: linear(&bp / "attn" / "qkv", dim, 3 * dim),
+                    proj: linear(&bp / "attn" / "proj", dim, dim),
                     norm2: nn::layer_norm(&bp / "norm2", vec![dim], ln),
-                    fc1: nn::linear(&bp / "mlp" / "fc1", dim, 4 * dim, Default::default()),
-                    fc2: nn::linear(&bp / "mlp" / "fc2", 4 * dim, dim, Default::default()),
+                    fc1: linear(&bp / "mlp" / "fc1", dim, 4 * dim),
+                    fc2: linear(&bp / "mlp" / "fc2", 4 * dim, dim),
                     ls: layer_scale.then(|| {
                         (
                             (&bp / "ls1").var("gamma", &[dim], nn::Init::Const(1e-5)),
@@ -669,6 +748,76 @@ impl Vit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// (std, max |x|) of a variable.
+    fn stats(vs: &nn::VarStore, name: &str) -> (f64, f64) {
+        let t = vs
+            .variables()
+            .remove(name)
+            .unwrap_or_else(|| panic!("no variable {name}"));
+        (
+            f64::try_from(t.std(true)).unwrap(),
+            f64::try_from(t.abs().max()).unwrap(),
+        )
+    }
+
+    #[test]
+    fn initialised_as_pytorch_and_the_reference_models() {
+        tch::manual_seed(0);
+        let near = |got: f64, want: f64, what: &str| {
+            assert!((got / want - 1.0).abs() < 0.05, "{what}: {got} vs {want}");
+        };
+        // torchvision's resnet: convs N(0, 2 / fan_out), BatchNorm 1 / 0.
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let mut spec = ArchSpec::new("resnet18");
+        spec.proj_dim = Some(64);
+        Net::new(&vs.root(), &spec, true).unwrap();
+        near(
+            stats(&vs, "conv1.weight").0,
+            (2.0f64 / (64.0 * 49.0)).sqrt(),
+            "conv1",
+        );
+        near(
+            stats(&vs, "layer2.0.conv1.weight").0,
+            (2.0f64 / (128.0 * 9.0)).sqrt(),
+            "layer2.0.conv1",
+        );
+        near(
+            stats(&vs, "layer3.0.downsample.0.weight").0,
+            (2.0f64 / 256.0).sqrt(),
+            "downsample",
+        );
+        for v in ["bn1", "layer4.1.bn2", "layer2.0.downsample.1"] {
+            let w = vs.variables()[&format!("{v}.weight")].shallow_clone();
+            let b = vs.variables()[&format!("{v}.bias")].shallow_clone();
+            assert!(w.eq(1.0).all().int64_value(&[]) == 1, "{v}.weight");
+            assert!(b.eq(0.0).all().int64_value(&[]) == 1, "{v}.bias");
+        }
+        // PyTorch's Linear default: U(+-1 / sqrt(fan_in)), weight and bias.
+        let (sd, mx) = stats(&vs, "proj.weight");
+        assert!(mx <= 1.0 / 512f64.sqrt());
+        near(sd, 1.0 / (3.0 * 512.0f64).sqrt(), "proj");
+        assert!(stats(&vs, "proj.bias").1 <= 1.0 / 512f64.sqrt());
+        // The small CNN: PyTorch's Conv2d default.
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        Net::new(&vs.root(), &ArchSpec::new("smallcnn"), true).unwrap();
+        let (sd, mx) = stats(&vs, "blocks.2.conv.weight");
+        assert!(mx <= 1.0 / (64.0f64 * 9.0).sqrt());
+        near(sd, 1.0 / (3.0 * 64.0 * 9.0f64).sqrt(), "smallcnn conv");
+        // timm's ViT: Linear N(0, 0.02) with zero bias.
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        Net::new(&vs.root(), &ArchSpec::new("vits16"), true).unwrap();
+        near(stats(&vs, "blocks.3.mlp.fc1.weight").0, 0.02, "vit fc1");
+        assert_eq!(stats(&vs, "blocks.3.attn.qkv.bias").1, 0.0);
+        // EfficientNet: N(0, 2 / fan_out) with a depthwise conv's fan_out k * k.
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        Net::new(&vs.root(), &ArchSpec::new("efficientnet-lite0"), true).unwrap();
+        near(
+            stats(&vs, "_blocks.3._depthwise_conv.weight").0,
+            (2.0f64 / 25.0).sqrt(),
+            "depthwise",
+        );
+    }
 
     #[test]
     fn shapes_of_every_architecture() {
