@@ -96,7 +96,7 @@ pub fn merge_parts(out: &Path, given: &[PathBuf]) -> Result<MergeSummary> {
     let parts = shard::validate(&paths)?;
     let first = &parts.manifests[0];
     let mut m = ManifestBuilder::new(&first.stage, first.params.clone());
-    for (role, rec) in parts.merged_inputs() {
+    for (role, rec) in parts.merged_inputs()? {
         m.input_record(&role, rec);
     }
     let ids_out = npy::ids_path(out);
@@ -267,4 +267,101 @@ pub fn rows_of_dataset(
         }
     }
     Ok(of_row)
+}
+
+/// The dataset ids of an embeddings file's rows, for finding the row of an id: `<stem>.ids.npy`
+/// memory-mapped and searched in place when its ids are sorted and unique (every file simile
+/// writes), so a reader that needs a few rows of a large file holds none of the others in
+/// memory; an unsorted file (another program's) is indexed in memory, duplicates refused.
+pub struct IdRows {
+    ids: Npy,
+    index: Option<std::collections::HashMap<i64, usize>>,
+}
+
+impl IdRows {
+    /// Opens the ids file beside `emb` (`None` when there is none), checking it has one id per
+    /// row of `emb` and no id twice.
+    pub fn open(emb: &Npy) -> Result<Option<IdRows>> {
+        let path = npy::ids_path(emb.path());
+        if !path.exists() {
+            return Ok(None);
+        }
+        let ids = Npy::open(&path)?;
+        if ids.dtype != npy::DType::I64 || ids.shape.len() != 1 {
+            return Err(Error::input(format!(
+                "{}: expected a 1-d int64 array of ids, found dtype {} with shape {:?}",
+                path.display(),
+                ids.dtype.descr(),
+                ids.shape
+            )));
+        }
+        if ids.rows() != emb.rows() {
+            // A set half-replaced by a killed run says so (its manifest no longer matches).
+            crate::manifest::verify(emb.path())?;
+            return Err(Error::input(format!(
+                "{}: {} ids, but {} has {} rows; they must match row for row",
+                path.display(),
+                ids.rows(),
+                emb.path().display(),
+                emb.rows()
+            )));
+        }
+        let mut r = IdRows { ids, index: None };
+        let sorted = (1..r.len()).all(|i| r.id(i - 1) < r.id(i));
+        if !sorted {
+            let mut index = std::collections::HashMap::with_capacity(r.len());
+            for e in 0..r.len() {
+                if let Some(first) = index.insert(r.id(e), e) {
+                    return Err(Error::input(format!(
+                        "{}: row {e}: id {} appears twice (first at row {first})",
+                        path.display(),
+                        r.id(e)
+                    )));
+                }
+            }
+            r.index = Some(index);
+        }
+        Ok(Some(r))
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.rows()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The id of row `e`.
+    pub fn id(&self, e: usize) -> i64 {
+        let b = &self.ids.data()[e * 8..e * 8 + 8];
+        i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+    }
+
+    /// The row of `id`, if the file lists it.
+    pub fn row_of(&self, id: i64) -> Option<usize> {
+        if let Some(ix) = &self.index {
+            return ix.get(&id).copied();
+        }
+        let (mut lo, mut hi) = (0, self.len());
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            match self.id(mid).cmp(&id) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Some(mid),
+            }
+        }
+        None
+    }
+
+    /// The path of the ids file.
+    pub fn path(&self) -> &Path {
+        self.ids.path()
+    }
+
+    /// The byte offset of row `e`'s id in the file (for fingerprinting a range of it).
+    pub fn byte_of(&self, e: usize) -> u64 {
+        (self.ids.data_offset() + e * 8) as u64
+    }
 }

@@ -350,23 +350,43 @@ impl Drop for OutputLock {
 /// What identifies a file's content: its size and an xxh3 hash of every byte.
 ///
 /// `mtime_ns` is recorded but not compared: datasets move between machines and containers,
-/// and a copy must stay the same input. Hashing is cached per process (keyed by the file's
-/// device, inode, size, modification and change times), so a file checked by several steps
-/// of one stage is read once.
+/// and a copy must stay the same input. A file larger than [`BLOCK`] is hashed block by block
+/// (in parallel) and its `blocks` recorded, so that a reader of part of it (a shard worker) can
+/// fingerprint and check only the blocks it reads ([`Fingerprint::of_range`]); the parts'
+/// fingerprints combine into the whole file's ([`Fingerprint::combine`]). Hashing is cached
+/// per process (keyed by the file's device, inode, size, modification and change times), so a
+/// file checked by several steps of one stage is read once.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Fingerprint {
     pub size: u64,
     pub mtime_ns: i128,
     pub hash: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<Blocks>,
 }
+
+/// The xxh3 digests of consecutive [`BLOCK`]-byte blocks of a file, from block `first` on.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Blocks {
+    pub first: u64,
+    pub digests: Vec<String>,
+}
+
+/// The block size of large files' fingerprints: 64 MiB.
+pub const BLOCK: u64 = 64 << 20;
 
 /// The hash prefix of a list of files' fingerprint.
 const SUM: &str = "xxh3-sum:";
+/// The hash prefix of a fingerprint of some blocks of a file.
+const RANGE: &str = "xxh3-range:";
 
 type FileKey = (u64, u64, u64, i128, i128);
 
-fn fp_cache() -> &'static Mutex<HashMap<PathBuf, (FileKey, Fingerprint)>> {
-    static CACHE: OnceLock<Mutex<HashMap<PathBuf, (FileKey, Fingerprint)>>> = OnceLock::new();
+/// Per path: the file's identity and the digests of the blocks hashed so far.
+type BlockCache = HashMap<PathBuf, (FileKey, Vec<Option<u64>>)>;
+
+fn block_cache() -> &'static Mutex<BlockCache> {
+    static CACHE: OnceLock<Mutex<BlockCache>> = OnceLock::new();
     CACHE.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
@@ -390,26 +410,183 @@ fn file_key(meta: &std::fs::Metadata) -> (FileKey, i128) {
     ((0, 0, meta.len(), mtime_ns, 0), mtime_ns)
 }
 
+fn n_blocks(size: u64) -> u64 {
+    size.div_ceil(BLOCK).max(1)
+}
+
+/// The digests of blocks `lo..hi` of `path` (hashed in parallel, memory-mapped, cached).
+fn digests(path: &Path, lo: u64, hi: u64) -> Result<(u64, i128, Vec<u64>)> {
+    use rayon::prelude::*;
+    let meta = std::fs::metadata(path).at(path)?;
+    let (key, mtime_ns) = file_key(&meta);
+    let size = meta.len();
+    let n = n_blocks(size);
+    let hi = hi.min(n);
+    let known: Vec<Option<u64>> = block_cache()
+        .lock()
+        .ok()
+        .and_then(|c| {
+            c.get(path)
+                .filter(|(k, _)| *k == key)
+                .map(|(_, d)| d.clone())
+        })
+        .unwrap_or_else(|| vec![None; n as usize]);
+    let missing: Vec<u64> = (lo..hi).filter(|&i| known[i as usize].is_none()).collect();
+    let mut all = known;
+    if !missing.is_empty() {
+        let f = File::open(path).at(path)?;
+        let got: Vec<(u64, u64)> = if size <= BLOCK {
+            let mut buf = Vec::with_capacity(size as usize);
+            (&f).read_to_end(&mut buf).at(path)?;
+            vec![(0, xxhash_rust::xxh3::xxh3_64(&buf))]
+        } else {
+            // SAFETY: a read-only map, dropped before returning; a file truncated under it by
+            // another program would fault, which no stage does to its inputs.
+            let map = unsafe { memmap2::Mmap::map(&f) }.at(path)?;
+            missing
+                .par_iter()
+                .map(|&i| {
+                    let a = (i * BLOCK) as usize;
+                    let b = ((i + 1) * BLOCK).min(size) as usize;
+                    (i, xxhash_rust::xxh3::xxh3_64(&map[a..b]))
+                })
+                .collect()
+        };
+        for (i, d) in got {
+            all[i as usize] = Some(d);
+        }
+        if let Ok(mut c) = block_cache().lock() {
+            c.insert(path.to_path_buf(), (key, all.clone()));
+        }
+    }
+    Ok((
+        size,
+        mtime_ns,
+        (lo..hi).map(|i| all[i as usize].unwrap_or(0)).collect(),
+    ))
+}
+
+/// The whole file's hash from all its block digests (one block: the content's own xxh3).
+fn whole_hash(size: u64, d: &[u64]) -> String {
+    if size <= BLOCK {
+        return format!("xxh3:{:016x}", d[0]);
+    }
+    let mut h = Xxh3::new();
+    h.update(&size.to_le_bytes());
+    for x in d {
+        h.update(&x.to_le_bytes());
+    }
+    format!("xxh3:{:016x}", h.digest())
+}
+
+fn hex(d: &[u64]) -> Vec<String> {
+    d.iter().map(|x| format!("{x:016x}")).collect()
+}
+
 impl Fingerprint {
     /// Fingerprints a file: every byte is hashed (xxh3 streams at several GB/s).
     pub fn of(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let meta = std::fs::metadata(path).at(path)?;
-        let (key, mtime_ns) = file_key(&meta);
-        if let Some((k, fp)) = fp_cache().lock().ok().and_then(|c| c.get(path).cloned()) {
-            if k == key {
-                return Ok(fp);
+        let (size, mtime_ns, d) = digests(path, 0, u64::MAX)?;
+        Ok(Fingerprint {
+            size,
+            mtime_ns,
+            hash: whole_hash(size, &d),
+            blocks: (size > BLOCK).then(|| Blocks {
+                first: 0,
+                digests: hex(&d),
+            }),
+        })
+    }
+
+    /// Fingerprints the blocks of `path` that hold bytes `[start, end)`: what a reader of that
+    /// part of a large file depends on. A file of one block is fingerprinted whole.
+    pub fn of_range(path: impl AsRef<Path>, start: u64, end: u64) -> Result<Self> {
+        let path = path.as_ref();
+        let size = std::fs::metadata(path).at(path)?.len();
+        if size <= BLOCK {
+            return Self::of(path);
+        }
+        let (lo, hi) = (start / BLOCK, end.max(start + 1).div_ceil(BLOCK));
+        let (size, mtime_ns, d) = digests(path, lo, hi)?;
+        if lo == 0 && hi >= n_blocks(size) {
+            return Self::of(path);
+        }
+        let mut h = Xxh3::new();
+        h.update(&size.to_le_bytes());
+        h.update(&lo.to_le_bytes());
+        for x in &d {
+            h.update(&x.to_le_bytes());
+        }
+        Ok(Fingerprint {
+            size,
+            mtime_ns,
+            hash: format!("{RANGE}{lo}-{}:{:016x}", lo + d.len() as u64, h.digest()),
+            blocks: Some(Blocks {
+                first: lo,
+                digests: hex(&d),
+            }),
+        })
+    }
+
+    /// Whether this fingerprints only some blocks of a file ([`of_range`](Self::of_range)).
+    pub fn is_range(&self) -> bool {
+        self.hash.starts_with(RANGE)
+    }
+
+    /// The whole file's fingerprint from fingerprints of parts of it (shard workers' ranges,
+    /// or whole): `None` unless they are of one file size, agree where they overlap and
+    /// cover every block.
+    pub fn combine<'a>(parts: impl IntoIterator<Item = &'a Fingerprint>) -> Option<Fingerprint> {
+        let parts: Vec<&Fingerprint> = parts.into_iter().collect();
+        let size = parts.first()?.size;
+        if parts.iter().any(|p| p.size != size) {
+            return None;
+        }
+        if let Some(w) = parts.iter().find(|p| !p.is_range()) {
+            let w = (*w).clone();
+            return parts.iter().all(|p| w.contains(p)).then_some(w);
+        }
+        let mut all: Vec<Option<String>> = vec![None; n_blocks(size) as usize];
+        for p in &parts {
+            let b = p.blocks.as_ref()?;
+            for (k, d) in b.digests.iter().enumerate() {
+                let slot = all.get_mut(b.first as usize + k)?;
+                match slot {
+                    Some(prev) if prev != d => return None,
+                    _ => *slot = Some(d.clone()),
+                }
             }
         }
-        let fp = Fingerprint {
-            size: meta.len(),
-            mtime_ns,
-            hash: hash_file(path)?,
-        };
-        if let Ok(mut c) = fp_cache().lock() {
-            c.insert(path.to_path_buf(), (key, fp.clone()));
+        let d: Vec<u64> = all
+            .iter()
+            .map(|x| x.as_ref().and_then(|h| u64::from_str_radix(h, 16).ok()))
+            .collect::<Option<_>>()?;
+        Some(Fingerprint {
+            size,
+            mtime_ns: parts[0].mtime_ns,
+            hash: whole_hash(size, &d),
+            blocks: (size > BLOCK).then(|| Blocks {
+                first: 0,
+                digests: hex(&d),
+            }),
+        })
+    }
+
+    /// Whether `self`, a whole-file fingerprint, has the content `part` (a range of the same
+    /// file, or whole) describes.
+    pub fn contains(&self, part: &Fingerprint) -> bool {
+        if !part.is_range() {
+            return self.same_content(part);
         }
-        Ok(fp)
+        match (&self.blocks, &part.blocks) {
+            (Some(w), Some(p)) if self.size == part.size && w.first == 0 => p
+                .digests
+                .iter()
+                .enumerate()
+                .all(|(k, d)| w.digests.get(p.first as usize + k) == Some(d)),
+            _ => false,
+        }
     }
 
     /// One fingerprint of many files' contents, in the order given (the images a stage reads):
@@ -447,6 +624,7 @@ impl Fingerprint {
         Fingerprint {
             size: each.iter().map(|e| e.0).sum(),
             mtime_ns: 0,
+            blocks: None,
             hash: format!(
                 "{SUM}{:016x}",
                 each.iter().fold(0u64, |a, e| a.wrapping_add(e.1))
@@ -472,6 +650,7 @@ impl Fingerprint {
             size,
             mtime_ns: 0,
             hash: format!("{SUM}{h:016x}"),
+            blocks: None,
         })
     }
 
@@ -479,26 +658,6 @@ impl Fingerprint {
     pub fn same_content(&self, other: &Fingerprint) -> bool {
         self.size == other.size && self.hash == other.hash
     }
-}
-
-/// xxh3 of a whole file (memory-mapped when large, so it is not copied).
-pub fn hash_file(path: &Path) -> Result<String> {
-    let mut f = File::open(path).at(path)?;
-    let len = f.metadata().at(path)?.len();
-    let mut h = Xxh3::new();
-    if len >= 1 << 22 {
-        // SAFETY: a read-only map, dropped before returning; a file truncated under it by
-        // another program would fault, which no stage does to its inputs.
-        let map = unsafe { memmap2::Mmap::map(&f) }.at(path)?;
-        for chunk in map.chunks(1 << 24) {
-            h.update(chunk);
-        }
-    } else {
-        let mut buf = Vec::with_capacity(len as usize);
-        f.read_to_end(&mut buf).at(path)?;
-        h.update(&buf);
-    }
-    Ok(format!("xxh3:{:016x}", h.digest()))
 }
 
 /// The absolute, symlink-free form of a path that may not exist yet (its folder must, or it
@@ -623,6 +782,43 @@ mod tests {
             Fingerprint::sum(&[Fingerprint::of_files_at(0, &[y, z]), parts[0].clone()]),
             Some(whole)
         );
+    }
+
+    #[test]
+    fn large_files_are_fingerprinted_by_blocks_and_ranges_combine() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("big.npy");
+        let size = (2 * BLOCK + BLOCK / 2) as usize;
+        let mut data: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let whole = Fingerprint::of(&p).unwrap();
+        assert_eq!(whole.blocks.as_ref().unwrap().digests.len(), 3);
+        // A shard worker's range: only its blocks.
+        let a = Fingerprint::of_range(&p, 10, BLOCK + 5).unwrap();
+        let b = Fingerprint::of_range(&p, BLOCK + 5, size as u64).unwrap();
+        assert!(a.is_range() && b.is_range());
+        assert_eq!(a.blocks.as_ref().unwrap().digests.len(), 2);
+        assert!(whole.contains(&a) && whole.contains(&b));
+        assert_eq!(Fingerprint::combine([&a, &b]), Some(whole.clone()));
+        assert_eq!(Fingerprint::combine([&a]), None, "block 2 is not covered");
+        // A change in block 2 is seen by the whole and by the range holding it only.
+        data[2 * BLOCK as usize + 7] ^= 1;
+        std::fs::write(&p, &data).unwrap();
+        let whole2 = Fingerprint::of(&p).unwrap();
+        assert!(!whole2.same_content(&whole));
+        let a2 = Fingerprint::of_range(&p, 10, BLOCK + 5).unwrap();
+        assert!(a2.same_content(&a), "blocks 0 and 1 did not change");
+        let b2 = Fingerprint::of_range(&p, BLOCK + 5, size as u64).unwrap();
+        assert!(!b2.same_content(&b) && !whole.contains(&b2) && whole2.contains(&b2));
+        assert!(Fingerprint::combine([&a, &b2])
+            .unwrap()
+            .same_content(&whole2));
+        // Parts that disagree where they overlap are of two different files.
+        let mut other = data.clone();
+        other[BLOCK as usize + 1] ^= 1;
+        std::fs::write(&p, &other).unwrap();
+        let a3 = Fingerprint::of_range(&p, 10, BLOCK + 5).unwrap();
+        assert_eq!(Fingerprint::combine([&a3, &b2]), None);
     }
 
     #[test]

@@ -182,7 +182,7 @@ fn stale_reason(b: &ManifestBuilder, m: &Manifest, output: &Path) -> Result<Opti
             return Ok(Some("a different shard".into()));
         }
     }
-    if let Some(bad) = mismatch(m, output)? {
+    if let Some(bad) = mismatch(m, output, &[])? {
         return Ok(Some(format!("{} changed or is missing", bad.display())));
     }
     let dir = io::parent_dir(output);
@@ -200,28 +200,35 @@ fn stale_reason(b: &ManifestBuilder, m: &Manifest, output: &Path) -> Result<Opti
     Ok(None)
 }
 
+/// Byte ranges of an artifact's files that a reader depends on (file, start, end); files not
+/// listed are checked whole.
+pub type Ranges = [(PathBuf, u64, u64)];
+
 /// The first file of `m`'s set (the output, then each companion) that is missing or does not
-/// have the content `m` recorded.
-fn mismatch(m: &Manifest, output: &Path) -> Result<Option<PathBuf>> {
-    if !fingerprint_matches(output, &m.output_fingerprint)? {
+/// have the content `m` recorded (in the byte range `ranges` gives it, if any).
+fn mismatch(m: &Manifest, output: &Path, ranges: &Ranges) -> Result<Option<PathBuf>> {
+    if !fingerprint_matches(output, &m.output_fingerprint, ranges)? {
         return Ok(Some(output.to_path_buf()));
     }
     let dir = io::parent_dir(output);
     for (name, fp) in &m.companions {
         let p = dir.join(name);
-        if !fingerprint_matches(&p, fp)? {
+        if !fingerprint_matches(&p, fp, ranges)? {
             return Ok(Some(p));
         }
     }
     Ok(None)
 }
 
-/// Whether `path` exists with the content `fp` describes.
-fn fingerprint_matches(path: &Path, fp: &Fingerprint) -> Result<bool> {
+/// Whether `path` exists with the content `fp` describes (in its range in `ranges`, if any).
+fn fingerprint_matches(path: &Path, fp: &Fingerprint, ranges: &Ranges) -> Result<bool> {
     if !path.is_file() {
         return Ok(false);
     }
-    Ok(Fingerprint::of(path)?.same_content(fp))
+    match ranges.iter().find(|(p, _, _)| p == path) {
+        Some((_, a, b)) => Ok(fp.contains(&Fingerprint::of_range(path, *a, *b)?)),
+        None => Ok(Fingerprint::of(path)?.same_content(fp)),
+    }
 }
 
 /// Collects what a stage records while it runs, then commits the output set.
@@ -285,19 +292,31 @@ impl ManifestBuilder {
     /// Records an input artifact: refuses it when its set is inconsistent ([`verify`]), and
     /// fingerprints it and its companions.
     pub fn input(&mut self, role: &str, path: &Path) -> Result<&mut Self> {
-        verify(path)?;
-        let fp = Fingerprint::of(path)?;
+        self.input_part(role, path, &[])
+    }
+
+    /// Records an input of which the stage reads only byte ranges (a shard worker's rows of a
+    /// large embeddings file, and their ids): the set is checked, and fingerprinted, in those
+    /// ranges only (`Fingerprint::of_range`). `ranges` names the artifact and its companions.
+    pub fn input_part(&mut self, role: &str, path: &Path, ranges: &Ranges) -> Result<&mut Self> {
+        verify_part(path, ranges)?;
+        let range_of = |p: &Path| -> Result<Fingerprint> {
+            match ranges.iter().find(|(r, _, _)| r == p) {
+                Some((_, a, b)) => Fingerprint::of_range(p, *a, *b),
+                None => Fingerprint::of(p),
+            }
+        };
         let mut companions = BTreeMap::new();
         for c in conventional_companions(path) {
             if c.is_file() {
-                companions.insert(io::file_name(&c), Fingerprint::of(&c)?);
+                companions.insert(io::file_name(&c), range_of(&c)?);
             }
         }
         self.inputs.insert(
             role.to_string(),
             InputRecord {
                 path: path.display().to_string(),
-                fingerprint: fp,
+                fingerprint: range_of(path)?,
                 companions,
             },
         );
@@ -580,6 +599,13 @@ fn read_raw(artifact: &Path) -> Option<Manifest> {
 /// program). A file that does not match is refused (exit 2): it is what an interrupted run
 /// leaves, or a file another program replaced; either way its set cannot be trusted.
 pub fn verify(artifact: &Path) -> Result<Option<Manifest>> {
+    verify_part(artifact, &[])
+}
+
+/// [`verify`] for a reader of part of the artifact: the files in `ranges` are checked in those
+/// byte ranges only (through their block fingerprints), so a shard worker reads no more of a
+/// large gallery to check it than to search it.
+pub fn verify_part(artifact: &Path, ranges: &Ranges) -> Result<Option<Manifest>> {
     let mp = manifest_path(artifact);
     if !mp.exists() {
         return Ok(None);
@@ -592,7 +618,7 @@ pub fn verify(artifact: &Path) -> Result<Option<Manifest>> {
             artifact.display()
         ))
     })?;
-    if let Some(bad) = mismatch(&m, artifact)? {
+    if let Some(bad) = mismatch(&m, artifact, ranges)? {
         let what = if bad.is_file() {
             "does not match"
         } else {
@@ -614,7 +640,17 @@ pub fn verify(artifact: &Path) -> Result<Option<Manifest>> {
 /// Refuses `artifact` when its manifest records an input `role` whose fingerprint differs
 /// from the file the user gave now (e.g. embeddings made from another `dataset.parquet`).
 pub fn check_upstream(artifact: &Path, role: &str, given: &Path) -> Result<()> {
-    let Some(m) = verify(artifact)? else {
+    check_upstream_part(artifact, &[], role, given)
+}
+
+/// [`check_upstream`] for a reader of the byte `ranges` of the artifact (see [`verify_part`]).
+pub fn check_upstream_part(
+    artifact: &Path,
+    ranges: &Ranges,
+    role: &str,
+    given: &Path,
+) -> Result<()> {
+    let Some(m) = verify_part(artifact, ranges)? else {
         return Ok(());
     };
     let Some(rec) = m.inputs.get(role) else {

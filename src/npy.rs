@@ -95,6 +95,11 @@ impl Npy {
         self.shape.get(1).copied().unwrap_or(1)
     }
 
+    /// The byte offset of the data in the file (after the header).
+    pub fn data_offset(&self) -> usize {
+        self.offset
+    }
+
     pub fn data(&self) -> &[u8] {
         let n: usize = self.shape.iter().product();
         &self.mmap[self.offset..self.offset + n * self.dtype.size()]

@@ -81,7 +81,38 @@ fn side(ds: &Dataset, rows: Vec<usize>, it: &mut Interner, rule: SequenceRule) -
     }
 }
 
+fn side_of_rows(r: crate::dataset::SideRows, it: &mut Interner, rule: SequenceRule) -> Side {
+    Side {
+        seq: r
+            .sequence
+            .iter()
+            .map(|s| it.code(s.as_deref(), rule))
+            .collect(),
+        rows: r.rows,
+        ids: r.ids,
+        labels: r.labels,
+        category: r.category,
+    }
+}
+
 impl QueryGallery {
+    /// The sides as read by `dataset::read_sides` (a shard's window of one of them, say):
+    /// `same_dataset` when both come from one dataset (then self-exclusion applies).
+    pub fn from_sides(
+        q: crate::dataset::SideRows,
+        g: crate::dataset::SideRows,
+        same_dataset: bool,
+        rule: SequenceRule,
+    ) -> Self {
+        let mut it = Interner(HashMap::new());
+        QueryGallery {
+            queries: side_of_rows(q, &mut it, rule),
+            gallery: side_of_rows(g, &mut it, rule),
+            same_dataset,
+            rule,
+        }
+    }
+
     /// Queries are the split's rows with `is_query`, the gallery its rows with `is_gallery`.
     pub fn from_dataset(ds: &Dataset, split: Split, rule: SequenceRule) -> Result<Self> {
         if split == Split::Train {

@@ -12,13 +12,33 @@ pub struct ShardSpec {
     pub count: usize,
 }
 
+/// The environment variable `--shard auto/N` takes the index from: a Kubernetes Indexed Job
+/// sets it in each pod (0..completions-1).
+pub const INDEX_ENV: &str = "JOB_COMPLETION_INDEX";
+
 impl std::str::FromStr for ShardSpec {
     type Err = String;
+    /// `i/n`, or `auto/n`: the index from `JOB_COMPLETION_INDEX` (a Kubernetes Indexed Job).
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let bad = || format!("'{s}': expected i/n with 0 <= i < n, e.g. 0/4");
+        let bad = || format!("'{s}': expected i/n with 0 <= i < n (e.g. 0/4), or auto/n");
         let (i, n) = s.split_once('/').ok_or_else(bad)?;
-        let index: usize = i.trim().parse().map_err(|_| bad())?;
         let count: usize = n.trim().parse().map_err(|_| bad())?;
+        let index: usize = if i.trim() == "auto" {
+            let v = std::env::var(INDEX_ENV).map_err(|_| {
+                format!("'{s}': auto takes the shard index from {INDEX_ENV}, which is not set (a Kubernetes Indexed Job sets it)")
+            })?;
+            let index = v.trim().parse().map_err(|_| {
+                format!("'{s}': {INDEX_ENV}={v:?} is not a shard index (0, 1, ...)")
+            })?;
+            if count > 0 && index >= count {
+                return Err(format!(
+                    "'{s}': {INDEX_ENV}={index} is not below the shard count {count} (the Job's completions must equal n)"
+                ));
+            }
+            index
+        } else {
+            i.trim().parse().map_err(|_| bad())?
+        };
         if count == 0 || index >= count {
             return Err(bad());
         }
@@ -42,8 +62,22 @@ impl ShardSpec {
 
     /// `dir/emb.npy` -> `dir/emb.part-1-of-4.npy`; `a/b.ids.npy` keeps `.ids.npy` as extension.
     pub fn part_path(&self, out: &Path) -> PathBuf {
+        self.path_with(out, PART)
+    }
+
+    /// `dir/nn.parquet` -> `dir/nn.qpart-1-of-4.parquet`: a query range of the merged gallery
+    /// parts of `out` (`simile-distance merge --query-shard`), joined by
+    /// `merge --query-parts`.
+    pub fn qpart_path(&self, out: &Path) -> PathBuf {
+        self.path_with(out, QPART)
+    }
+
+    fn path_with(&self, out: &Path, infix: &str) -> PathBuf {
         let (stem, ext) = split_name(out);
-        out.with_file_name(format!("{stem}.part-{}-of-{}{ext}", self.index, self.count))
+        out.with_file_name(format!(
+            "{stem}.{infix}-{}-of-{}{ext}",
+            self.index, self.count
+        ))
     }
 }
 
@@ -60,11 +94,18 @@ fn split_name(p: &Path) -> (String, String) {
     }
 }
 
-/// If `path` is named like a shard part, the (index, count) in its name.
+/// The infixes of part names: a shard's part, a query range of merged gallery parts.
+pub const PART: &str = "part";
+pub const QPART: &str = "qpart";
+
+/// If `path` is named like a shard part (or a query range of merged parts), the (index,
+/// count) in its name.
 pub fn part_of_name(path: &Path) -> Option<(usize, usize)> {
     let name = path.file_name()?.to_string_lossy().into_owned();
-    let i = name.find(".part-")?;
-    let rest = &name[i + 6..];
+    let (i, len) = [".part-", ".qpart-"]
+        .iter()
+        .find_map(|m| name.find(m).map(|i| (i, m.len())))?;
+    let rest = &name[i + len..];
     let (a, rest) = rest.split_once("-of-")?;
     let b: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
     Some((a.parse().ok()?, b.parse().ok()?))
@@ -73,7 +114,13 @@ pub fn part_of_name(path: &Path) -> Option<(usize, usize)> {
 /// Every consumer calls this on its inputs: an unmerged part is refused, and so is a file that
 /// does not match its manifest (`manifest::verify`).
 pub fn refuse_part(path: &Path) -> Result<()> {
-    let by_manifest = manifest::verify(path)?.and_then(|m| m.shard.map(|s| (s.index, s.count)));
+    refuse_part_ranges(path, &[])
+}
+
+/// [`refuse_part`] for a reader of byte ranges of the file (see `manifest::verify_part`).
+pub fn refuse_part_ranges(path: &Path, ranges: &manifest::Ranges) -> Result<()> {
+    let by_manifest =
+        manifest::verify_part(path, ranges)?.and_then(|m| m.shard.map(|s| (s.index, s.count)));
     if let Some((i, n)) = part_of_name(path).or(by_manifest) {
         return Err(Error::input(format!(
             "{} is shard part {i} of {n}, not a complete result; join the parts first with the stage's `merge` subcommand",
@@ -93,24 +140,50 @@ pub struct Parts {
 impl Parts {
     /// The inputs of the whole run: the parts' shared inputs, and each list of files (the
     /// images) summed over the parts, as the unsharded run records them.
-    pub fn merged_inputs(&self) -> std::collections::BTreeMap<String, manifest::InputRecord> {
+    pub fn merged_inputs(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, manifest::InputRecord>> {
+        use crate::io::Fingerprint;
         let mut inputs = self.manifests[0].inputs.clone();
         for (role, rec) in inputs.iter_mut() {
-            if let Some(fp) = crate::io::Fingerprint::sum(
-                self.manifests
-                    .iter()
-                    .filter_map(|m| m.inputs.get(role).map(|r| &r.fingerprint)),
-            ) {
+            let recs: Vec<&manifest::InputRecord> = self
+                .manifests
+                .iter()
+                .filter_map(|m| m.inputs.get(role))
+                .collect();
+            let fps = || recs.iter().map(|r| &r.fingerprint);
+            if let Some(fp) = Fingerprint::sum(fps()) {
                 rec.fingerprint = fp;
                 rec.path = format!("{} (all parts)", rec.path);
+            } else if fps().any(Fingerprint::is_range) {
+                // The parts' ranges of one file join into the whole file's fingerprint.
+                let whole = |fps: Vec<&Fingerprint>, what: &str| {
+                    Fingerprint::combine(fps).ok_or_else(|| {
+                        Error::input(format!(
+                            "the parts read different contents of {what} (or not all of it): re-run all parts from the same inputs"
+                        ))
+                    })
+                };
+                rec.fingerprint = whole(fps().collect(), &rec.path)?;
+                for (name, c) in rec.companions.iter_mut() {
+                    *c = whole(
+                        recs.iter().filter_map(|r| r.companions.get(name)).collect(),
+                        name,
+                    )?;
+                }
             }
         }
-        inputs
+        Ok(inputs)
     }
 }
 
 /// Finds the parts of `out` (`<stem>.part-*-of-*<ext>` beside it) when `given` is empty.
 pub fn discover(out: &Path, given: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    discover_named(out, given, PART)
+}
+
+/// [`discover`] for parts named with `infix` ([`PART`] or [`QPART`]).
+pub fn discover_named(out: &Path, given: &[PathBuf], infix: &str) -> Result<Vec<PathBuf>> {
     if !given.is_empty() {
         return Ok(given.to_vec());
     }
@@ -119,7 +192,7 @@ pub fn discover(out: &Path, given: &[PathBuf]) -> Result<Vec<PathBuf>> {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let prefix = format!("{stem}.part-");
+    let prefix = format!("{stem}.{infix}-");
     let mut found = Vec::new();
     for e in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
         let e = e.map_err(|e| Error::io(&dir, e))?;
@@ -127,7 +200,7 @@ pub fn discover(out: &Path, given: &[PathBuf]) -> Result<Vec<PathBuf>> {
         if name.starts_with(&prefix) && name.ends_with(&ext) {
             let p = e.path();
             if let Some((i, n)) = part_of_name(&p) {
-                if name == format!("{stem}.part-{i}-of-{n}{ext}") {
+                if name == format!("{stem}.{infix}-{i}-of-{n}{ext}") {
                     found.push(p);
                 }
             }
@@ -135,7 +208,7 @@ pub fn discover(out: &Path, given: &[PathBuf]) -> Result<Vec<PathBuf>> {
     }
     if found.is_empty() {
         return Err(Error::input(format!(
-            "no parts of {} found in {} (expected files named {stem}.part-<i>-of-<n>{ext})",
+            "no parts of {} found in {} (expected files named {stem}.{infix}-<i>-of-<n>{ext})",
             out.display(),
             dir.display()
         )));
@@ -203,12 +276,15 @@ pub fn validate(paths: &[PathBuf]) -> Result<Parts> {
     }
     let first = &items[0].2;
     for (s, p, m) in &items[1..] {
-        // A part's list of files (its images) is its own; every other input is shared.
+        // A part's list of files (its images) and its range of a large file (a gallery
+        // shard's rows) are its own; every other input is shared.
         let same_inputs = m.inputs.len() == first.inputs.len()
             && m.inputs.iter().all(|(role, rec)| {
                 first.inputs.get(role).is_some_and(|r| {
-                    (r.fingerprint.is_sum() && rec.fingerprint.is_sum())
-                        || r.fingerprint.same_content(&rec.fingerprint)
+                    let (a, b) = (&r.fingerprint, &rec.fingerprint);
+                    (a.is_sum() && b.is_sum())
+                        || ((a.is_range() || b.is_range()) && a.size == b.size)
+                        || a.same_content(b)
                 })
             });
         if !same_inputs || m.params != first.params || m.stage != first.stage {
@@ -245,6 +321,26 @@ mod tests {
         assert_eq!(s, ShardSpec { index: 1, count: 3 });
         assert!("3/3".parse::<ShardSpec>().is_err());
         assert!("0/0".parse::<ShardSpec>().is_err());
+        // auto/n: the index of a Kubernetes Indexed Job's pod.
+        std::env::set_var(INDEX_ENV, "2");
+        assert_eq!(
+            "auto/4".parse::<ShardSpec>().unwrap(),
+            ShardSpec { index: 2, count: 4 }
+        );
+        assert!("auto/2"
+            .parse::<ShardSpec>()
+            .unwrap_err()
+            .contains("not below the shard count 2"));
+        std::env::set_var(INDEX_ENV, "x");
+        assert!("auto/4"
+            .parse::<ShardSpec>()
+            .unwrap_err()
+            .contains("not a shard index"));
+        std::env::remove_var(INDEX_ENV);
+        assert!("auto/4"
+            .parse::<ShardSpec>()
+            .unwrap_err()
+            .contains("not set"));
         assert!("a/2".parse::<ShardSpec>().is_err());
         // Ranges tile 0..n for every n, with no gap or overlap.
         for n in [0usize, 1, 2, 7, 100] {

@@ -680,6 +680,66 @@ fn sharded_then_merged_equals_unsharded() {
     assert!(!out2.exists());
 }
 
+/// Gallery-shard parts merged per query range (one merge per range, as parallel merge tasks
+/// run), then the ranges joined: the unsharded result, and its manifest's inputs.
+#[test]
+fn merged_per_query_range_equals_unsharded() {
+    use simile::knn::stage::ShardKind;
+    let f = random_fixture(150, 10, 9, DType::F32);
+    let full = f.out("nn.parquet");
+    let whole = stage(&f, &full, "l2", "native", "fp32", 6).unwrap();
+    let out = f.out("g.parquet");
+    for i in 0..4 {
+        let spec = format!("{i}/4");
+        stage_on(
+            &f.dataset(),
+            &f.embeddings(),
+            &out,
+            "l2",
+            "native",
+            "fp32",
+            6,
+            Some((ShardKind::Gallery, &spec)),
+        )
+        .unwrap();
+    }
+    for q in 0..3 {
+        ok(&[
+            "merge",
+            "--out",
+            p(&out),
+            "--query-shard",
+            &format!("{q}/3"),
+        ]);
+    }
+    let range = f.out("g.qpart-1-of-3.parquet");
+    assert!(Neighbors::read(&range).is_err(), "a query range is a part");
+    let again = run(&["merge", "--out", p(&out), "--query-shard", "1/3"]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("is up to date"));
+    ok(&["merge", "--out", p(&out), "--query-parts"]);
+    let merged = Neighbors::read(&out).unwrap();
+    assert_eq!(merged.query_id, whole.query_id);
+    assert_eq!(merged.gallery_id, whole.gallery_id);
+    assert_eq!(merged.rank, whole.rank);
+    assert_eq!(merged.meta, whole.meta);
+    let (m, w) = (
+        simile::manifest::verify(&out).unwrap().unwrap(),
+        simile::manifest::verify(&full).unwrap().unwrap(),
+    );
+    assert_eq!(m.params, w.params);
+    assert_eq!(m.inputs, w.inputs);
+    // Query-shard parts are not what --query-shard merges.
+    let e = run(&[
+        "merge",
+        "--out",
+        p(&full),
+        "--query-shard",
+        "0/2",
+        p(&range),
+    ]);
+    assert_eq!(e.status.code(), Some(2));
+}
+
 /// simile: a missing sequence excludes nothing. OML: all rows without a sequence share one
 /// (pandas' factorize maps NaN to -1), so they exclude each other. Both, through the library.
 #[test]

@@ -950,10 +950,16 @@ fn a_full_disk_is_an_io_error_in_every_stage() {
         }
     }
     let _u = Unmount(&full);
-    let cases: Vec<(&str, Vec<String>)> = vec![
+    let (e, n, m, pq) = (
+        full.join("e.npy"),
+        full.join("n.parquet"),
+        full.join("m.json"),
+        full.join("pq.parquet"),
+    );
+    let cases: Vec<(&str, Vec<&str>)> = vec![
         (
             EMBED,
-            [
+            vec![
                 "--dataset",
                 s(&f.ds),
                 "--model",
@@ -961,15 +967,12 @@ fn a_full_disk_is_an_io_error_in_every_stage() {
                 "--split",
                 "validation",
                 "--out",
-            ]
-            .iter()
-            .map(|a| a.to_string())
-            .chain([s(&full.join("e.npy")).to_string()])
-            .collect(),
+                s(&e),
+            ],
         ),
         (
             DISTANCE,
-            [
+            vec![
                 "--dataset",
                 s(&f.ds),
                 "--embeddings",
@@ -979,34 +982,27 @@ fn a_full_disk_is_an_io_error_in_every_stage() {
                 "--top-k",
                 "20",
                 "--out",
-            ]
-            .iter()
-            .map(|a| a.to_string())
-            .chain([s(&full.join("n.parquet")).to_string()])
-            .collect(),
+                s(&n),
+            ],
         ),
         (
             SCORE,
-            [
+            vec![
                 "--dataset",
                 s(&f.ds),
                 "--neighbors",
                 s(&nb),
                 "--out",
-                s(&full.join("m.json")),
+                s(&m),
                 "--per-query",
-            ]
-            .iter()
-            .map(|a| a.to_string())
-            .chain([s(&full.join("pq.parquet")).to_string()])
-            .collect(),
+                s(&pq),
+            ],
         ),
     ];
     // Fill the tmpfs so that no output fits.
     std::fs::write(full.join("filler"), vec![1u8; 6 * 1024]).unwrap();
     for (bin, args) in cases {
-        let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        let r = f.run(bin, &a, None);
+        let r = f.run(bin, &args, None);
         assert_eq!(r.code, 2, "{bin}: {}", r.stderr);
         assert!(r.stderr.contains("No space left"), "{bin}: {}", r.stderr);
         let left: Vec<String> = common::listing(&full)

@@ -1,12 +1,31 @@
-"""The simile pipeline as an Airflow 2.10 DAG (docs/pipelines.md).
+"""The simile pipeline as an Airflow 2.10 DAG, for any dataset (docs/pipelines.md).
 
-prepare -> train -> embed, mapped over `embed_shards` shards -> embed merge -> distance, mapped
-over `distance_shards` gallery shards -> distance merge -> rerank (when `rerank` is on) -> score.
+commands -> prepare -> train -> embed, mapped over `embed_shards` row shards -> embed_merge
+-> distance, mapped over `distance_shards` gallery shards -> distance_merge, mapped over
+`merge_shards` query ranges -> distance_join -> rerank -> score.
 
-Every task runs one stage binary with BashOperator. Each stage skips itself when its output is up
-to date (same inputs' contents, parameters and simile version in its manifest), so running the
-DAG again reuses every finished stage; `force` redoes them all. Paths in the params must be
-absolute: a BashOperator runs in a temporary folder.
+Every stage task runs one stage binary with BashOperator. Each stage skips itself when its
+output is up to date (same inputs' contents, parameters and simile version in its manifest), so
+running the DAG again reuses every finished stage; `force` redoes them all. A stage that the
+params leave out runs `exit 99` and is marked skipped (BashOperator's skip_on_exit_code); a
+mapped stage left out expands over no shards and is skipped too. Every later task runs when
+nothing upstream failed (trigger rule none_failed), so a skipped stage does not skip the rest.
+
+The params choose:
+- the input, `source`: `fonts` (Font-ID from `font_dir`), `csv` (an OML CSV, `csv` + optional
+  `csv_root`, `unlabeled` for a `path`-only inference batch), `folder` (one sub-folder of images
+  per label, `images` + `val_fraction`) or `dataset` (an existing dataset.parquet, `dataset`:
+  the prepare task is skipped);
+- the model: `train` true trains `config` on the dataset into WORK/model; false embeds with
+  `model`, a zoo key (`smallcnn`) or a model folder; `search` off makes it an embed-only run of
+  every row (e.g. the nightly re-embedding of a catalogue);
+- the search: one dataset (its `split`'s queries against its gallery) or, with
+  `gallery_dataset` and `gallery_embeddings`, two-sided: the whole new dataset (a query batch)
+  against a cached gallery (docs/large_gallery.md), the gallery embeddings made with `model`.
+
+Each shard is a mapped task instance that Airflow runs, and retries, on its own (`retries` in
+DEFAULT_ARGS). Paths in the params must be absolute: a BashOperator runs in a temporary folder,
+and on a cluster every worker must see the same `bin_dir` and `work_dir`.
 
     airflow dags test simile 2026-01-01 -c '{"bin_dir": "/src/simile/target/release",
         "work_dir": "/data/fontid", "embed_shards": 4, "distance_shards": 4}'
@@ -14,99 +33,28 @@ absolute: a BashOperator runs in a temporary folder.
 
 from __future__ import annotations
 
-import shlex
-
 import pendulum
 from airflow import DAG
 from airflow.decorators import task
-from airflow.models.param import Param
 from airflow.operators.bash import BashOperator
-
-PARAMS = {
-    "bin_dir": Param("/opt/simile/bin", type="string", description="folder of the six simile-* binaries"),
-    "work_dir": Param("/tmp/simile-fontid", type="string", description="where every artifact is written"),
-    "font_dir": Param("/usr/share/fonts/truetype/aenigma", type="string", description="TrueType fonts for Font-ID"),
-    "max_fonts": Param(0, type="integer", minimum=0, description="keep only the first N font groups (0: all)"),
-    "font_size": Param(64, type="integer", minimum=8, description="glyph image size in pixels"),
-    "config": Param("/opt/simile/pipelines/configs/fontid.toml", type="string", description="training config (TOML)"),
-    "train_set": Param("", type="string", description="extra simile-train flags, e.g. --set epochs=5"),
-    "embed_shards": Param(4, type="integer", minimum=1),
-    "distance_shards": Param(4, type="integer", minimum=1),
-    "top_k": Param(10, type="integer", minimum=1),
-    "device": Param("auto", type="string", description="auto, cpu, cuda or cuda:<i>"),
-    "rerank": Param(False, type="boolean", description="run simile-rerank between distance and score"),
-    "rerank_method": Param("aqe", type="string", description="simile-rerank --method"),
-    "force": Param(False, type="boolean", description="redo every stage even when it is up to date"),
-}
-
-
-def q(s) -> str:
-    return shlex.quote(str(s))
-
-
-def paths(p: dict) -> dict:
-    w = p["work_dir"].rstrip("/")
-    return {
-        "bin": p["bin_dir"].rstrip("/"),
-        "ds": f"{w}/dataset.parquet",
-        "model": f"{w}/model",
-        "emb": f"{w}/emb.npy",
-        "nb": f"{w}/neighbors.parquet",
-        "rr": f"{w}/reranked.parquet",
-        "metrics": f"{w}/metrics.json",
-        "force": " --force" if p["force"] else "",
-    }
-
+from simile_commands import DEFAULT_ARGS, PARAMS, build_commands
 
 with DAG(
     dag_id="simile",
-    description="simile: prepare, train, sharded embed and distance, rerank, score",
+    description="simile on any dataset: prepare, train, sharded embed and distance, rerank, score",
     schedule=None,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     params=PARAMS,
+    default_args=DEFAULT_ARGS,
     render_template_as_native_obj=False,
     tags=["simile"],
 ) as dag:
 
-    @task(multiple_outputs=True)
+    @task(multiple_outputs=True, retries=0)
     def commands(**context) -> dict:
         """Every stage's command line, from the run's params (one place for the flags)."""
-        p = context["params"]
-        x = paths(p)
-        b, f = x["bin"], x["force"]
-        fonts = f" --max-fonts {int(p['max_fonts'])}" if int(p["max_fonts"]) > 0 else ""
-        ne, nd = int(p["embed_shards"]), int(p["distance_shards"])
-        emb_parts = [f"{p['work_dir'].rstrip('/')}/emb.part-{i}-of-{ne}.npy" for i in range(ne)]
-        nb_parts = [f"{p['work_dir'].rstrip('/')}/neighbors.part-{i}-of-{nd}.parquet" for i in range(nd)]
-        search = "--split validation --top-k %d --device %s" % (int(p["top_k"]), q(p["device"]))
-        scored = x["rr"] if p["rerank"] else x["nb"]
-        return {
-            "prepare": f"{q(b)}/simile-prepare fonts --font-dir {q(p['font_dir'])} --out {q(p['work_dir'])}"
-            f" --size {int(p['font_size'])}{fonts}{f}",
-            "train": f"{q(b)}/simile-train --dataset {q(x['ds'])} --config {q(p['config'])} --out {q(x['model'])}"
-            f" --device {q(p['device'])} {p['train_set']}{f}",
-            "embed": [
-                f"{q(b)}/simile-embed --dataset {q(x['ds'])} --model {q(x['model'])} --split validation"
-                f" --device {q(p['device'])} --out {q(x['emb'])} --shard {i}/{ne}{f}"
-                for i in range(ne)
-            ],
-            "embed_merge": f"{q(b)}/simile-embed merge --out {q(x['emb'])} {' '.join(map(q, emb_parts))}{f}",
-            "distance": [
-                f"{q(b)}/simile-distance --dataset {q(x['ds'])} --embeddings {q(x['emb'])} {search}"
-                f" --out {q(x['nb'])} --gallery-shard {i}/{nd}{f}"
-                for i in range(nd)
-            ],
-            "distance_merge": f"{q(b)}/simile-distance merge --out {q(x['nb'])} {' '.join(map(q, nb_parts))}{f}",
-            # Exit code 99 marks the task skipped (BashOperator's skip_on_exit_code).
-            "rerank": (
-                f"{q(b)}/simile-rerank --dataset {q(x['ds'])} --neighbors {q(x['nb'])} --embeddings {q(x['emb'])}"
-                f" --method {q(p['rerank_method'])} --out {q(x['rr'])}{f}"
-                if p["rerank"]
-                else "echo 'rerank is off (params.rerank)'; exit 99"
-            ),
-            "score": f"{q(b)}/simile-score --dataset {q(x['ds'])} --neighbors {q(scored)} --out {q(x['metrics'])}{f}",
-        }
+        return build_commands(context["params"])
 
     @task
     def shard_commands(cmds: dict, key: str) -> list:
@@ -115,23 +63,26 @@ with DAG(
 
     cmds = commands()
 
-    def stage(task_id: str, **kw) -> BashOperator:
+    def stage(task_id: str) -> BashOperator:
         # Rendered when the task runs: the command `commands` pushed under this task's name.
         cmd = "{{ ti.xcom_pull(task_ids='commands', key='%s') }}" % task_id
-        return BashOperator(task_id=task_id, bash_command=cmd, **kw)
+        return BashOperator(task_id=task_id, bash_command=cmd, trigger_rule="none_failed")
+
+    def shards(task_id: str) -> BashOperator:
+        # One task instance per shard, each run and retried on its own; no shards: skipped.
+        return BashOperator.partial(task_id=task_id, trigger_rule="none_failed").expand(
+            bash_command=shard_commands.override(task_id=f"{task_id}_cmds")(cmds, task_id)
+        )
 
     prepare = stage("prepare")
     train = stage("train")
-    embed = BashOperator.partial(task_id="embed").expand(
-        bash_command=shard_commands.override(task_id="embed_cmds")(cmds, "embed")
-    )
+    embed = shards("embed")
     embed_merge = stage("embed_merge")
-    distance = BashOperator.partial(task_id="distance").expand(
-        bash_command=shard_commands.override(task_id="distance_cmds")(cmds, "distance")
-    )
-    distance_merge = stage("distance_merge")
+    distance = shards("distance")
+    distance_merge = shards("distance_merge")
+    distance_join = stage("distance_join")
     rerank = stage("rerank")
-    # Score runs after a skipped rerank too (then on the merged neighbours).
-    score = stage("score", trigger_rule="none_failed")
+    score = stage("score")
 
-    cmds >> prepare >> train >> embed >> embed_merge >> distance >> distance_merge >> rerank >> score
+    (cmds >> prepare >> train >> embed >> embed_merge >> distance >> distance_merge
+     >> distance_join >> rerank >> score)

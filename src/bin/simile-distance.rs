@@ -22,6 +22,8 @@ Examples:
 
   # Fan out over 4 machines by gallery slices, then join the parts
   simile-distance --dataset d.parquet --embeddings e.npy --out nn.parquet --gallery-shard 0/4
+  simile-distance merge --out nn.parquet --query-shard 1/2   # queries 1/2 of the 4 parts
+  simile-distance merge --out nn.parquet --query-parts       # joins nn.qpart-*-of-2
   ...
   simile-distance merge --out nn.parquet     # finds nn.part-*-of-4.parquet beside it
 
@@ -53,6 +55,14 @@ enum Cmd {
         out: PathBuf,
         /// The parts; found beside --out when none are given.
         parts: Vec<PathBuf>,
+        /// Merge only query range I/N of the gallery-shard parts, into
+        /// <stem>.qpart-<i>-of-<n>.parquet (one merge per range, in parallel: the queries are
+        /// read from the dataset the parts were made from); auto/N as --query-shard.
+        #[arg(long, value_name = "I/N", conflicts_with = "query_parts")]
+        query_shard: Option<ShardSpec>,
+        /// Join the query-range parts <stem>.qpart-<i>-of-<n>.parquet into --out.
+        #[arg(long)]
+        query_parts: bool,
         /// Merge even when OUT is up to date (same parts' inputs and parameters).
         #[arg(long)]
         force: bool,
@@ -112,10 +122,12 @@ struct SearchArgs {
     /// (approximate at the margin; faster where the hardware has bf16).
     #[arg(long, default_value = "fp32")]
     compute: Compute,
-    /// Compute part i of n of the queries (0-based).
+    /// Compute part i of n of the queries (0-based); auto/N takes i from JOB_COMPLETION_INDEX
+    /// (a Kubernetes Indexed Job).
     #[arg(long, value_name = "I/N", conflicts_with = "gallery_shard")]
     query_shard: Option<ShardSpec>,
-    /// Compute part i of n of the gallery (0-based); parts merge per query.
+    /// Compute part i of n of the gallery (0-based; auto/N as --query-shard); parts merge per
+    /// query.
     #[arg(long, value_name = "I/N")]
     gallery_shard: Option<ShardSpec>,
     /// Memory for one chunk of queries' rows and candidates, in MiB (more: fewer gallery passes).
@@ -129,9 +141,21 @@ struct SearchArgs {
 fn main() {
     simile::cli::run(|| {
         let cli = Cli::parse();
-        if let Some(Cmd::Merge { out, parts, force }) = cli.cmd {
+        if let Some(Cmd::Merge {
+            out,
+            parts,
+            query_shard,
+            query_parts,
+            force,
+        }) = cli.cmd
+        {
             simile::manifest::reuse_up_to_date(!force);
-            let s = merge::merge(&out, &parts)?;
+            let what = match (query_shard, query_parts) {
+                (Some(q), _) => merge::What::QueryRange(q),
+                (None, true) => merge::What::QueryParts,
+                (None, false) => merge::What::Parts,
+            };
+            let s = merge::merge_what(&out, &parts, what)?;
             eprintln!("{s}");
             return Ok(());
         }

@@ -67,8 +67,9 @@ struct EmbedArgs {
     /// Element type of the output file: f32 or f16.
     #[arg(long, default_value = "f32")]
     out_dtype: String,
-    /// Compute only shard i of n (0-based): rows [M*i/n, M*(i+1)/n) in id order.
-    #[arg(long)]
+    /// Compute only shard i of n (0-based): rows [M*i/n, M*(i+1)/n) in id order; auto/N takes
+    /// i from JOB_COMPLETION_INDEX (a Kubernetes Indexed Job).
+    #[arg(long, value_name = "I/N")]
     shard: Option<ShardSpec>,
     /// A corrupt, missing or truncated image: `error` (default; lists every bad file before
     /// anything runs) or `skip` (left out and listed in <stem>.skipped.tsv).

@@ -7,9 +7,9 @@
 //! Parts are streamed, never loaded whole.
 use crate::error::{Error, Result};
 
-use crate::manifest::ManifestBuilder;
+use crate::manifest::{Manifest, ManifestBuilder};
 use crate::neighbors::{NeighborsMeta, NeighborsWriter};
-use crate::shard;
+use crate::shard::{self, ShardSpec};
 use crate::table;
 use arrow::array::{Array, Float32Array, Int64Array};
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
@@ -57,10 +57,40 @@ struct Cursor {
 
 impl Cursor {
     fn open(path: &Path) -> Result<Cursor> {
+        Self::open_ids(path, None)
+    }
+
+    /// A cursor over the rows whose query id is in `ids` (inclusive) only: row groups whose
+    /// query ids (from the footer's statistics) lie outside are not read.
+    fn open_ids(path: &Path, ids: Option<(i64, i64)>) -> Result<Cursor> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        let mut b = ParquetRecordBatchReaderBuilder::try_new(file)
             .map_err(|e| Error::format(path, format!("not a readable Parquet file: {e}")))?
-            .with_batch_size(1 << 16)
+            .with_batch_size(1 << 16);
+        if let Some((lo, hi)) = ids {
+            let col = b.schema().index_of("query_id").map_err(|_| {
+                Error::input(format!(
+                    "{}: no query_id column; not a neighbours file",
+                    path.display()
+                ))
+            })?;
+            let groups: Vec<usize> = b
+                .metadata()
+                .row_groups()
+                .iter()
+                .enumerate()
+                .filter(|(_, g)| match g.column(col).statistics() {
+                    Some(parquet::file::statistics::Statistics::Int64(st)) => {
+                        st.min_opt().is_none_or(|&m| m <= hi)
+                            && st.max_opt().is_none_or(|&m| m >= lo)
+                    }
+                    _ => true,
+                })
+                .map(|(i, _)| i)
+                .collect();
+            b = b.with_row_groups(groups);
+        }
+        let reader = b
             .build()
             .map_err(|e| Error::format(path, format!("cannot read: {e}")))?;
         Ok(Cursor {
@@ -133,10 +163,75 @@ impl Cursor {
     }
 }
 
+/// What a merge joins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum What {
+    /// The shard parts of `out` (`<stem>.part-<i>-of-<n>`): the complete result.
+    Parts,
+    /// Query range `i/n` of the gallery-shard parts of `out`: its queries' merged lists, as a
+    /// query-range part `<stem>.qpart-<i>-of-<n>` (one merge task per range, in parallel).
+    QueryRange(ShardSpec),
+    /// The query-range parts `<stem>.qpart-<i>-of-<n>`: the complete result.
+    QueryParts,
+}
+
 /// Merges the parts of `out` (found beside it when `parts` is empty) into `out`.
 pub fn merge(out: &Path, parts: &[PathBuf]) -> Result<MergeSummary> {
+    merge_what(out, parts, What::Parts)
+}
+
+/// The query side's ids of window `q` (sorted), its first position and the side's size, read
+/// from the query dataset the parts were made from (what a query-shard run would search).
+fn query_window(m: &Manifest, first: &Path, q: ShardSpec) -> Result<(Vec<i64>, usize)> {
+    use crate::dataset::{read_sides, SideFlag, SidePick, Split};
+    let rec = m.inputs.get("dataset").ok_or_else(|| {
+        Error::input(format!(
+            "{}: its manifest records no dataset",
+            first.display()
+        ))
+    })?;
+    let ds = PathBuf::from(&rec.path);
+    let now = crate::io::Fingerprint::of(&ds).map_err(|e| {
+        Error::input(format!(
+            "{}: the parts were made from {}, which cannot be read now ({e}); a query-range merge reads the queries from it (run it where that path is valid)",
+            first.display(),
+            ds.display()
+        ))
+    })?;
+    if !now.same_content(&rec.fingerprint) {
+        return Err(Error::input(format!(
+            "{} changed since the parts were made from it: re-run the shards",
+            ds.display()
+        )));
+    }
+    let p = |k: &str| m.params.get(k).and_then(|v| v.as_str());
+    let two = p("form") == Some("two-sided");
+    let split: Option<Split> = p(if two { "query_split" } else { "split" })
+        .map(|s| s.parse())
+        .transpose()
+        .map_err(|e: String| Error::input(format!("{}: split: {e}", first.display())))?;
+    let side = read_sides(
+        &ds,
+        &[SidePick {
+            split,
+            flag: if two { SideFlag::Any } else { SideFlag::Query },
+            window: Some(q),
+        }],
+    )?
+    .pop()
+    .unwrap_or_default();
+    Ok((side.ids, side.start))
+}
+
+/// Merges as `what` says (see [`What`]).
+pub fn merge_what(out: &Path, parts: &[PathBuf], what: What) -> Result<MergeSummary> {
     let started = std::time::Instant::now();
-    let paths = shard::discover(out, parts)?;
+    let infix = if what == What::QueryParts {
+        shard::QPART
+    } else {
+        shard::PART
+    };
+    let paths = shard::discover_named(out, parts, infix)?;
     let set = shard::validate(&paths)?;
     let m0 = &set.manifests[0];
     if m0.stage != "distance" {
@@ -157,23 +252,45 @@ pub fn merge(out: &Path, parts: &[PathBuf]) -> Result<MergeSummary> {
                 set.paths[0].display()
             ))
         })?;
+    let range = match what {
+        What::QueryRange(q) => {
+            if kind != "gallery" {
+                return Err(Error::input(format!(
+                    "--query-shard merges gallery-shard parts; {} is a {kind}-shard part",
+                    set.paths[0].display()
+                )));
+            }
+            Some((q, query_window(m0, &set.paths[0], q)?))
+        }
+        _ => None,
+    };
+    let dest = match &range {
+        Some((q, _)) => q.qpart_path(out),
+        None => out.to_path_buf(),
+    };
     let mut params = m0.params.clone();
-    params["shard"] = serde_json::Value::Null;
+    params["shard"] = match range {
+        Some(_) => "query".into(),
+        None => serde_json::Value::Null,
+    };
     let mut mb = ManifestBuilder::new("distance", params);
-    for (role, rec) in set.merged_inputs() {
+    for (role, rec) in set.merged_inputs()? {
         mb.input_record(&role, rec);
     }
     for p in &set.paths {
         mb.reads("a part", p);
     }
-    mb.skip_if_done(out)?;
+    if let Some((q, (ids, start))) = &range {
+        mb.shard(*q, *start, start + ids.len());
+    }
+    mb.skip_if_done(&dest)?;
     let metas: Vec<NeighborsMeta> = set
         .paths
         .iter()
         .map(|p| NeighborsMeta::from_kv(p, &table::read_meta(p)?))
         .collect::<Result<_>>()?;
     let mut meta = metas[0].clone();
-    meta.complete = true;
+    meta.complete = range.is_none();
     meta.extra.remove("simile.shard");
     match kind.as_str() {
         "query" => meta.n_queries = metas.iter().map(|m| m.n_queries).sum(),
@@ -185,13 +302,35 @@ pub fn merge(out: &Path, parts: &[PathBuf]) -> Result<MergeSummary> {
             )))
         }
     }
+    // A query range: its queries only, read from the parts' row groups that hold them.
+    let bounds = range
+        .as_ref()
+        .map(|(_, (ids, _))| (ids.first().copied(), ids.last().copied()));
+    if let Some((q, (ids, _))) = &range {
+        meta.n_queries = ids.len();
+        meta.extra
+            .insert("simile.shard".into(), format!("query {q}"));
+    }
     let k = meta.k;
-    let mut writer = NeighborsWriter::create(out, &meta)?;
-    let mut cursors: Vec<Cursor> = set
-        .paths
-        .iter()
-        .map(|p| Cursor::open(p))
-        .collect::<Result<_>>()?;
+    let mut writer = NeighborsWriter::create(&dest, &meta)?;
+    let mut cursors: Vec<Cursor> = match bounds {
+        // An empty window of queries: nothing to read.
+        Some((None, _)) | Some((_, None)) => Vec::new(),
+        Some((Some(lo), Some(hi))) => set
+            .paths
+            .iter()
+            .map(|p| Cursor::open_ids(p, Some((lo, hi))))
+            .collect::<Result<_>>()?,
+        None => set
+            .paths
+            .iter()
+            .map(|p| Cursor::open(p))
+            .collect::<Result<_>>()?,
+    };
+    let in_range = |q: i64| match bounds {
+        Some((Some(lo), Some(hi))) => q >= lo && q <= hi,
+        _ => true,
+    };
     let mut list: Vec<(f32, i64)> = Vec::new();
     let mut ids: Vec<i64> = Vec::new();
     let mut dists: Vec<f32> = Vec::new();
@@ -237,7 +376,10 @@ pub fn merge(out: &Path, parts: &[PathBuf]) -> Result<MergeSummary> {
             for c in cursors.iter_mut() {
                 c.take(q, &mut list)?;
             }
-            emit(q, &mut list, true)?;
+            // Rows of a row group that holds queries of the range and others.
+            if in_range(q) {
+                emit(q, &mut list, true)?;
+            }
         }
     }
     let (sealed, rows) = writer.seal()?;
@@ -247,7 +389,7 @@ pub fn merge(out: &Path, parts: &[PathBuf]) -> Result<MergeSummary> {
         .rows("parts", set.count as u64);
     mb.commit(sealed, Vec::new())?;
     Ok(MergeSummary {
-        out: out.to_path_buf(),
+        out: dest,
         parts: set.count,
         kind,
         queries: meta.n_queries,

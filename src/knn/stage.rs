@@ -112,12 +112,7 @@ pub fn side_map(
         .map(|&r| {
             let e = of_row[r];
             if e == usize::MAX {
-                Err(Error::input(format!(
-                    "{}: id {} (a {role} row) has no embedding: {} does not list it",
-                    ds_path.display(),
-                    ds.ids[r],
-                    npy::ids_path(emb_path).display()
-                )))
+                Err(no_embedding(ds_path, ds.ids[r], emb_path, role))
             } else {
                 Ok(e)
             }
@@ -125,8 +120,32 @@ pub fn side_map(
         .collect()
 }
 
+fn no_embedding(ds_path: &Path, id: i64, emb_path: &Path, role: &str) -> Error {
+    Error::input(format!(
+        "{}: id {id} (a {role} row) has no embedding: {} does not list it",
+        ds_path.display(),
+        npy::ids_path(emb_path).display()
+    ))
+}
+
+/// Opens an embeddings file for searching: a complete (merged) float matrix of dimension > 0,
+/// whose set (with `emb.ids.npy`) matches its manifest and was made from `dataset`.
 pub fn open_embeddings(path: &Path, dataset: &Path) -> Result<Npy> {
+    let n = open_matrix(path)?;
     shard::refuse_part(path)?;
+    manifest::check_upstream(path, "dataset", dataset)?;
+    Ok(n)
+}
+
+/// A complete (not a shard part) float matrix of dimension > 0; its manifest is checked by
+/// the caller (whole, or in the ranges it reads).
+fn open_matrix(path: &Path) -> Result<Npy> {
+    if let Some((i, n)) = shard::part_of_name(path) {
+        return Err(Error::input(format!(
+            "{} is shard part {i} of {n}, not a complete result; join the parts first with the stage's `merge` subcommand",
+            path.display()
+        )));
+    }
     let n = Npy::open(path)?;
     n.expect_matrix()?;
     if n.cols() == 0 {
@@ -135,154 +154,120 @@ pub fn open_embeddings(path: &Path, dataset: &Path) -> Result<Npy> {
             path.display()
         )));
     }
-    manifest::check_upstream(path, "dataset", dataset)?;
     Ok(n)
 }
 
-/// Reads only the columns a search needs (ids, split, flags, sequence, label, category),
-/// streaming record batches into the vectors: a 2M-row gallery's dataset then costs tens
-/// of MB, where `Dataset::read` materialises every column (paths, texts, boxes) at once.
-/// The result is a `Dataset` with `path`, `text` and `bbox` left empty; the checks that
-/// matter here (artifact, sorted unique ids, split values, nulls) are the same.
-fn read_dataset(path: &Path) -> Result<Dataset> {
-    use arrow::array::{Array, BooleanArray, Int64Array, StringArray};
-    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    shard::refuse_part(path)?;
-    let meta = crate::table::read_meta(path)?;
-    if meta.get("simile.artifact").map(String::as_str) != Some("dataset")
-        || meta
-            .get("simile.schema_version")
-            .is_some_and(|v| v != crate::dataset::SCHEMA_VERSION)
-    {
-        // Not a dataset this version reads: the full reader says why.
-        return Dataset::read(path);
-    }
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let b = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| Error::format(path, format!("not a readable Parquet file: {e}")))?;
-    let wanted = [
-        "id",
-        "label",
-        "split",
-        "is_query",
-        "is_gallery",
-        "category",
-        "sequence",
-    ];
-    let schema = b.schema().clone();
-    let mut idx = Vec::new();
-    for c in wanted {
-        idx.push(
-            schema
-                .index_of(c)
-                .map_err(|_| Error::input(format!("{}: missing column '{c}'", path.display())))?,
-        );
-    }
-    let mask = parquet::arrow::ProjectionMask::roots(b.parquet_schema(), idx);
-    let reader = b
-        .with_projection(mask)
-        .with_batch_size(1 << 16)
-        .build()
-        .map_err(|e| Error::format(path, format!("cannot read: {e}")))?;
-    let n = reader_rows_hint(path);
-    let mut ds = Dataset {
-        ids: Vec::with_capacity(n),
-        label: Vec::with_capacity(n),
-        split: Vec::with_capacity(n),
-        is_query: Vec::with_capacity(n),
-        is_gallery: Vec::with_capacity(n),
-        category: Vec::with_capacity(n),
-        sequence: Vec::with_capacity(n),
-        file: path.to_path_buf(),
-        ..Dataset::default()
-    };
-    let typed = |b: &arrow::array::RecordBatch, c: &str| -> Result<arrow::array::ArrayRef> {
-        b.column_by_name(c)
-            .cloned()
-            .ok_or_else(|| Error::input(format!("{}: missing column '{c}'", path.display())))
-    };
-    fn cast<'a, T: 'static>(a: &'a arrow::array::ArrayRef, path: &Path, c: &str) -> Result<&'a T> {
-        a.as_any().downcast_ref::<T>().ok_or_else(|| {
-            Error::input(format!(
-                "{}: column '{c}' has type {}, not the dataset schema's",
-                path.display(),
-                a.data_type()
-            ))
-        })
-    }
-    for batch in reader {
-        let batch = batch.map_err(|e| Error::format(path, format!("cannot read: {e}")))?;
-        let (id_a, label_a, split_a) = (
-            typed(&batch, "id")?,
-            typed(&batch, "label")?,
-            typed(&batch, "split")?,
-        );
-        let (q_a, g_a) = (typed(&batch, "is_query")?, typed(&batch, "is_gallery")?);
-        let (cat_a, seq_a) = (typed(&batch, "category")?, typed(&batch, "sequence")?);
-        let id = cast::<Int64Array>(&id_a, path, "id")?;
-        let split = cast::<StringArray>(&split_a, path, "split")?;
-        if id.null_count() > 0 || split.null_count() > 0 {
-            // The full reader names the row.
-            return Dataset::read(path);
+/// The `.npy` rows of a side's ids: through the ids file (searched in place, see
+/// `embeddings::IdRows`), or, for a file without one, the dataset's rule
+/// (`embeddings::rows_of_dataset`, which reads the dataset).
+fn side_rows_of(
+    side: &crate::retrieval::Side,
+    emb: &Npy,
+    ids: Option<&crate::embeddings::IdRows>,
+    ds_path: &Path,
+    split: Option<Split>,
+    role: &str,
+) -> Result<Vec<usize>> {
+    match ids {
+        Some(ids) => side
+            .ids
+            .iter()
+            .map(|&id| {
+                ids.row_of(id)
+                    .ok_or_else(|| no_embedding(ds_path, id, emb.path(), role))
+            })
+            .collect(),
+        None => {
+            let ds = Dataset::read(ds_path)?;
+            let of_row = crate::embeddings::rows_of_dataset(&ds, ds_path, emb, emb.path(), split)?;
+            side_map(&of_row, &side.rows, &ds, ds_path, emb.path(), role)
         }
-        ds.ids.extend_from_slice(id.values());
-        ds.label
-            .extend(cast::<Int64Array>(&label_a, path, "label")?.iter());
-        for s in split.iter() {
-            let row = ds.split.len();
-            ds.split
-                .push(s.unwrap_or_default().parse::<Split>().map_err(|e| {
-                    Error::input(format!(
-                        "{}: row {row}: column 'split': {e}",
-                        path.display()
-                    ))
-                })?);
-        }
-        ds.is_query
-            .extend(cast::<BooleanArray>(&q_a, path, "is_query")?.iter());
-        ds.is_gallery
-            .extend(cast::<BooleanArray>(&g_a, path, "is_gallery")?.iter());
-        ds.category.extend(
-            cast::<StringArray>(&cat_a, path, "category")?
-                .iter()
-                .map(|v| v.map(str::to_string)),
-        );
-        ds.sequence.extend(
-            cast::<StringArray>(&seq_a, path, "sequence")?
-                .iter()
-                .map(|v| v.map(str::to_string)),
-        );
     }
-    if let Some(w) = ds.ids.windows(2).position(|w| w[0] >= w[1]) {
-        return Err(Error::input(format!(
-            "{}: row {}: ids must be unique and sorted ascending, found {} after {}",
-            path.display(),
-            w + 1,
-            ds.ids[w + 1],
-            ds.ids[w]
-        )));
-    }
-    Ok(ds)
 }
 
-/// The row count from the Parquet footer, to size the vectors once.
-fn reader_rows_hint(path: &Path) -> usize {
-    std::fs::File::open(path)
-        .ok()
-        .and_then(|f| parquet::file::reader::SerializedFileReader::new(f).ok())
-        .map(|r| {
-            use parquet::file::reader::FileReader;
-            r.metadata().file_metadata().num_rows().max(0) as usize
-        })
-        .unwrap_or(0)
+/// The byte ranges of an embeddings file and its ids that rows `map` occupy (first to last),
+/// for fingerprinting and checking only what a shard worker reads.
+fn ranges_of(
+    emb: &Npy,
+    ids: Option<&crate::embeddings::IdRows>,
+    map: &[usize],
+) -> Vec<(PathBuf, u64, u64)> {
+    let (Some(&lo), Some(&hi)) = (map.iter().min(), map.iter().max()) else {
+        return vec![(emb.path().to_path_buf(), 0, 1)];
+    };
+    let rb = (emb.cols() * emb.dtype.size()) as u64;
+    let off = emb.data_offset() as u64;
+    let mut v = vec![(
+        emb.path().to_path_buf(),
+        off + lo as u64 * rb,
+        off + (hi as u64 + 1) * rb,
+    )];
+    if let Some(ids) = ids {
+        v.push((
+            ids.path().to_path_buf(),
+            ids.byte_of(lo),
+            ids.byte_of(hi + 1),
+        ));
+    }
+    v
+}
+
+/// Refuses an ids file that lists an id the dataset does not have (embeddings of another
+/// dataset); `all` is every dataset id, sorted (empty: not checked, a shard worker's case).
+fn check_listed(ids: &crate::embeddings::IdRows, all: &[i64], ds_path: &Path) -> Result<()> {
+    if all.is_empty() {
+        return Ok(());
+    }
+    for e in 0..ids.len() {
+        let id = ids.id(e);
+        if all.binary_search(&id).is_err() {
+            return Err(Error::input(format!(
+                "{}: row {e}: id {id} is not in {}; were these embeddings made from another dataset?",
+                ids.path().display(),
+                ds_path.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn fingerprint(path: &Path) -> Result<String> {
     Ok(Fingerprint::of(path)?.hash)
 }
 
+/// Records one side's embeddings as an input: a two-sided shard's windowed side is checked
+/// and fingerprinted in its rows' byte range only, anything else whole.
+#[allow(clippy::too_many_arguments)]
+fn embeddings_input(
+    mb: &mut ManifestBuilder,
+    role: &str,
+    npy: &Npy,
+    ids: Option<&crate::embeddings::IdRows>,
+    map: &[usize],
+    partial: bool,
+    dataset: &Path,
+) -> Result<()> {
+    if partial {
+        let ranges = ranges_of(npy, ids, map);
+        shard::refuse_part_ranges(npy.path(), &ranges)?;
+        manifest::check_upstream_part(npy.path(), &ranges, "dataset", dataset)?;
+        mb.input_part(role, npy.path(), &ranges)?;
+    } else {
+        shard::refuse_part(npy.path())?;
+        manifest::check_upstream(npy.path(), "dataset", dataset)?;
+        mb.input(role, npy.path())?;
+    }
+    Ok(())
+}
+
 /// Runs the stage.
+///
+/// Each side is read from its dataset with only the columns a search needs
+/// (`dataset::read_sides`), a shard's side only its window of rows; embeddings rows are found
+/// through the memory-mapped ids, and a two-sided shard's side fingerprinted in its rows' byte
+/// range only: a gallery-shard worker's memory and start-up are its shard's, not the gallery's.
 pub fn run(opts: &Options) -> Result<Summary> {
+    use crate::dataset::{read_sides_and_ids, SideFlag, SidePick};
     let started = std::time::Instant::now();
     if opts.k == 0 {
         return Err(Error::input("--top-k must be at least 1"));
@@ -310,42 +295,95 @@ pub fn run(opts: &Options) -> Result<Summary> {
             gallery_embeddings,
         ),
     };
+    let window = |kind: ShardKind| match opts.shard {
+        Some((k, s)) if k == kind => Some(s),
+        _ => None,
+    };
+    let (q_win, g_win) = (window(ShardKind::Query), window(ShardKind::Gallery));
 
-    // Datasets, the query/gallery sets (and with them the exclusion rule), embeddings.
-    let q_ds = read_dataset(q_ds_path)?;
-    let g_ds_owned;
-    let (qg, q_split, g_split) = match &opts.inputs {
+    // The sides (and with them the exclusion rule): only a shard's window of its side.
+    let two = matches!(opts.inputs, Inputs::Two { .. });
+    // Every dataset id, for an unsharded run only (see `check_listed`).
+    let (q_all, g_all): (Vec<i64>, Vec<i64>);
+    let (q_side, g_side, q_split, g_split) = match &opts.inputs {
         Inputs::One { split, .. } => {
-            g_ds_owned = None;
-            (
-                QueryGallery::from_dataset(&q_ds, *split, SequenceRule::default())?,
-                Some(*split),
-                Some(*split),
-            )
+            if *split == Split::Train {
+                return Err(Error::input(format!(
+                    "{}: split 'train' has no query/gallery flags (they are empty on train rows); use --split validation",
+                    q_ds_path.display()
+                )));
+            }
+            let pick = |flag, window| SidePick {
+                split: Some(*split),
+                flag,
+                window,
+            };
+            let (mut v, all) = read_sides_and_ids(
+                q_ds_path,
+                &[pick(SideFlag::Query, q_win), pick(SideFlag::Gallery, g_win)],
+                opts.shard.is_none(),
+            )?;
+            let g = v.pop().unwrap_or_default();
+            let q = v.pop().unwrap_or_default();
+            q_all = all.clone();
+            g_all = all;
+            for (side, what, flag) in [(&q, "query", "is_query"), (&g, "gallery", "is_gallery")] {
+                if side.total == 0 {
+                    return Err(Error::input(format!(
+                        "{}: split '{split}' has no {what} rows ({flag}=True)",
+                        q_ds_path.display()
+                    )));
+                }
+            }
+            (q, g, Some(*split), Some(*split))
         }
         Inputs::Two {
             query_split,
             gallery_split,
             ..
         } => {
-            let g = read_dataset(g_ds_path)?;
-            let qg = QueryGallery::two_sided(
-                &q_ds,
-                *query_split,
-                &g,
-                *gallery_split,
-                SequenceRule::default(),
-            )?;
-            g_ds_owned = Some(g);
-            (qg, *query_split, *gallery_split)
+            let one = |path: &Path,
+                       split: Option<Split>,
+                       window: Option<ShardSpec>,
+                       what: &str|
+             -> Result<_> {
+                let (mut v, all) = read_sides_and_ids(
+                    path,
+                    &[SidePick {
+                        split,
+                        flag: SideFlag::Any,
+                        window,
+                    }],
+                    window.is_none() && opts.shard.is_none(),
+                )?;
+                let side = v.pop().unwrap_or_default();
+                if side.total == 0 {
+                    return Err(Error::input(format!(
+                        "{}: no {what} rows{}",
+                        path.display(),
+                        split
+                            .map(|s| format!(" in split '{s}'"))
+                            .unwrap_or_default()
+                    )));
+                }
+                Ok((side, all))
+            };
+            let (q, qa) = one(q_ds_path, *query_split, q_win, "query")?;
+            let (g, ga) = one(g_ds_path, *gallery_split, g_win, "gallery")?;
+            (q_all, g_all) = (qa, ga);
+            (q, g, *query_split, *gallery_split)
         }
     };
-    let g_ds = g_ds_owned.as_ref().unwrap_or(&q_ds);
-    let q_npy = open_embeddings(q_emb_path, q_ds_path)?;
+    let (q_total, q_start, g_total, g_start) =
+        (q_side.total, q_side.start, g_side.total, g_side.start);
+    let qg = QueryGallery::from_sides(q_side, g_side, !two, SequenceRule::default());
+
+    // Embeddings: each side's rows through its ids file.
+    let q_npy = open_matrix(q_emb_path)?;
     let g_npy_owned = if g_emb_path == q_emb_path {
         None
     } else {
-        Some(open_embeddings(g_emb_path, g_ds_path)?)
+        Some(open_matrix(g_emb_path)?)
     };
     let g_npy = g_npy_owned.as_ref().unwrap_or(&q_npy);
     if q_npy.cols() != g_npy.cols() {
@@ -357,59 +395,35 @@ pub fn run(opts: &Options) -> Result<Summary> {
             g_npy.cols()
         )));
     }
-    let q_of_row =
-        crate::embeddings::rows_of_dataset(&q_ds, q_ds_path, &q_npy, q_emb_path, q_split)?;
-    let q_map = side_map(
-        &q_of_row,
-        &qg.queries.rows,
-        &q_ds,
+    let q_ids = crate::embeddings::IdRows::open(&q_npy)?;
+    let g_ids_owned = match &g_npy_owned {
+        Some(g) => crate::embeddings::IdRows::open(g)?,
+        None => None,
+    };
+    let g_ids = if g_npy_owned.is_some() {
+        g_ids_owned.as_ref()
+    } else {
+        q_ids.as_ref()
+    };
+    if let Some(ids) = &q_ids {
+        check_listed(ids, &q_all, q_ds_path)?;
+    }
+    if let Some(ids) = g_ids.filter(|_| g_npy_owned.is_some()) {
+        check_listed(ids, &g_all, g_ds_path)?;
+    }
+    let q_map = side_rows_of(
+        &qg.queries,
+        &q_npy,
+        q_ids.as_ref(),
         q_ds_path,
-        q_emb_path,
+        q_split,
         "query",
     )?;
-    let g_map = if g_npy_owned.is_none() && std::ptr::eq(g_ds, &q_ds) {
-        side_map(
-            &q_of_row,
-            &qg.gallery.rows,
-            g_ds,
-            g_ds_path,
-            g_emb_path,
-            "gallery",
-        )?
-    } else {
-        drop(q_of_row);
-        let g_of_row =
-            crate::embeddings::rows_of_dataset(g_ds, g_ds_path, g_npy, g_emb_path, g_split)?;
-        side_map(
-            &g_of_row,
-            &qg.gallery.rows,
-            g_ds,
-            g_ds_path,
-            g_emb_path,
-            "gallery",
-        )?
-    };
-    // The datasets are no longer needed (the sides hold what the search uses): free them
-    // before the search, whose memory is bounded by its blocks.
+    let g_map = side_rows_of(&qg.gallery, g_npy, g_ids, g_ds_path, g_split, "gallery")?;
     let (q_ds_fp, g_ds_fp) = (fingerprint(q_ds_path)?, fingerprint(g_ds_path)?);
-    drop(g_ds_owned);
-    drop(q_ds);
     let queries = Rows::new(&q_npy, &q_map, &qg.queries.ids);
     let gallery = Rows::new(g_npy, &g_map, &qg.gallery.ids);
 
-    // Shards: a contiguous range of query or gallery positions (id order).
-    let mut q_range = 0..queries.len();
-    let mut g_range = 0..gallery.len();
-    if let Some((kind, spec)) = opts.shard {
-        let target = match kind {
-            ShardKind::Query => &mut q_range,
-            ShardKind::Gallery => &mut g_range,
-        };
-        let (a, b) = spec.range(target.end);
-        *target = a..b;
-    }
-
-    let two = matches!(opts.inputs, Inputs::Two { .. });
     let exclusions = if two { "sequence" } else { "self,sequence" };
     let mut extra = crate::table::Meta::new();
     extra.insert("simile.compute".into(), opts.compute.as_str().into());
@@ -428,8 +442,8 @@ pub fn run(opts: &Options) -> Result<Summary> {
         dataset_fingerprint: q_ds_fp,
         gallery_dataset: two.then(|| g_ds_path.display().to_string()),
         gallery_dataset_fingerprint: two.then_some(g_ds_fp),
-        n_queries: q_range.len(),
-        n_gallery: g_range.len(),
+        n_queries: queries.len(),
+        n_gallery: gallery.len(),
         exclusions: exclusions.into(),
         complete: opts.shard.is_none(),
         extra,
@@ -448,26 +462,44 @@ pub fn run(opts: &Options) -> Result<Summary> {
 
     let mut mb = ManifestBuilder::new("distance", params);
     mb.input("dataset", q_ds_path)?;
-    mb.input("embeddings", q_emb_path)?;
+    embeddings_input(
+        &mut mb,
+        "embeddings",
+        &q_npy,
+        q_ids.as_ref(),
+        &q_map,
+        two && q_win.is_some(),
+        q_ds_path,
+    )?;
     if two {
         mb.input("gallery_dataset", g_ds_path)?;
-        mb.input("gallery_embeddings", g_emb_path)?;
+        embeddings_input(
+            &mut mb,
+            "gallery_embeddings",
+            g_npy,
+            g_ids,
+            &g_map,
+            g_win.is_some(),
+            g_ds_path,
+        )?;
     }
     if let Some((kind, spec)) = opts.shard {
-        let r = match kind {
-            ShardKind::Query => &q_range,
-            ShardKind::Gallery => &g_range,
+        let (start, n) = match kind {
+            ShardKind::Query => (q_start, queries.len()),
+            ShardKind::Gallery => (g_start, gallery.len()),
         };
-        mb.shard(spec, r.start, r.end);
+        mb.shard(spec, start, start + n);
     }
+    mb.note("queries_total", q_total.into())
+        .note("gallery_total", g_total.into());
     // Recorded before the search so an up-to-date output is not computed again.
     mb.skip_if_done(&out)?;
     let mut writer = NeighborsWriter::create(&out, &meta)?;
     let job = Job {
         queries: &queries,
         gallery: &gallery,
-        q_range: q_range.clone(),
-        g_range: g_range.clone(),
+        q_range: 0..queries.len(),
+        g_range: 0..gallery.len(),
         k: opts.k,
         metric: opts.metric,
         compute: opts.compute,
@@ -490,8 +522,8 @@ pub fn run(opts: &Options) -> Result<Summary> {
     let seconds_search = t_search.elapsed().as_secs_f64();
     let (sealed, rows) = writer.seal()?;
 
-    mb.rows("queries", q_range.len() as u64)
-        .rows("gallery", g_range.len() as u64)
+    mb.rows("queries", queries.len() as u64)
+        .rows("gallery", gallery.len() as u64)
         .rows("neighbors", rows)
         .rows("candidates_rescored", stats.candidates_rescored)
         .timing("search", seconds_search)
@@ -502,8 +534,8 @@ pub fn run(opts: &Options) -> Result<Summary> {
     mb.commit(sealed, Vec::new())?;
     Ok(Summary {
         out,
-        queries: q_range.len(),
-        gallery: g_range.len(),
+        queries: queries.len(),
+        gallery: gallery.len(),
         k: opts.k,
         metric: opts.metric,
         compute: opts.compute,

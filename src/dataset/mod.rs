@@ -18,6 +18,9 @@ use std::sync::Arc;
 
 pub const SCHEMA_VERSION: &str = "1";
 
+pub mod columns;
+pub use columns::{read_sides, read_sides_and_ids, SideFlag, SidePick, SideRows};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Split {
     Train,
