@@ -14,11 +14,12 @@ export LIBTORCH_USE_PYTORCH := 1
 # Debian packages the demo and the tests need (chromium: tests/report.rs renders the report).
 APT_PACKAGES := fonts-aenigma chromium
 
-.PHONY: help build test demo bench deps fmt clean large-gallery large-gallery-smoke
+.PHONY: help build test cluster-test demo bench deps fmt clean large-gallery large-gallery-smoke
 
 help:
 	@echo "make demo   run the pipeline on the built-in Font-ID data"
 	@echo "make test   formatting, clippy and all tests (what CI runs)"
+	@echo "make cluster-test  the Airflow DAG on Celery workers (CI runs it after make test)"
 	@echo "make build  release binaries in target/release"
 	@echo "make bench  benchmarks against FAISS / OML (long)"
 
@@ -33,6 +34,12 @@ test: deps
 	@scripts/step clippy cargo clippy --all-targets -- -D warnings
 	@SIMILE_REQUIRE_CHROMIUM=1 scripts/step tests cargo test --all-targets
 	@scripts/step airflow scripts/airflow-test target/debug
+
+# The DAG on a real executor (scheduler, Celery workers, Redis, PostgreSQL; a worker killed
+# mid-shard): about 5 minutes, so CI runs it as a step of its own after `make test`.
+cluster-test: deps
+	cargo build --bins
+	@scripts/step airflow-cluster scripts/airflow-cluster-test target/debug
 
 demo: deps build
 	$(MAKE) --no-print-directory -f pipelines/Makefile demo BIN=$(CURDIR)/target/release
