@@ -29,21 +29,8 @@ fn zoo_cache() -> &'static Path {
     C.get_or_init(|| tempfile::tempdir().unwrap()).path()
 }
 
-/// The torch Python with the test extras (torchvision, timm, scikit-image, ...).
 fn python() -> &'static Path {
-    static P: OnceLock<PathBuf> = OnceLock::new();
-    P.get_or_init(|| {
-        let out =
-            std::process::Command::new(common::repo_root().join("scripts/bootstrap-pyextras.sh"))
-                .output()
-                .unwrap();
-        assert!(
-            out.status.success(),
-            "bootstrap-pyextras.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-    })
+    common::pyextras_python()
 }
 
 fn pattern(w: u32, h: u32, seed: u32) -> RgbImage {

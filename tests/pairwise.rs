@@ -138,8 +138,14 @@ fn hits(ds: &Dataset, q: i64, list: &[(i64, f32)], n: usize) -> usize {
 fn trains_a_pairwise_folder_that_embed_refuses_and_rescore_keeps_the_tail() {
     let e = env();
     let out = e.dir.path().join("pw");
-    let r = train(&e, &out, &[]);
+    let r = train(&e, &out, &["--log-every", "1"]);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    // The pairwise trainer logs as the extractor's does: a line per step here.
+    let lines = r
+        .stderr
+        .lines()
+        .filter(|l| l.contains(" loss ") && l.contains(" ETA "));
+    assert_eq!(lines.count(), 2, "{}", r.stderr);
     assert!(
         r.stderr.contains("the extractor on 12 validation queries"),
         "{}",

@@ -451,3 +451,142 @@ fn bad_input_is_refused_before_training() {
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("no train rows"), "{}", r.stderr);
 }
+
+/// TensorBoard's own reader on a log folder: {tag: [(step, value)]}.
+fn tensorboard_scalars(dir: &Path) -> std::collections::BTreeMap<String, Vec<(i64, f64)>> {
+    let out = std::process::Command::new(common::pyextras_python())
+        .arg(common::repo_root().join("tests/fixtures_py/read_tensorboard.py"))
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "read_tensorboard.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// When stderr is not a terminal, `--log-every N` prints a line every N steps; `--tensorboard`
+/// writes event files that TensorBoard reads back as the run's train_log / val_metrics; a run
+/// resumed from a checkpoint (here: twice from the same one, as after a kill past it) leaves
+/// each step once in TensorBoard's view.
+#[test]
+fn log_lines_and_tensorboard_events_follow_the_run() {
+    let e = env();
+    let ds = common::striped_dataset(e.dir.path(), 6, 3, 4, false, 12345);
+    let cfg = configs().join("fontid.toml");
+    let a = e.dir.path().join("a");
+    let tb = e.dir.path().join("tb");
+    let extra = [
+        "--set",
+        "epochs=2",
+        "--set",
+        "valid_period=1",
+        "--set",
+        "valid_at_start=true",
+    ];
+    let mut args = fontid_args(s(&ds), s(&a), s(&cfg));
+    args.extend(extra);
+    args.extend(["--log-every", "1", "--tensorboard", s(&tb)]);
+    let r = train(&e, &args);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let tl = log::read(&a.join("train_log.parquet"), &["epoch", "step"]).unwrap();
+    let n = tl.len();
+    assert!(n >= 4, "{n} steps");
+    let lines: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("simile-train: epoch ") && l.contains(" loss "))
+        .collect();
+    assert_eq!(lines.len(), n, "{}", r.stderr);
+    for (line, row) in lines.iter().zip(&tl) {
+        let step = row.int("step").unwrap();
+        let epoch = row.int("epoch").unwrap() + 1;
+        let head = format!(
+            "simile-train: epoch {epoch}/2 step {step}/{n} loss {:.4} lr {:.3e} ",
+            row.value("loss").unwrap(),
+            row.value("lr").unwrap()
+        );
+        assert!(line.starts_with(&head), "{line:?} vs {head:?}");
+        assert!(line.contains(" img/s ETA "), "{line}");
+    }
+    let sc = tensorboard_scalars(&tb);
+    let loss = &sc["train/loss"];
+    assert_eq!(loss.len(), n);
+    for ((step, v), row) in loss.iter().zip(&tl) {
+        assert_eq!(*step, row.int("step").unwrap());
+        let want = row.value("loss").unwrap();
+        assert!(
+            (v - want).abs() <= 1e-6 * want.abs().max(1.0),
+            "{v} vs {want}"
+        );
+    }
+    assert!(sc.contains_key("train/lr") && sc.contains_key("train/grad_norm"));
+    let vm = log::read(&a.join("val_metrics.parquet"), &["epoch", "step"]).unwrap();
+    let cmc = &sc["OVERALL/cmc/1"];
+    assert_eq!(cmc.len(), vm.len());
+    assert_eq!(cmc.len(), 3, "before training and after each epoch");
+    for ((step, v), row) in cmc.iter().zip(&vm) {
+        assert_eq!(*step, row.int("step").unwrap());
+        assert!((v - row.value("OVERALL/cmc/1").unwrap()).abs() <= 1e-6);
+    }
+    // Without --log-every and with stderr not a terminal, lines come every 30 s and at the
+    // last step: only that one here.
+    let q = e.dir.path().join("q");
+    let mut args = fontid_args(s(&ds), s(&q), s(&cfg));
+    args.extend(extra);
+    let r = train(&e, &args);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let lines: Vec<&str> = r.stderr.lines().filter(|l| l.contains(" loss ")).collect();
+    assert_eq!(lines.len(), 1, "{}", r.stderr);
+    assert!(
+        lines[0].starts_with(&format!("simile-train: epoch 2/2 step {n}/{n} ")),
+        "{}",
+        lines[0]
+    );
+
+    // Stopped at step 3, resumed; then the copy taken at step 3 resumed into the same folder.
+    let b = e.dir.path().join("b");
+    let tbb = e.dir.path().join("tbb");
+    let mut args = fontid_args(s(&ds), s(&b), s(&cfg));
+    args.extend(extra);
+    args.extend(["--tensorboard", s(&tbb), "--log-every", "off"]);
+    let mut stop = args.clone();
+    stop.extend(["--stop-after-steps", "3"]);
+    assert_eq!(train(&e, &stop).code, 0);
+    let b0 = e.dir.path().join("b0");
+    let cp = std::process::Command::new("cp")
+        .args(["-a", s(&b), s(&b0)])
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    let mut resume = args.clone();
+    resume.push("--resume");
+    let r = train(&e, &resume);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        !r.stderr.contains(" loss "),
+        "--log-every off: {}",
+        r.stderr
+    );
+    // A later file name: TensorBoard orders a folder's files by the seconds in their names.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let again: Vec<&str> = resume
+        .iter()
+        .map(|&x| if x == s(&b) { s(&b0) } else { x })
+        .collect();
+    let r = train(&e, &again);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let files = std::fs::read_dir(&tbb).unwrap().count();
+    assert_eq!(files, 3, "one event file per run");
+    let sc = tensorboard_scalars(&tbb);
+    let steps: Vec<i64> = sc["train/loss"].iter().map(|p| p.0).collect();
+    assert_eq!(steps, (1..=n as i64).collect::<Vec<_>>());
+    let tl0 = log::read(&b0.join("train_log.parquet"), &["epoch", "step"]).unwrap();
+    for ((_, v), row) in sc["train/loss"].iter().zip(&tl0) {
+        let want = row.value("loss").unwrap();
+        assert!((v - want).abs() <= 1e-6 * want.abs().max(1.0));
+    }
+    assert_eq!(sc["OVERALL/cmc/1"].len(), 3);
+}

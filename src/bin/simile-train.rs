@@ -17,6 +17,7 @@ use std::path::PathBuf;
   simile-train --dataset d.parquet --config c.toml --out m --set optimizer.lr=3e-4 --set epochs=20
   simile-train --dataset d.parquet --config c.toml --out m --resume      # after a kill
   simile-train --dataset d.parquet --config c.toml --out m --compute bf16
+  simile-train --dataset d.parquet --config c.toml --out m --log-every 100 --tensorboard runs/m
 
 Writes into OUT: model.json + model.safetensors (the best weights by metric_for_checkpointing),
 config.toml (the resolved config), train_log.parquet (one row per step), val_metrics.parquet (one
@@ -57,6 +58,15 @@ struct Cli {
     /// Threads for libtorch and the augmentation pool together (default: the cores).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     threads: Option<u64>,
+    /// A log line (epoch, step, loss, lr, images/s, ETA) every N steps (50), seconds (30s) or
+    /// minutes (2m); off to silence. Default: every 30s when stderr is not a terminal (a log
+    /// file, Airflow, a cluster job), none on a terminal, where the progress bar shows it.
+    #[arg(long, value_name = "N|Ns|Nm|off", value_parser = simile::train::monitor::parse_log_every)]
+    log_every: Option<simile::train::monitor::LogEvery>,
+    /// Also write TensorBoard event files into DIR (scalars: train/loss, train/lr, ... per
+    /// step, and the validation metrics under their names): `tensorboard --logdir DIR`.
+    #[arg(long, value_name = "DIR")]
+    tensorboard: Option<PathBuf>,
     /// Testing: checkpoint after this many steps and stop (as a kill would).
     #[arg(long, hide = true)]
     stop_after_steps: Option<usize>,
@@ -83,6 +93,8 @@ fn main() {
             cache_dir: c.cache_dir,
             stop_after_steps: c.stop_after_steps,
             force: c.force,
+            log_every: c.log_every,
+            tensorboard: c.tensorboard,
         };
         let s = train::run(&opts, |d| eprintln!("simile-train: device {d}"))?;
         if s.stopped {

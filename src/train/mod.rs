@@ -18,8 +18,10 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod log;
+pub mod monitor;
 pub mod optim;
 pub mod pairwise;
+pub mod tensorboard;
 pub mod validate;
 
 use crate::dataset::{Dataset, Split};
@@ -59,6 +61,11 @@ pub struct TrainOptions {
     pub stop_after_steps: Option<usize>,
     /// Start over even when `out` holds a finished up-to-date run or an unfinished one.
     pub force: bool,
+    /// Log lines while training (`--log-every`; default: every 30 s unless stderr is a
+    /// terminal).
+    pub log_every: Option<monitor::LogEvery>,
+    /// `--tensorboard DIR`: event files with the step and validation scalars.
+    pub tensorboard: Option<PathBuf>,
 }
 
 /// What a run did.
@@ -531,6 +538,15 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         ckpt_root: &ckpt_root,
     };
 
+    let total_steps = cfg.epochs * steps_per_epoch;
+    let mut mon = monitor::Monitor::new(
+        opts.log_every,
+        opts.tensorboard.as_deref(),
+        cfg.epochs,
+        total_steps,
+        prog.step,
+    )?;
+
     // Validation before training, if asked (the learning curve's first point).
     if cfg.valid_at_start && prog.step == 0 && prog.val_rows.is_empty() {
         if let Some(v) = &validator {
@@ -547,16 +563,14 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
                 &*sampler,
                 &*criterion,
             )?;
-            eprintln!(
+            let line = format!(
                 "simile-train: before training: {}",
                 short_scores(&s, &cfg.metric_for_checkpointing)
             );
+            mon.validation(prog.val_rows.last(), &line)?;
         }
     }
 
-    let total_steps = cfg.epochs * steps_per_epoch;
-    let pb = crate::progress::bar(total_steps as u64, "train");
-    pb.set_position(prog.step as u64);
     let mut images: u64 = 0;
     let mut train_seconds = 0.0;
     let mut last_scores = None;
@@ -682,14 +696,8 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
                 let ips = rows.len() as f64 / dt.max(1e-9);
                 let mut row = step_row(epoch, prog.step, loss, &lrs, &out.logs, ips);
                 row.values.push(("grad_norm".into(), Some(gnorm)));
+                mon.step(&row, rows.len(), dt)?;
                 prog.train_rows.push(row);
-                pb.set_position(prog.step as u64);
-                pb.set_message(format!(
-                    "e{}/{} loss {loss:.4} {:.0} img/s",
-                    epoch + 1,
-                    cfg.epochs,
-                    images as f64 / train_seconds.max(1e-9)
-                ));
                 let stop_now = opts.stop_after_steps == Some(prog.step);
                 let every = cfg.checkpoint_every_steps;
                 let mid = prog.batch_in_epoch < batches.len();
@@ -726,7 +734,7 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
             && ((cfg.valid_period > 0 && prog.epoch % cfg.valid_period == 0) || last);
         if validate_now {
             let v = validator.as_ref().expect("checked");
-            pb.set_message(format!("e{}/{} validating", prog.epoch, cfg.epochs));
+            mon.status(format!("e{}/{} validating", prog.epoch, cfg.epochs));
             let s = validate_and_record(
                 &ctx,
                 v,
@@ -754,7 +762,7 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
                 prog.step,
                 short_scores(&s, &cfg.metric_for_checkpointing)
             );
-            pb.suspend(|| eprintln!("{line}"));
+            mon.validation(prog.val_rows.last(), &line)?;
             last_scores = Some(s);
         }
         save_ckpt(
@@ -775,7 +783,7 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
             break;
         }
     }
-    pb.finish_and_clear();
+    mon.finish();
 
     if !stopped {
         write_logs(&ctx, &prog)?;

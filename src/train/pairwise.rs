@@ -915,6 +915,14 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         );
     }
 
+    let total_steps = cfg.epochs * steps_per_epoch;
+    let mut mon = super::monitor::Monitor::new(
+        opts.log_every,
+        opts.tensorboard.as_deref(),
+        cfg.epochs,
+        total_steps,
+        prog.step,
+    )?;
     let mut last_scores = None;
     if cfg.valid_at_start && prog.step == 0 && prog.val_rows.is_empty() {
         if let Some(v) = &val {
@@ -922,16 +930,14 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
             record_validation(
                 &ctx, &mut prog, &s, &vs, &optimizer, &params, &schedule, &*sampler,
             )?;
-            eprintln!(
+            let line = format!(
                 "simile-train: before training: {}",
                 super::short_scores(&s, &cfg.metric_for_checkpointing)
             );
+            mon.validation(prog.val_rows.last(), &line)?;
         }
     }
 
-    let total_steps = cfg.epochs * steps_per_epoch;
-    let pb = crate::progress::bar(total_steps as u64, "train");
-    pb.set_position(prog.step as u64);
     let mut images: u64 = 0;
     let mut train_seconds = 0.0;
     let mut stopped = false;
@@ -1065,9 +1071,8 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
                 rows.len() as f64 / dt.max(1e-9),
             );
             row.values.push(("grad_norm".into(), Some(gnorm)));
+            mon.step(&row, rows.len(), dt)?;
             prog.train_rows.push(row);
-            pb.set_position(prog.step as u64);
-            pb.set_message(format!("e{}/{} bce {loss:.4}", epoch + 1, cfg.epochs));
             let stop_now = opts.stop_after_steps == Some(prog.step);
             let every = cfg.checkpoint_every_steps;
             let mid = prog.batch_in_epoch < batches.len();
@@ -1087,7 +1092,7 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         let last = prog.epoch == cfg.epochs;
         if let Some(v) = &val {
             if (cfg.valid_period > 0 && prog.epoch.is_multiple_of(cfg.valid_period)) || last {
-                pb.set_message(format!("e{}/{} validating", prog.epoch, cfg.epochs));
+                mon.status(format!("e{}/{} validating", prog.epoch, cfg.epochs));
                 let sc = validate(v, &net, &cache, &pre, &cfg, dev)?;
                 record_validation(
                     &ctx, &mut prog, &sc, &vs, &optimizer, &params, &schedule, &*sampler,
@@ -1105,7 +1110,7 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
                     prog.step,
                     super::short_scores(&sc, &cfg.metric_for_checkpointing)
                 );
-                pb.suspend(|| eprintln!("{line}"));
+                mon.validation(prog.val_rows.last(), &line)?;
                 last_scores = Some(sc);
             }
         }
@@ -1118,7 +1123,7 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
             break;
         }
     }
-    pb.finish_and_clear();
+    mon.finish();
 
     if !stopped {
         write_logs(&ctx, &prog)?;

@@ -200,3 +200,20 @@ pub fn striped_dataset(
     ds.write(&dest, dir).unwrap();
     dest
 }
+
+/// The torch Python with the test extras (torchvision, timm, scikit-image, tensorboard, ...),
+/// installed once by scripts/bootstrap-pyextras.sh.
+pub fn pyextras_python() -> &'static Path {
+    static P: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    P.get_or_init(|| {
+        let out = Command::new(repo_root().join("scripts/bootstrap-pyextras.sh"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "bootstrap-pyextras.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+}
