@@ -51,3 +51,45 @@ pub struct UserError(pub String);
 pub fn user_error(msg: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(UserError(msg.into()))
 }
+
+/// Where a stage that runs models or searches computes (train, embed, distance, rerank):
+/// one definition of `--device` and `--threads`, flattened into each binary.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DeviceArgs {
+    /// auto (CUDA when there is one, else the CPU), cpu, cuda or cuda:<index>.
+    #[arg(long, default_value = "auto")]
+    pub device: crate::device::DeviceArg,
+    /// CPU threads, libtorch's and simile's own pool together (default: all cores).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub threads: Option<u64>,
+}
+
+impl DeviceArgs {
+    /// The start-up of every device stage, before anything starts a thread pool: one thread
+    /// count for libtorch and rayon (`device::set_threads`) and, for stages that run
+    /// networks, freed activations kept for the next batch (`device::keep_freed_memory`).
+    /// (libgomp's wait policy is chosen even earlier, first thing in `main`:
+    /// `device::reexec_with_passive_openmp`.) Returns the thread count.
+    pub fn start(&self, runs_networks: bool) -> usize {
+        if runs_networks {
+            crate::device::keep_freed_memory();
+        }
+        crate::device::set_threads(self.threads.map(|n| n as usize))
+    }
+}
+
+/// `--force`: every stage's way past its up-to-date check.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ForceArg {
+    /// Redo the work even when the output is up to date (its manifest records the same
+    /// inputs, parameters and version).
+    #[arg(long)]
+    pub force: bool,
+}
+
+impl ForceArg {
+    /// Applies the flag to this process's up-to-date check (`manifest::reuse_up_to_date`).
+    pub fn apply(&self) {
+        crate::manifest::reuse_up_to_date(!self.force);
+    }
+}

@@ -90,10 +90,10 @@ fn read_skipped(path: &Path) -> Result<Vec<(i64, String)>> {
 
 /// Joins the parts of `out` (found beside it, or `given`) into `out`, its ids file and, when
 /// parts left rows out, its `.skipped.tsv`, after checking they are exactly parts 0..n-1 of
-/// one run (see `shard::validate`).
+/// one run (see `parts::validate`).
 pub fn merge_parts(out: &Path, given: &[PathBuf]) -> Result<MergeSummary> {
     let paths = shard::discover(out, given)?;
-    let parts = shard::validate(&paths)?;
+    let parts = crate::parts::validate(&paths)?;
     let first = &parts.manifests[0];
     let mut m = ManifestBuilder::new(&first.stage, first.params.clone());
     for (role, rec) in parts.merged_inputs()? {

@@ -181,8 +181,10 @@ pub fn build_font_id(
     }
 
     std::fs::create_dir_all(out_dir).at(out_dir)?;
-    remove_stale_temps(out_dir);
-    let tmp = TempDir::new(out_dir.join(format!(".images.tmp-{}", std::process::id())))?;
+    let images_dir = out_dir.join("images");
+    // Written whole and swapped in (io::AtomicDir); what killed runs left is removed first.
+    crate::io::remove_any(&crate::io::AtomicDir::old_path(&images_dir))?;
+    let tmp = crate::io::AtomicDir::create(&images_dir)?;
     let size = opts.size;
 
     // Render, check and write: every font at once, or group by group until max_fonts.
@@ -207,7 +209,7 @@ pub fn build_font_id(
                     Ok(thumbs) => match duplicate_reason(&thumbs, &kept_thumbs, &fonts) {
                         None => kept_thumbs.push((i, thumbs)),
                         Some(reason) => {
-                            remove_path(&tmp.path().join(&fonts[i].stem))?;
+                            crate::io::remove_any(&tmp.path().join(&fonts[i].stem))?;
                             dropped.push((fonts[i].file_name.clone(), reason));
                         }
                     },
@@ -317,28 +319,9 @@ pub fn build_font_id(
         }
     }
 
-    // Publish: images first (the old folder is moved aside and the new one renamed into
-    // place), then df.csv (atomic write); the old images are deleted last.
-    let images_dir = out_dir.join("images");
-    let old = out_dir.join(format!(".images.old-{}", std::process::id()));
-    remove_path(&old)?;
-    let had_old = match std::fs::symlink_metadata(&images_dir) {
-        Ok(_) => {
-            std::fs::rename(&images_dir, &old).at(&images_dir)?;
-            true
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        Err(e) => return Err(Error::io(&images_dir, e)),
-    };
-    if let Err(e) = tmp.persist(&images_dir) {
-        if had_old {
-            let _ = std::fs::rename(&old, &images_dir);
-        }
-        return Err(e);
-    }
+    // Publish: images first (swapped in whole), then df.csv (atomic write).
+    tmp.persist()?;
     crate::io::atomic_write_bytes(out_dir.join("df.csv"), csv.as_bytes())?;
-    // Left behind on failure, it is a stale folder the next run removes.
-    let _ = remove_path(&old);
 
     Ok(FontIdSummary {
         fonts_found,
@@ -885,73 +868,6 @@ fn write_font_images(root: &Path, stem: &str, images: &[Vec<u8>], size: u32) -> 
     Ok(())
 }
 
-/// Removes the `.images.tmp-<pid>` / `.images.old-<pid>` folders that runs killed before
-/// they could clean up left in `out_dir` (best effort; only where the process table can be
-/// read, so that a concurrent run's folder is never taken).
-fn remove_stale_temps(out_dir: &Path) {
-    let proc_dir = Path::new("/proc");
-    if !proc_dir.join("self").exists() {
-        return;
-    }
-    let Ok(entries) = std::fs::read_dir(out_dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        let pid = name
-            .strip_prefix(".images.tmp-")
-            .or_else(|| name.strip_prefix(".images.old-"));
-        if let Some(pid) = pid.filter(|p| p.parse::<u32>().is_ok()) {
-            if !proc_dir.join(pid).exists() {
-                let _ = remove_path(&entry.path());
-            }
-        }
-    }
-}
-
-/// Removes a file or folder (not following links); nothing to do when it does not exist.
-fn remove_path(path: &Path) -> Result<()> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path).at(path),
-        Ok(_) => std::fs::remove_file(path).at(path),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(path, e)),
-    }
-}
-
-/// A folder removed on drop unless persisted (renamed to its final name).
-struct TempDir {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl TempDir {
-    fn new(path: PathBuf) -> Result<Self> {
-        remove_path(&path)?;
-        std::fs::create_dir(&path).at(&path)?;
-        Ok(TempDir { path, keep: false })
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn persist(mut self, dest: &Path) -> Result<()> {
-        std::fs::rename(&self.path, dest).at(dest)?;
-        self.keep = true;
-        Ok(())
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
 /// Quotes a CSV field when it needs it.
 fn csv_field(s: &str) -> std::borrow::Cow<'_, str> {
     if s.contains([',', '"', '\n', '\r']) {
@@ -1294,7 +1210,7 @@ mod tests {
         // A second run gives the same bytes, leaving nothing else behind (not even what a
         // killed run left: a temporary folder of a process that no longer exists).
         if Path::new("/proc/self").exists() {
-            let stale = out.path().join(format!(".images.tmp-{}", u32::MAX));
+            let stale = out.path().join(format!(".images.{}-0.tmp", u32::MAX));
             std::fs::create_dir_all(stale.join("x")).unwrap();
         }
         let again = build_font_id(Path::new(AENIGMA), out.path(), &opts).unwrap();

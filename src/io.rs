@@ -172,6 +172,125 @@ impl Sealed {
     }
 }
 
+/// A folder built whole under a temporary name beside its destination
+/// (`.<name>.<pid>-<n>.tmp`, removed on drop unless persisted; those of dead writers removed
+/// by the next writer of the same folder) and swapped in by renames: the old folder, if any,
+/// moves aside to `.<name>.old`, the new one takes its name, the file system is flushed, and
+/// the old one is deleted. A reader sees the old folder or the new one, never a mix; after a
+/// crash between the two renames `.<name>.old` is the complete old folder (checkpoints read
+/// it, see `train::checkpoint::find`). Files are written into [`path`](Self::path) with plain
+/// writes: the folder is the unit, flushed once by [`persist`](Self::persist).
+pub struct AtomicDir {
+    tmp: PathBuf,
+    dest: PathBuf,
+    armed: bool,
+}
+
+impl AtomicDir {
+    pub fn create(dest: impl AsRef<Path>) -> Result<Self> {
+        let dest = dest.as_ref().to_path_buf();
+        let parent = parent_dir(&dest);
+        std::fs::create_dir_all(&parent).at(&parent)?;
+        remove_dead_temps(&dest);
+        let tmp = temp_path_for(&dest);
+        std::fs::create_dir(&tmp).at(&tmp)?;
+        Ok(AtomicDir {
+            tmp,
+            dest,
+            armed: true,
+        })
+    }
+
+    /// The folder to fill.
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Where an interrupted swap leaves the previous folder.
+    pub fn old_path(dest: &Path) -> PathBuf {
+        parent_dir(dest).join(format!(".{}.old", file_name(dest)))
+    }
+
+    /// Flushes everything written into it, then swaps it in (as the type says).
+    pub fn persist(mut self) -> Result<()> {
+        sync_tree(&self.tmp)?;
+        let old = Self::old_path(&self.dest);
+        remove_any(&old)?;
+        let had_old = match std::fs::symlink_metadata(&self.dest) {
+            Ok(_) => {
+                std::fs::rename(&self.dest, &old).at(&self.dest)?;
+                true
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(Error::io(&self.dest, e)),
+        };
+        if let Err(e) = std::fs::rename(&self.tmp, &self.dest) {
+            if had_old {
+                let _ = std::fs::rename(&old, &self.dest);
+            }
+            return Err(Error::io(&self.dest, e));
+        }
+        self.armed = false;
+        sync_dir(&parent_dir(&self.dest))?;
+        // Left behind on failure, it is a stale folder the next swap removes.
+        let _ = remove_any(&old);
+        Ok(())
+    }
+}
+
+impl AtomicDir {
+    /// Renames it into place only where no folder is yet (first writer wins: two processes
+    /// building the same cache entry end with one folder); false when one was there, and
+    /// this one is deleted.
+    pub fn persist_if_absent(mut self) -> Result<bool> {
+        sync_tree(&self.tmp)?;
+        match std::fs::rename(&self.tmp, &self.dest) {
+            Ok(()) => {
+                self.armed = false;
+                sync_dir(&parent_dir(&self.dest))?;
+                Ok(true)
+            }
+            Err(_) if self.dest.is_dir() => Ok(false),
+            Err(e) => Err(Error::io(&self.dest, e)),
+        }
+    }
+}
+
+impl Drop for AtomicDir {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// Removes a file or folder (not following links); nothing to do when it does not exist.
+pub fn remove_any(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path).at(path),
+        Ok(_) => std::fs::remove_file(path).at(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// Flushes the file system that holds `dir` once (`syncfs`): one call for a folder of
+/// thousands of files (the Font-ID images), where an fsync per file would cost seconds.
+fn sync_tree(dir: &Path) -> Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let d = File::open(dir).at(dir)?;
+        // SAFETY: syncfs only reads the descriptor, which lives until the end of the block.
+        if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+            return Err(Error::io(dir, std::io::Error::last_os_error()));
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = dir;
+    Ok(())
+}
+
 /// Flushes a folder's entries (a rename in it) to disk, as tantivy's `atomic_write` does.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     #[cfg(unix)]
@@ -202,6 +321,10 @@ fn pid_alive(pid: u32) -> bool {
     {
         if pid == std::process::id() {
             return true;
+        }
+        // 0 and values past pid_t would name process groups (or every process) for kill.
+        if pid == 0 || pid > i32::MAX as u32 {
+            return false;
         }
         // SAFETY: kill with signal 0 only checks for the process; it sends nothing.
         let r = unsafe { libc::kill(pid as libc::pid_t, 0) };

@@ -21,6 +21,7 @@
 //! whose estimate is within twice that bound of the k-th best is kept and re-scored directly,
 //! so cancellation can neither drop a true neighbour nor misreport a distance.
 pub mod exact;
+pub mod job;
 pub mod kernel;
 pub mod merge;
 pub mod rows;

@@ -16,6 +16,7 @@ pub mod miner;
 pub mod model;
 pub mod neighbors;
 pub mod npy;
+pub mod parts;
 pub mod progress;
 pub mod report;
 pub mod rerank;

@@ -210,7 +210,7 @@ pub struct Neighbors {
 impl Neighbors {
     /// Reads a neighbours file; refuses shard parts.
     pub fn read(path: &Path) -> Result<Neighbors> {
-        crate::shard::refuse_part(path)?;
+        crate::parts::refuse_part(path)?;
         let t = table::read_parquet(path, None)?;
         let meta = NeighborsMeta::from_kv(path, &t.meta)?;
         if !meta.complete {

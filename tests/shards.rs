@@ -68,8 +68,8 @@ fn merge_joins_parts_like_an_unsharded_run() {
     manifest::check_upstream(&out, "dataset", &ds).unwrap();
     // Consumers refuse parts but accept the merged file.
     let part = ShardSpec { index: 1, count: 3 }.part_path(&out);
-    assert!(simile::shard::refuse_part(&part).is_err());
-    assert!(simile::shard::refuse_part(&out).is_ok());
+    assert!(simile::parts::refuse_part(&part).is_err());
+    assert!(simile::parts::refuse_part(&out).is_ok());
 }
 
 #[test]

@@ -63,9 +63,8 @@ enum Cmd {
         /// Join the query-range parts <stem>.qpart-<i>-of-<n>.parquet into --out.
         #[arg(long)]
         query_parts: bool,
-        /// Merge even when OUT is up to date (same parts' inputs and parameters).
-        #[arg(long)]
-        force: bool,
+        #[command(flatten)]
+        force: simile::cli::ForceArg,
     },
 }
 
@@ -109,15 +108,11 @@ struct SearchArgs {
     /// l2 (Euclidean, OML's), cosine (1 - cosine similarity) or dot (negative inner product).
     #[arg(long, default_value = "l2")]
     metric: Metric,
-    /// auto, cpu, cuda or cuda:<index>.
-    #[arg(long, default_value = "auto")]
-    device: DeviceArg,
+    #[command(flatten)]
+    dev: simile::cli::DeviceArgs,
     /// auto (torch on CUDA, native on the CPU), native (simile's CPU kernels) or torch.
     #[arg(long, default_value = "auto")]
     backend: Backend,
-    /// CPU threads (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
     /// fp32: exact. bf16: candidates from bf16 products, a margin re-scored exactly
     /// (approximate at the margin; faster where the hardware has bf16).
     #[arg(long, default_value = "fp32")]
@@ -133,9 +128,8 @@ struct SearchArgs {
     /// Memory for one chunk of queries' rows and candidates, in MiB (more: fewer gallery passes).
     #[arg(long, default_value_t = 192, hide = true)]
     chunk_mib: usize,
-    /// Search even when OUT is up to date (same inputs, parameters and version).
-    #[arg(long)]
-    force: bool,
+    #[command(flatten)]
+    force: simile::cli::ForceArg,
 }
 
 fn main() {
@@ -149,7 +143,7 @@ fn main() {
             force,
         }) = cli.cmd
         {
-            simile::manifest::reuse_up_to_date(!force);
+            force.apply();
             let what = match (query_shard, query_parts) {
                 (Some(q), _) => merge::What::QueryRange(q),
                 (None, true) => merge::What::QueryParts,
@@ -160,19 +154,15 @@ fn main() {
             return Ok(());
         }
         let a = cli.search;
-        simile::manifest::reuse_up_to_date(!a.force);
+        a.force.apply();
         let inputs = inputs(&a)?;
         let out = a
             .out
             .clone()
             .ok_or_else(|| simile::cli::user_error("--out is required"))?;
-        if a.threads == Some(0) {
-            return Err(simile::cli::user_error("--threads must be at least 1"));
-        }
-        // One size for rayon's pool and libtorch's (see device::set_threads).
-        simile::device::set_threads(a.threads);
+        a.dev.start(false);
         // The native kernels are CPU code: with them, `auto` means the CPU.
-        let dev = match (a.backend, a.device) {
+        let dev = match (a.backend, a.dev.device) {
             (Backend::Native, DeviceArg::Auto) => tch::Device::Cpu,
             (_, d) => device::resolve(d)?,
         };

@@ -57,9 +57,8 @@ struct EmbedArgs {
     split: String,
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
-    /// auto, cpu, cuda or cuda:<i>.
-    #[arg(long, default_value = "auto")]
-    device: DeviceArg,
+    #[command(flatten)]
+    dev: simile::cli::DeviceArgs,
     /// Precision of the forward pass: fp32, bf16 (~2x fp32 on CPUs with AVX512-BF16 or AMX),
     /// fp16 (CUDA only).
     #[arg(long, default_value = "fp32")]
@@ -78,9 +77,8 @@ struct EmbedArgs {
     /// Image root overriding the one recorded in the dataset.
     #[arg(long)]
     root: Option<PathBuf>,
-    /// Embed even when OUT is up to date (same inputs, parameters and version).
-    #[arg(long)]
-    force: bool,
+    #[command(flatten)]
+    force: simile::cli::ForceArg,
     /// Keep decoded images in memory up to this many MiB (else they are decoded twice).
     #[arg(long, default_value_t = 2048)]
     cache_mib: usize,
@@ -88,9 +86,6 @@ struct EmbedArgs {
     /// unreadable ones, with the images/s of decoding; run no model, write nothing.
     #[arg(long)]
     check_only: bool,
-    /// Threads for decoding and for libtorch's CPU kernels, both (default: the cores).
-    #[arg(long)]
-    threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -103,9 +98,8 @@ enum Cmd {
         out: PathBuf,
         /// The parts, if not all `<stem>.part-*` files beside --out.
         parts: Vec<PathBuf>,
-        /// Merge even when OUT is up to date (same parts' inputs and parameters).
-        #[arg(long)]
-        force: bool,
+        #[command(flatten)]
+        force: simile::cli::ForceArg,
     },
     /// Make a model folder from a PyTorch state dict (.pth, .ckpt, .safetensors) for one of
     /// simile's architectures, or from a TorchScript file.
@@ -185,7 +179,7 @@ fn main() {
         let cli = Cli::parse();
         match cli.cmd {
             Some(Cmd::Merge { out, parts, force }) => {
-                simile::manifest::reuse_up_to_date(!force);
+                force.apply();
                 let s = simile::embeddings::merge_parts(&out, &parts)?;
                 eprintln!(
                     "merged {} parts into {} ({} rows x {})",
@@ -217,7 +211,7 @@ fn main() {
                 Ok(())
             }
             None => {
-                simile::manifest::reuse_up_to_date(!cli.embed.force);
+                cli.embed.force.apply();
                 run_embed(cli.embed)
             }
         }
@@ -225,12 +219,7 @@ fn main() {
 }
 
 fn run_embed(a: EmbedArgs) -> anyhow::Result<()> {
-    if a.threads == Some(0) {
-        return Err(user_error("--threads must be at least 1"));
-    }
-    // Before anything starts a thread pool (see set_threads).
-    simile::device::keep_freed_memory();
-    simile::device::set_threads(a.threads);
+    a.dev.start(true);
     // --check-only writes nothing, so it needs no --out.
     let out = a.out.or_else(|| a.check_only.then(PathBuf::new));
     let (Some(dataset), Some(model), Some(out)) = (a.dataset, a.model, out) else {
@@ -260,7 +249,7 @@ fn run_embed(a: EmbedArgs) -> anyhow::Result<()> {
         out,
         split,
         batch_size: a.batch_size,
-        device: a.device,
+        device: a.dev.device,
         compute: a.compute,
         out_dtype,
         shard: a.shard,

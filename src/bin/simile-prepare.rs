@@ -45,13 +45,6 @@ enum Cmd {
 }
 
 #[derive(Args)]
-struct Common {
-    /// Rebuild the dataset even when it is up to date (same inputs, parameters and version).
-    #[arg(long)]
-    force: bool,
-}
-
-#[derive(Args)]
 struct CsvArgs {
     /// The CSV file.
     #[arg(long)]
@@ -69,7 +62,7 @@ struct CsvArgs {
     #[arg(long)]
     out: PathBuf,
     #[command(flatten)]
-    common: Common,
+    force: simile::cli::ForceArg,
 }
 
 #[derive(Args)]
@@ -87,7 +80,7 @@ struct FolderArgs {
     #[arg(long)]
     out: PathBuf,
     #[command(flatten)]
-    common: Common,
+    force: simile::cli::ForceArg,
 }
 
 #[derive(Args)]
@@ -111,7 +104,7 @@ struct FontsArgs {
     #[arg(long)]
     max_fonts: Option<usize>,
     #[command(flatten)]
-    common: Common,
+    force: simile::cli::ForceArg,
 }
 
 fn main() {
@@ -119,15 +112,15 @@ fn main() {
         let cli = Cli::parse();
         match cli.cmd {
             Cmd::Csv(a) => {
-                simile::manifest::reuse_up_to_date(!a.common.force);
+                a.force.apply();
                 csv(a)
             }
             Cmd::Folder(a) => {
-                simile::manifest::reuse_up_to_date(!a.common.force);
+                a.force.apply();
                 folder(a)
             }
             Cmd::Fonts(a) => {
-                simile::manifest::reuse_up_to_date(!a.common.force);
+                a.force.apply();
                 fonts(a)
             }
             Cmd::Info { dataset } => {

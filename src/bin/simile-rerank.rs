@@ -1,7 +1,7 @@
 //! simile-rerank: re-ranks or post-processes a neighbours table (query expansion, database-side
 //! augmentation, k-reciprocal re-ranking, OML's pairwise re-ranker, thresholding).
 use clap::{Parser, ValueEnum};
-use simile::device::{self, DeviceArg};
+use simile::device;
 use simile::knn::{Backend, Engine};
 use simile::rerank::kreciprocal::Params;
 use simile::rerank::stage::{self, Method, Options};
@@ -110,32 +110,23 @@ struct Args {
     /// pairwise: pairs per model batch.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
-    /// auto, cpu, cuda or cuda:<index> (the pairwise model and the re-searches).
-    #[arg(long, default_value = "auto")]
-    device: DeviceArg,
-    /// CPU threads (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Redo the work even when --out is up to date (its manifest records these inputs and
-    /// parameters).
-    #[arg(long)]
-    force: bool,
+    // --device: where the pairwise model and the re-searches run.
+    #[command(flatten)]
+    dev: simile::cli::DeviceArgs,
+    #[command(flatten)]
+    force: simile::cli::ForceArg,
 }
 
 fn main() {
     simile::cli::run(|| {
         let a = Args::parse();
-        simile::manifest::reuse_up_to_date(!a.force);
-        if a.threads == Some(0) {
-            return Err(simile::cli::user_error("--threads must be at least 1"));
-        }
-        // One size for rayon's pool and libtorch's (see device::set_threads).
-        simile::device::set_threads(a.threads);
+        a.force.apply();
+        a.dev.start(false);
         let method = method(&a)?;
         let needs_device =
             matches!(method, Method::Pairwise { .. }) || !matches!(a.method, MethodArg::Threshold);
         let dev = if needs_device {
-            device::resolve(a.device)?
+            device::resolve(a.dev.device)?
         } else {
             tch::Device::Cpu
         };

@@ -109,15 +109,14 @@ struct Args {
     /// A simile-train --out folder: add its learning curves to the report.
     #[arg(long, requires = "report")]
     train_dir: Option<PathBuf>,
-    /// Score even when OUT is up to date (same inputs, parameters and version).
-    #[arg(long)]
-    force: bool,
+    #[command(flatten)]
+    force: simile::cli::ForceArg,
 }
 
 fn main() {
     simile::cli::run(|| {
         let a = Args::parse();
-        simile::manifest::reuse_up_to_date(!a.force);
+        a.force.apply();
         let set = MetricSet {
             cmc: a
                 .cmc

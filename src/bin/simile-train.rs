@@ -2,7 +2,6 @@
 //! validation split; writes a model folder `simile-embed` reads. Everything it does is in
 //! `simile::train`.
 use clap::Parser;
-use simile::device::DeviceArg;
 use simile::model::Compute;
 use simile::train::{self, TrainOptions};
 use std::path::PathBuf;
@@ -46,18 +45,14 @@ struct Cli {
     /// and version (which is otherwise kept: "up to date"), or an unfinished run.
     #[arg(long, conflicts_with = "resume")]
     force: bool,
-    /// auto, cpu, cuda or cuda:<i>.
-    #[arg(long, default_value = "auto")]
-    device: DeviceArg,
+    #[command(flatten)]
+    dev: simile::cli::DeviceArgs,
     /// fp32, or bf16 (bf16 forward/backward with fp32 master weights; fast on CPUs with AMX).
     #[arg(long, default_value = "fp32")]
     compute: Compute,
     /// Folder of the decoded-image cache.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
-    /// Threads for libtorch and the augmentation pool together (default: the cores).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    threads: Option<u64>,
     /// A log line (epoch, step, loss, lr, images/s, ETA) every N steps (50), seconds (30s) or
     /// minutes (2m); off to silence. Default: every 30s when stderr is not a terminal (a log
     /// file, Airflow, a cluster job), none on a terminal, where the progress bar shows it.
@@ -77,10 +72,7 @@ fn main() {
     simile::device::reexec_with_passive_openmp();
     simile::cli::run(|| {
         let c = Cli::parse();
-        // Before anything starts a thread pool: one size for libtorch and rayon, and freed
-        // activations kept for the next step instead of being zero-filled again by the kernel.
-        simile::device::keep_freed_memory();
-        simile::device::set_threads(c.threads.map(|n| n as usize));
+        c.dev.start(true);
         simile::manifest::reuse_up_to_date(!c.force);
         let opts = TrainOptions {
             dataset: c.dataset,
@@ -88,7 +80,7 @@ fn main() {
             sets: c.sets,
             out: c.out,
             resume: c.resume,
-            device: c.device,
+            device: c.dev.device,
             compute: c.compute,
             cache_dir: c.cache_dir,
             stop_after_steps: c.stop_after_steps,

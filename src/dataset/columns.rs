@@ -112,7 +112,7 @@ pub fn read_sides_and_ids(
     picks: &[SidePick],
     all_ids: bool,
 ) -> Result<(Vec<SideRows>, Vec<i64>)> {
-    crate::shard::refuse_part(path)?;
+    crate::parts::refuse_part(path)?;
     let meta = crate::table::read_meta(path)?;
     if meta.get("simile.artifact").map(String::as_str) != Some("dataset")
         || meta

@@ -232,7 +232,7 @@ pub fn merge_what(out: &Path, parts: &[PathBuf], what: What) -> Result<MergeSumm
         shard::PART
     };
     let paths = shard::discover_named(out, parts, infix)?;
-    let set = shard::validate(&paths)?;
+    let set = crate::parts::validate(&paths)?;
     let m0 = &set.manifests[0];
     if m0.stage != "distance" {
         return Err(Error::input(format!(

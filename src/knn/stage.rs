@@ -132,7 +132,7 @@ fn no_embedding(ds_path: &Path, id: i64, emb_path: &Path, role: &str) -> Error {
 /// whose set (with `emb.ids.npy`) matches its manifest and was made from `dataset`.
 pub fn open_embeddings(path: &Path, dataset: &Path) -> Result<Npy> {
     let n = open_matrix(path)?;
-    shard::refuse_part(path)?;
+    crate::parts::refuse_part(path)?;
     manifest::check_upstream(path, "dataset", dataset)?;
     Ok(n)
 }
@@ -249,11 +249,11 @@ fn embeddings_input(
 ) -> Result<()> {
     if partial {
         let ranges = ranges_of(npy, ids, map);
-        shard::refuse_part_ranges(npy.path(), &ranges)?;
+        crate::parts::refuse_part_ranges(npy.path(), &ranges)?;
         manifest::check_upstream_part(npy.path(), &ranges, "dataset", dataset)?;
         mb.input_part(role, npy.path(), &ranges)?;
     } else {
-        shard::refuse_part(npy.path())?;
+        crate::parts::refuse_part(npy.path())?;
         manifest::check_upstream(npy.path(), "dataset", dataset)?;
         mb.input(role, npy.path())?;
     }

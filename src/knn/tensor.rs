@@ -4,7 +4,7 @@
 //! share the margin logic, the exact re-scoring and the ordering. On CUDA this is the fast
 //! path; on the CPU it is the same code, which is how the tests cover it.
 use crate::error::Result;
-use crate::knn::search::{alpha, bias, prepare_row, Job};
+use crate::knn::job::{alpha, bias, prepare_row, Job};
 use crate::knn::topk::Candidates;
 use crate::knn::Compute;
 use crate::retrieval::{QueryGallery, NO_SEQUENCE};

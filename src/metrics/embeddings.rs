@@ -46,7 +46,7 @@ impl Embeddings {
     /// Opens `path` for `ds`: rows map to ids through the sibling `<stem>.ids.npy`, else
     /// the rows must be those of `split` in id order, or of the whole dataset.
     pub fn open(path: &Path, ds: &Dataset, split: Option<Split>) -> Result<Embeddings> {
-        crate::shard::refuse_part(path)?;
+        crate::parts::refuse_part(path)?;
         crate::manifest::check_upstream(path, "dataset", &ds.file)?;
         let npy = Npy::open(path)?;
         let (_, dim) = npy.expect_matrix()?;

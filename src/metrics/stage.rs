@@ -132,7 +132,7 @@ pub fn compute(req: &ScoreRequest) -> Result<Computed> {
     }
 
     // The neighbours' metadata first: it names the split and the dataset it was made from.
-    crate::shard::refuse_part(&req.neighbors)?;
+    crate::parts::refuse_part(&req.neighbors)?;
     let meta = NeighborsMeta::from_kv(&req.neighbors, &table::read_meta(&req.neighbors)?)?;
     if !meta.complete {
         return Err(Error::input(format!(

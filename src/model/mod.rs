@@ -165,7 +165,11 @@ pub fn seal_safetensors(vs: &nn::VarStore, dest: &Path) -> Result<Sealed> {
 /// other output (exit 2).
 pub fn write_error(dest: &Path, e: tch::TchError) -> Error {
     match e {
-        tch::TchError::Io(io) => Error::io(dest, io),
+        tch::TchError::Io(io)
+        | tch::TchError::SafeTensorError {
+            err: safetensors::SafeTensorError::IoError(io),
+            ..
+        } => Error::io(dest, io),
         e => Error::internal(format!("{}: {e}", dest.display())),
     }
 }
@@ -448,4 +452,28 @@ pub(crate) fn run_python(script: &str, args: &[&std::ffi::OsStr]) -> Result<Stri
         )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A full disk while libtorch writes weights or a checkpoint is the user's I/O error
+    /// (exit 2), as everywhere else, whichever way tch wraps it.
+    #[test]
+    fn a_full_disk_writing_tensors_is_an_io_error() {
+        let full = || std::io::Error::from(std::io::ErrorKind::StorageFull);
+        let p = Path::new("m/model.safetensors");
+        let wrapped = tch::TchError::SafeTensorError {
+            path: p.display().to_string(),
+            err: safetensors::SafeTensorError::IoError(full()),
+        };
+        for e in [
+            write_error(p, wrapped),
+            write_error(p, tch::TchError::Io(full())),
+        ] {
+            assert_eq!(e.exit_code(), 2, "{e}");
+            assert!(e.to_string().contains("m/model.safetensors"), "{e}");
+        }
+    }
 }

@@ -38,10 +38,7 @@ pub fn ensure(key: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(&root).at(&root)?;
     // Built in a temporary folder and renamed: a killed build never looks complete, and two
     // processes building at once both end with the same folder.
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{key}."))
-        .tempdir_in(&root)
-        .at(&root)?;
+    let tmp = crate::io::AtomicDir::create(&dir)?;
     eprintln!(
         "simile: building zoo model {key} into {} (once)",
         dir.display()
@@ -56,15 +53,11 @@ pub fn ensure(key: &str) -> Result<PathBuf> {
             )))
         }
     }
-    let tmp = tmp.keep();
-    if std::fs::rename(&tmp, &dir).is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-        if !dir.join(super::MODEL_JSON).is_file() {
-            return Err(Error::internal(format!(
-                "could not move the built zoo model into {}",
-                dir.display()
-            )));
-        }
+    if !tmp.persist_if_absent()? && !dir.join(super::MODEL_JSON).is_file() {
+        return Err(Error::internal(format!(
+            "could not move the built zoo model into {}: a folder without model.json is there",
+            dir.display()
+        )));
     }
     Ok(dir)
 }

@@ -7,9 +7,9 @@
 //!   the sampler state, how every generator is derived, the best value, the bank's scalars,
 //!   the resolved config.
 //!
-//! A folder is written under a temporary name and swapped in by renames, so `last` is always
-//! a complete checkpoint (after a crash between the two renames, `.last.old` is the complete
-//! previous one and is used).
+//! A folder is written under a temporary name and swapped in by renames (`io::AtomicDir`), so
+//! `last` is always a complete checkpoint (after a crash between the two renames, `.last.old`
+//! is the complete previous one and is used).
 use crate::error::{Error, IoContext, Result};
 use std::path::{Path, PathBuf};
 use tch::Tensor;
@@ -53,44 +53,23 @@ fn read_tensors(dir: &Path, name: &str) -> Result<Vec<(String, Tensor)>> {
 
 /// Writes `ckpt` as `root/<name>` (atomically, as the module says).
 pub fn save(root: &Path, name: &str, ckpt: &Checkpoint) -> Result<()> {
-    std::fs::create_dir_all(root).at(root)?;
-    let dest = root.join(name);
-    // Folders of killed runs (`.<name>.<pid>-<n>.tmp`) go first.
-    crate::io::remove_dead_temps(&dest);
-    let tmp = crate::io::temp_path_for(&dest);
-    std::fs::create_dir_all(&tmp).at(&tmp)?;
-    write_tensors(&tmp, NET, &ckpt.net)?;
-    write_tensors(&tmp, CRITERION, &ckpt.criterion)?;
-    write_tensors(&tmp, OPTIMIZER, &ckpt.optimizer)?;
-    write_tensors(&tmp, BANK, &ckpt.bank)?;
+    let dir = crate::io::AtomicDir::create(root.join(name))?;
+    write_tensors(dir.path(), NET, &ckpt.net)?;
+    write_tensors(dir.path(), CRITERION, &ckpt.criterion)?;
+    write_tensors(dir.path(), OPTIMIZER, &ckpt.optimizer)?;
+    write_tensors(dir.path(), BANK, &ckpt.bank)?;
     let json =
         serde_json::to_vec_pretty(&ckpt.state).map_err(|e| Error::internal(e.to_string()))?;
-    std::fs::write(tmp.join(STATE), json).at(tmp.join(STATE))?;
-    for f in std::fs::read_dir(&tmp).at(&tmp)?.flatten() {
-        std::fs::File::open(f.path())
-            .and_then(|f| f.sync_all())
-            .at(f.path())?;
-    }
-    let old = root.join(format!(".{name}.old"));
-    if old.exists() {
-        std::fs::remove_dir_all(&old).at(&old)?;
-    }
-    if dest.exists() {
-        std::fs::rename(&dest, &old).at(&dest)?;
-    }
-    std::fs::rename(&tmp, &dest).at(&dest)?;
-    crate::io::sync_dir(root)?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old).at(&old)?;
-    }
-    Ok(())
+    let state = dir.path().join(STATE);
+    std::fs::write(&state, json).at(&state)?;
+    dir.persist()
 }
 
 /// The folder of checkpoint `name` that holds a complete checkpoint, if any.
 pub fn find(root: &Path, name: &str) -> Option<PathBuf> {
-    [root.join(name), root.join(format!(".{name}.old"))]
-        .into_iter()
-        .find(|d| d.join(STATE).is_file())
+    let dest = root.join(name);
+    let old = crate::io::AtomicDir::old_path(&dest);
+    [dest, old].into_iter().find(|d| d.join(STATE).is_file())
 }
 
 pub fn load(dir: &Path) -> Result<Checkpoint> {
