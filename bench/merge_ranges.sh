@@ -123,11 +123,15 @@ ref, got = sys.argv[1], sys.argv[2]
 a, b = pq.read_table(ref), pq.read_table(got)
 problems = []
 if a.schema.remove_metadata() != b.schema.remove_metadata():
-    problems.append(f"schemas differ: {a.schema} vs {b.schema}")
+    problems.append("schemas differ: " + ", ".join(f"{f.name} {f.type}{'' if f.nullable else ' not null'}" for f in a.schema)
+                    + " vs " + ", ".join(f"{f.name} {f.type}{'' if f.nullable else ' not null'}" for f in b.schema))
 elif not a.equals(b):
     for c in a.column_names:
         if not a.column(c).equals(b.column(c)):
-            problems.append(f"column {c} differs")
+            x, y = a.column(c).to_numpy(), b.column(c).to_numpy()
+            n = min(len(x), len(y))
+            first = next((i for i in range(n) if x[i] != y[i]), n)
+            problems.append(f"column {c} differs (first at row {first})")
     if a.num_rows != b.num_rows:
         problems.append(f"{a.num_rows} rows vs {b.num_rows}")
 # simile's key-value metadata is the file footer's (pyarrow's schema.metadata does not show it).
@@ -135,9 +139,9 @@ ma = pq.ParquetFile(ref).metadata.metadata or {}
 mb = pq.ParquetFile(got).metadata.metadata or {}
 if not any(k.startswith(b"simile.") for k in ma):
     problems.append(f"{ref} has no simile.* footer metadata")
-for k in sorted(set(ma) | set(mb)):
+for k in sorted((set(ma) | set(mb)) - {b"ARROW:schema"}):  # the schema is compared above
     if ma.get(k) != mb.get(k):
-        problems.append(f"Parquet metadata {k.decode()}: {ma.get(k)!r} vs {mb.get(k)!r}")
+        problems.append(f"Parquet metadata {k.decode()}: {ma.get(k)!r:.80} vs {mb.get(k)!r:.80}")
 fa, fb = json.load(open(ref + ".manifest.json")), json.load(open(got + ".manifest.json"))
 for k in ("params", "inputs"):
     if fa.get(k) != fb.get(k):
