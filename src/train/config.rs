@@ -3,9 +3,9 @@
 //! The resolved config (defaults filled in) is what the model folder records.
 use crate::error::{Error, Result};
 use crate::image::{Preprocess, ResizeMode, IMAGENET_MEAN, IMAGENET_STD};
-use crate::loss::LossConfig;
+use crate::train::loss::LossConfig;
 use crate::model::{ArchSpec, Pool};
-use crate::sampler::SamplerConfig;
+use crate::train::sampler::SamplerConfig;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -571,7 +571,7 @@ impl TrainConfig {
         // TOML integers stop at i64::MAX: that is "unlimited" in a resolved config.
         if let LossConfig::Triplet {
             miner:
-                crate::miner::MinerConfig::AllTriplets {
+                crate::train::miner::MinerConfig::AllTriplets {
                     max_output_triplets,
                 },
             ..

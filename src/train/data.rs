@@ -18,7 +18,7 @@ use super::config::AugmentConfig;
 use crate::dataset::Dataset;
 use crate::error::{Error, IoContext, Result};
 use crate::image::{self, Preprocess};
-use crate::sampler::{rng, Rng};
+use crate::train::sampler::{rng, Rng};
 use memmap2::Mmap;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};

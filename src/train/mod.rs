@@ -18,21 +18,24 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod log;
+pub mod loss;
+pub mod miner;
 pub mod monitor;
 pub mod optim;
 pub mod pairwise;
+pub mod sampler;
 pub mod tensorboard;
 pub mod validate;
 
 use crate::dataset::{Dataset, Split};
 use crate::device::{self, DeviceArg};
 use crate::error::{Error, Result};
-use crate::loss::Criterion;
+use crate::train::loss::Criterion;
 use crate::manifest::ManifestBuilder;
 use crate::metrics::Scores;
-use crate::miner::MinerState;
+use crate::train::miner::MinerState;
 use crate::model::{self, Compute, ModelSpec, Net};
-use crate::sampler::{rng, BatchSampler};
+use crate::train::sampler::{rng, BatchSampler};
 use checkpoint::Checkpoint;
 use config::TrainConfig;
 use optim::{Optimizer, Param, Schedule};
@@ -935,7 +938,7 @@ fn step_row(
     step: usize,
     loss: f64,
     lrs: &[f64; 3],
-    logs: &crate::loss::Logs,
+    logs: &crate::train::loss::Logs,
     ips: f64,
 ) -> log::Row {
     let mut values = vec![

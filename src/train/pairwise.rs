@@ -31,13 +31,13 @@ use crate::knn::rows::Rows;
 use crate::knn::search::{self, Job};
 use crate::knn::{Backend, Compute as KnnCompute, Engine, Metric};
 use crate::metrics::{self, AggregateOptions, Relevance, Scores};
-use crate::miner::{AllTriplets, HardTriplets};
+use crate::train::miner::{AllTriplets, HardTriplets};
 use crate::model::pairwise::{self as pw, Fusion, PairwiseHead, PairwiseNet, PairwiseSpec};
 use crate::model::{self, Compute, Model};
 use crate::npy::{self, DType, Npy};
 use crate::rerank::pairwise::{merge, MERGE_EPS};
 use crate::retrieval::{QueryGallery, SequenceRule};
-use crate::sampler::{rng, SamplerConfig};
+use crate::train::sampler::{rng, SamplerConfig};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -964,7 +964,7 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
             }
             let et = Tensor::f_from_slice(&e)?.f_view([batch.len() as i64, dim])?;
             let dist =
-                Vec::<f32>::try_from(crate::miner::pairwise_dist(&et, &et)?.f_flatten(0, -1)?)?;
+                Vec::<f32>::try_from(crate::train::miner::pairwise_dist(&et, &et)?.f_flatten(0, -1)?)?;
             let pairs = mine_pairs(&dist, &labels, cfg.pairwise.mining);
             let n_neg = pairs.iter().filter(|p| p.2).count();
             if pairs.is_empty() || n_neg == 0 || n_neg == pairs.len() {
@@ -1035,7 +1035,7 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
                     let _ = g.f_zero_()?;
                 }
             }
-            let mut logs = crate::miner::Logs::new();
+            let mut logs = crate::train::miner::Logs::new();
             let lg = logits.detach().to_device(Device::Cpu);
             let lv = Vec::<f32>::try_from(&lg)?;
             let correct = lv
@@ -1175,7 +1175,7 @@ fn record_validation(
     optimizer: &Optimizer,
     params: &[Param],
     schedule: &Schedule,
-    sampler: &dyn crate::sampler::BatchSampler,
+    sampler: &dyn crate::train::sampler::BatchSampler,
 ) -> Result<()> {
     let key = &ctx.cfg.metric_for_checkpointing;
     let Some(value) = s.get(key) else {
@@ -1216,7 +1216,7 @@ fn save_ckpt(
     optimizer: &Optimizer,
     params: &[Param],
     schedule: &Schedule,
-    sampler: &dyn crate::sampler::BatchSampler,
+    sampler: &dyn crate::train::sampler::BatchSampler,
 ) -> Result<()> {
     let (opt_tensors, opt_steps) = optimizer.state(params);
     let state = serde_json::json!({

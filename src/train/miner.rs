@@ -6,7 +6,7 @@
 //! the caller's (device) features, whose distances the loss reads from one matrix
 //! ([`Mined::distances`]), so gradients flow through them.
 use crate::error::{Error, Result};
-use crate::sampler::{rng, Rng};
+use crate::train::sampler::{rng, Rng};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use tch::{Device, Kind, Tensor};
