@@ -289,6 +289,14 @@ impl ManifestBuilder {
         &self.stage
     }
 
+    /// Adds a parameter (the parameters decide whether an earlier run is up to date).
+    pub fn param(&mut self, key: &str, value: serde_json::Value) -> &mut Self {
+        if let Some(o) = self.params.as_object_mut() {
+            o.insert(key.to_string(), value);
+        }
+        self
+    }
+
     /// Records an input artifact: refuses it when its set is inconsistent ([`verify`]), and
     /// fingerprints it and its companions.
     pub fn input(&mut self, role: &str, path: &Path) -> Result<&mut Self> {

@@ -46,13 +46,48 @@ impl DType {
 #[derive(Debug)]
 pub struct Npy {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Bytes,
     offset: usize,
     pub dtype: DType,
     pub shape: Vec<usize>,
 }
 
+/// An array's bytes: a file's read-only map, or a buffer in memory.
+#[derive(Debug)]
+enum Bytes {
+    Map(Mmap),
+    Memory(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Map(m) => m,
+            Bytes::Memory(v) => v,
+        }
+    }
+}
+
 impl Npy {
+    /// A float32 matrix `[data.len() / cols, cols]` in memory, for the code that searches
+    /// embeddings it has just computed (validation, query expansion) without a file.
+    pub fn from_f32(data: &[f32], cols: usize) -> Npy {
+        let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        Npy {
+            path: PathBuf::from("<in memory>"),
+            mmap: Bytes::Memory(bytes),
+            offset: 0,
+            dtype: DType::F32,
+            shape: vec![data.len() / cols.max(1), cols],
+        }
+    }
+
+    /// Whether the bytes are a file's map (which the search may release as it passes).
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.mmap, Bytes::Map(_))
+    }
+
     pub fn open(path: impl AsRef<Path>) -> Result<Npy> {
         let path = path.as_ref().to_path_buf();
         let file = File::open(&path).at(&path)?;
@@ -74,7 +109,7 @@ impl Npy {
         }
         Ok(Npy {
             path,
-            mmap,
+            mmap: Bytes::Map(mmap),
             offset,
             dtype,
             shape,

@@ -45,7 +45,7 @@ impl<'a> Rows<'a> {
     pub fn new(npy: &'a Npy, map: &'a [usize], ids: &'a [i64]) -> Rows<'a> {
         debug_assert_eq!(map.len(), ids.len());
         let data_len = npy.data().len();
-        let file = (data_len > STREAM_ABOVE)
+        let file = (npy.is_mapped() && data_len > STREAM_ABOVE)
             .then(|| {
                 let off = data_offset(npy.path())?;
                 let f = std::fs::File::open(npy.path()).ok()?;
@@ -65,7 +65,7 @@ impl<'a> Rows<'a> {
 
     /// Whether this side is streamed (see [`STREAM_ABOVE`]).
     pub fn streamed(&self) -> bool {
-        self.npy.data().len() > STREAM_ABOVE
+        self.npy.is_mapped() && self.npy.data().len() > STREAM_ABOVE
     }
 
     /// Like [`Rows::read`], for scattered rows: from the file with `pread` when the side is

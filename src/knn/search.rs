@@ -17,6 +17,38 @@ pub fn search(job: &Job, sink: impl FnMut(usize, &[(u32, f32)]) -> Result<()>) -
     search_isa(job, Isa::detect(), sink)
 }
 
+/// Searches embeddings in memory (row-major `[rows, dim]`, float32; the queries and the gallery
+/// are rows `q_map` and `g_map` of it) as `simile-distance` does by default: L2, exact, float32,
+/// the exclusion rule of `qg`. For validation while training, which has just computed them.
+#[allow(clippy::too_many_arguments)]
+pub fn search_matrix(
+    emb: &[f32],
+    dim: usize,
+    qg: &crate::retrieval::QueryGallery,
+    q_map: &[usize],
+    g_map: &[usize],
+    k: usize,
+    device: tch::Device,
+    sink: impl FnMut(usize, &[(u32, f32)]) -> Result<()>,
+) -> Result<Stats> {
+    let npy = crate::npy::Npy::from_f32(emb, dim);
+    let queries = crate::knn::rows::Rows::new(&npy, q_map, &qg.queries.ids);
+    let gallery = crate::knn::rows::Rows::new(&npy, g_map, &qg.gallery.ids);
+    let job = Job {
+        queries: &queries,
+        gallery: &gallery,
+        q_range: 0..qg.queries.len(),
+        g_range: 0..qg.gallery.len(),
+        k,
+        metric: Metric::L2,
+        compute: Compute::Fp32,
+        engine: Engine::resolve(crate::knn::Backend::Auto, device)?,
+        qg,
+        memory_budget: 256 << 20,
+    };
+    search(&job, sink)
+}
+
 /// [`search`] with the native kernels limited to `isa` (tests run the portable kernels).
 pub fn search_isa(
     job: &Job,

@@ -11,8 +11,7 @@
 //!   features, a symmetric sum from which "same label or not" is nearly undecidable (on
 //!   Font-ID the stacked model stays at chance); comparing `a` with `b` keeps what differs.
 //!   The comparison is symmetric, so the two orders score the same, and an image's features
-//!   do not depend on its partner, so callers can compute them once per image
-//!   ([`PairwiseModel::features`], [`PairwiseModel::predict_features`]).
+//!   do not depend on its partner, so [`score_pairs`] computes them once per image.
 //!
 //! With `swap_average`, stacked inference averages the scores of both orders.
 //!
@@ -321,6 +320,73 @@ impl PairwiseNet {
     }
 }
 
+/// Scores ("different labels", in [0, 1]) of item pairs `(i, j)` by a pairwise network in
+/// eval mode, batch by batch: the one scorer of `simile-rerank` and of pairwise validation.
+/// A siamese network takes each of the `n_items` items' features once (a query with its
+/// `top_n` neighbours costs `top_n + 1` backbone passes, not `2 * top_n`), then the head on
+/// every pair; a stacked one runs once per pair. `images(items)` gives the items' normalised
+/// images `[n, 3, S, S]` (float32). `progress`: bars on stderr.
+#[allow(clippy::too_many_arguments)]
+pub fn score_pairs(
+    net: &PairwiseNet,
+    swap_average: bool,
+    n_items: usize,
+    pairs: &[(usize, usize)],
+    images: &dyn Fn(&[usize]) -> Result<Tensor>,
+    batch_size: usize,
+    device: Device,
+    progress: bool,
+) -> Result<Vec<f32>> {
+    let bs = batch_size.max(1);
+    let bar = |n: usize, what: &str| {
+        if progress {
+            crate::progress::bar(n as u64, what)
+        } else {
+            indicatif::ProgressBar::hidden()
+        }
+    };
+    let mut scores: Vec<f32> = Vec::with_capacity(pairs.len());
+    match net.fusion {
+        Fusion::Siamese => {
+            let pb = bar(n_items, "features");
+            let items: Vec<usize> = (0..n_items).collect();
+            let mut parts = Vec::new();
+            for chunk in items.chunks(bs) {
+                let x = images(chunk)?.f_to_device(device)?;
+                parts.push(tch::no_grad(|| net.features_t(&x, false)).f_to_kind(Kind::Float)?);
+                pb.inc(chunk.len() as u64);
+            }
+            pb.finish_and_clear();
+            let feats = Tensor::f_cat(&parts, 0)?;
+            drop(parts);
+            // The head is small: many pairs per call.
+            for chunk in pairs.chunks(bs.saturating_mul(16)) {
+                let i1: Vec<i64> = chunk.iter().map(|&(i, _)| i as i64).collect();
+                let i2: Vec<i64> = chunk.iter().map(|&(_, j)| j as i64).collect();
+                let a = feats.f_index_select(0, &Tensor::f_from_slice(&i1)?.f_to_device(device)?)?;
+                let b = feats.f_index_select(0, &Tensor::f_from_slice(&i2)?.f_to_device(device)?)?;
+                let p = tch::no_grad(|| net.pair_logits_t(&a, &b, false).sigmoid());
+                scores.extend(Vec::<f32>::try_from(
+                    p.f_to_device(Device::Cpu)?.f_flatten(0, -1)?,
+                )?);
+            }
+        }
+        Fusion::Stack => {
+            let pb = bar(pairs.len(), "pairs");
+            for chunk in pairs.chunks(bs) {
+                let (a, b): (Vec<usize>, Vec<usize>) = chunk.iter().copied().unzip();
+                let x1 = images(&a)?.f_to_device(device)?;
+                let x2 = images(&b)?.f_to_device(device)?;
+                let p = net.predict(&x1, &x2, swap_average).f_to_device(Device::Cpu)?;
+                scores.extend(Vec::<f32>::try_from(p.f_flatten(0, -1)?)?);
+                pb.inc(chunk.len() as u64);
+            }
+            pb.finish_and_clear();
+        }
+    }
+    Ok(scores)
+}
+
 /// Copies an extractor folder's backbone weights into `extractor.*` of a pairwise network
 /// (OML's postprocessing recipe starts from the trained extractor). The architecture must
 /// match; variables the folder lacks keep their initialisation and are returned.
@@ -432,36 +498,9 @@ impl PairwiseModel {
         self.net.fusion
     }
 
-    /// `siamese`: the features `[B, D]` (float32, on the model's device) of normalised
-    /// `[B, 3, S, S]` images, to pair with [`PairwiseModel::predict_features`].
-    pub fn features(&self, x: &Tensor) -> Result<Tensor> {
-        if self.net.fusion != Fusion::Siamese {
-            return Err(Error::internal(
-                "pairwise features: only a siamese model scores images one by one",
-            ));
-        }
-        Ok(tch::no_grad(|| {
-            self.net
-                .features_t(&x.to_device(self.device), false)
-                .to_kind(Kind::Float)
-        }))
-    }
-
-    /// `siamese`: scores `[B]` (float32, on the CPU) of feature pairs `(a[i], b[i])`.
-    pub fn predict_features(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        if a.size() != b.size() || a.size().len() != 2 {
-            return Err(Error::internal(format!(
-                "pairwise predict_features needs two [B, D] batches of one shape, got {:?} and {:?}",
-                a.size(),
-                b.size()
-            )));
-        }
-        let p = tch::no_grad(|| {
-            self.net
-                .pair_logits_t(&a.to_device(self.device), &b.to_device(self.device), false)
-                .sigmoid()
-        });
-        Ok(p.to_device(Device::Cpu))
+    /// The network (eval mode, frozen), for [`score_pairs`].
+    pub fn net(&self) -> &PairwiseNet {
+        &self.net
     }
 
     /// The weights file (for fingerprints).
@@ -575,9 +614,16 @@ mod tests {
         assert!(text.contains("\"fusion\": \"siamese\""), "{text}");
         let m = PairwiseModel::load(dir.path(), Device::Cpu).unwrap();
         assert_eq!(m.fusion(), Fusion::Siamese);
-        let p = m
-            .predict_features(&m.features(&x1).unwrap(), &m.features(&x2).unwrap())
+        let both = Tensor::cat(&[&x1, &x2], 0);
+        let n = x1.size()[0] as usize;
+        let images = |idx: &[usize]| -> Result<Tensor> {
+            let i: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
+            Ok(both.index_select(0, &Tensor::from_slice(&i)))
+        };
+        let pairs: Vec<(usize, usize)> = (0..n).map(|i| (i, n + i)).collect();
+        let scores = score_pairs(m.net(), false, 2 * n, &pairs, &images, 3, Device::Cpu, false)
             .unwrap();
+        let p = Tensor::from_slice(&scores);
         assert!(p.allclose(&m.predict(&x1, &x2).unwrap(), 1e-5, 1e-5, false));
         assert!(p.allclose(&l12.sigmoid(), 1e-5, 1e-5, false));
     }

@@ -6,7 +6,7 @@
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::image;
-use crate::model::pairwise::{Fusion, PairwiseModel};
+use crate::model::pairwise::{self, PairwiseModel};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::Path;
@@ -112,7 +112,7 @@ pub fn rescore(
     Err(Error::InputMany(lines))
 }
 
-/// The model's score of every pair of image slots, batch by batch.
+/// The model's score of every pair of image slots.
 fn score_pairs(
     model: &PairwiseModel,
     imgs: &[Vec<u8>],
@@ -120,71 +120,26 @@ fn score_pairs(
     pre: &image::Preprocess,
     batch_size: usize,
 ) -> Result<Vec<f32>> {
-    let scores = match model.fusion() {
-        Fusion::Stack => stacked_scores(model, imgs, pairs, pre, batch_size)?,
-        Fusion::Siamese => siamese_scores(model, imgs, pairs, pre, batch_size)?,
+    let images = |items: &[usize]| -> Result<Tensor> {
+        let a: Vec<&[u8]> = items.iter().map(|&i| imgs[i].as_slice()).collect();
+        Ok(image::batch_tensor(&a, pre))
     };
+    let scores = pairwise::score_pairs(
+        model.net(),
+        model.spec.pairwise.swap_average,
+        imgs.len(),
+        pairs,
+        &images,
+        batch_size,
+        model.device,
+        true,
+    )?;
     if scores.iter().any(|x| !x.is_finite()) {
         return Err(Error::input(format!(
             "{}: the pairwise model produced NaN or infinite scores (its weights have diverged)",
             model.dir.display()
         )));
     }
-    Ok(scores)
-}
-
-/// A siamese model: each image's features once (a query with its `top_n` neighbours needs
-/// `top_n + 1` backbone passes, not `2 * top_n`), then the head on every pair.
-fn siamese_scores(
-    model: &PairwiseModel,
-    imgs: &[Vec<u8>],
-    pairs: &[(usize, usize)],
-    pre: &image::Preprocess,
-    batch_size: usize,
-) -> Result<Vec<f32>> {
-    let pb = crate::progress::bar(imgs.len() as u64, "features");
-    let mut parts = Vec::new();
-    for chunk in imgs.chunks(batch_size) {
-        let a: Vec<&[u8]> = chunk.iter().map(Vec::as_slice).collect();
-        parts.push(model.features(&image::batch_tensor(&a, pre))?);
-        pb.inc(chunk.len() as u64);
-    }
-    pb.finish_and_clear();
-    let feats = Tensor::f_cat(&parts, 0)?;
-    drop(parts);
-    let dev = feats.device();
-    let mut scores = Vec::with_capacity(pairs.len());
-    // The head is small: many pairs per call.
-    for chunk in pairs.chunks(batch_size.saturating_mul(16)) {
-        let i1: Vec<i64> = chunk.iter().map(|&(i, _)| i as i64).collect();
-        let i2: Vec<i64> = chunk.iter().map(|&(_, j)| j as i64).collect();
-        let a = feats.f_index_select(0, &Tensor::f_from_slice(&i1)?.f_to_device(dev)?)?;
-        let b = feats.f_index_select(0, &Tensor::f_from_slice(&i2)?.f_to_device(dev)?)?;
-        let p = model.predict_features(&a, &b)?;
-        scores.extend(Vec::<f32>::try_from(p.flatten(0, -1)).map_err(Error::from)?);
-    }
-    Ok(scores)
-}
-
-/// A stacked model: one pass per pair.
-fn stacked_scores(
-    model: &PairwiseModel,
-    imgs: &[Vec<u8>],
-    pairs: &[(usize, usize)],
-    pre: &image::Preprocess,
-    batch_size: usize,
-) -> Result<Vec<f32>> {
-    let mut scores = Vec::with_capacity(pairs.len());
-    let pb = crate::progress::bar(pairs.len() as u64, "pairs");
-    for chunk in pairs.chunks(batch_size) {
-        let a: Vec<&[u8]> = chunk.iter().map(|&(i, _)| imgs[i].as_slice()).collect();
-        let b: Vec<&[u8]> = chunk.iter().map(|&(_, j)| imgs[j].as_slice()).collect();
-        let p = model.predict(&image::batch_tensor(&a, pre), &image::batch_tensor(&b, pre))?;
-        let v: Vec<f32> = Vec::try_from(p.flatten(0, -1)).map_err(Error::from)?;
-        scores.extend_from_slice(&v);
-        pb.inc(chunk.len() as u64);
-    }
-    pb.finish_and_clear();
     Ok(scores)
 }
 

@@ -17,10 +17,9 @@ use crate::error::{Error, Result};
 use crate::knn::rows::Rows;
 use crate::knn::search::{self, Job, Stats};
 use crate::knn::{Compute, Engine, Metric};
-use crate::npy::{self, DType, Npy};
+use crate::npy::Npy;
 use crate::retrieval::QueryGallery;
 use rayon::prelude::*;
-use std::path::Path;
 
 /// Each query position's neighbours: `(gallery position, distance)`, sorted.
 pub type Lists = Vec<Vec<(u32, f32)>>;
@@ -142,16 +141,14 @@ pub fn expand(
     }
 }
 
-/// Runs exact searches of in-memory vectors through [`crate::knn::search`]: the vectors are
-/// written to `.npy` files in a private temporary folder (the search reads memory-mapped rows).
-pub struct Searcher<'a> {
+/// Runs exact searches of in-memory vectors through [`crate::knn::search`].
+pub struct Searcher {
     pub engine: Engine,
     pub metric: Metric,
-    pub tmp: &'a Path,
     pub memory_budget: usize,
 }
 
-impl Searcher<'_> {
+impl Searcher {
     /// Top `k` of every row of `q` among the rows of `g`, with `qg`'s exclusions (its sides'
     /// positions are the rows of `q` and `g`): `(gallery position, distance)` sorted by
     /// (distance, position).
@@ -172,11 +169,7 @@ impl Searcher<'_> {
                 qg.gallery.len()
             )));
         }
-        let qp = self.tmp.join(format!("{name}.queries.npy"));
-        let gp = self.tmp.join(format!("{name}.gallery.npy"));
-        npy::write_f32_matrix(&qp, &q.data, q.dim, DType::F32)?;
-        npy::write_f32_matrix(&gp, &g.data, g.dim, DType::F32)?;
-        let (qn, gn) = (Npy::open(&qp)?, Npy::open(&gp)?);
+        let (qn, gn) = (Npy::from_f32(&q.data, q.dim), Npy::from_f32(&g.data, g.dim));
         let qmap: Vec<usize> = (0..q.rows).collect();
         let gmap: Vec<usize> = (0..g.rows).collect();
         let queries = Rows::new(&qn, &qmap, &qg.queries.ids);

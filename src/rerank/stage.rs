@@ -477,19 +477,9 @@ pub fn run(opts: &Options) -> Result<Summary> {
                     let norm = qe::normalises(metric);
                     let q = Matrix::from_rows(&Rows::new(&emb, &q_map, &qg.queries.ids), norm);
                     let g = Matrix::from_rows(&Rows::new(&emb, &g_map, &qg.gallery.ids), norm);
-                    let tmp_parent = match opts.out.parent() {
-                        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-                        _ => PathBuf::from("."),
-                    };
-                    std::fs::create_dir_all(&tmp_parent).map_err(|e| Error::io(&tmp_parent, e))?;
-                    let tmp = tempfile::Builder::new()
-                        .prefix(".simile-rerank.")
-                        .tempdir_in(&tmp_parent)
-                        .map_err(|e| Error::io(&tmp_parent, e))?;
                     let searcher = Searcher {
                         engine: opts.engine,
                         metric,
-                        tmp: tmp.path(),
                         memory_budget: opts.memory_budget,
                     };
                     let (lists, report) = qe::run(&q, &g, &input, &qg, how, &searcher, top_k)?;

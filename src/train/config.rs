@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::image::{Preprocess, ResizeMode, IMAGENET_MEAN, IMAGENET_STD};
 use crate::train::loss::LossConfig;
+use crate::model::pairwise::{Fusion, PairwiseHead};
 use crate::model::{ArchSpec, Pool};
 use crate::train::sampler::SamplerConfig;
 use serde::{Deserialize, Serialize};
@@ -52,11 +53,65 @@ pub struct TrainConfig {
     #[serde(default)]
     pub data: DataConfig,
     pub sampler: SamplerConfig,
-    pub loss: LossConfig,
+    /// Extractor training: the loss (with its miner). A config has this or `[pairwise]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<LossConfig>,
     #[serde(default)]
     pub optimizer: OptimizerConfig,
     #[serde(default)]
     pub schedule: ScheduleConfig,
+    /// Pairwise training (OML's postprocessor): a re-ranker on pairs, BCE, no `[loss]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pairwise: Option<PairwiseConfig>,
+}
+
+/// `[pairwise]`: what pairwise training adds (`schemas/train.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PairwiseConfig {
+    /// The extractor whose embeddings mine the pairs and give the validation neighbours: a
+    /// model folder or zoo key.
+    pub extractor: String,
+    /// How the two images meet: `stack` (OML's ConcatSiamese) or `siamese` (each image on its
+    /// own, the head sees `[|a - b|, a * b]`). Unset: `stack` for ViTs, `siamese` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fusion: Option<Fusion>,
+    /// Hidden widths of the MLP head (OML's `mlp_hidden_dims`).
+    #[serde(default = "d_hidden")]
+    pub mlp_hidden: Vec<i64>,
+    #[serde(default = "d_dropout")]
+    pub dropout: f64,
+    /// Inference averages both orders of a pair (OML's `use_tta`); recorded in the model.
+    #[serde(default)]
+    pub swap_average: bool,
+    /// `hard` (OML's `hard_pairs_mining: true`) or `all`.
+    #[serde(default)]
+    pub mining: PairMining,
+    /// Validation re-ranks the first `top_n` neighbours (OML's `PairwiseReranker.top_n`).
+    #[serde(default = "d_top_n")]
+    pub top_n: usize,
+    /// Validate on this many validation queries (drawn once with the seed; 0: all).
+    #[serde(default)]
+    pub val_queries: usize,
+}
+
+/// How pairs are mined from a batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PairMining {
+    #[default]
+    Hard,
+    All,
+}
+
+fn d_hidden() -> Vec<i64> {
+    vec![192]
+}
+fn d_dropout() -> f64 {
+    0.5
+}
+fn d_top_n() -> usize {
+    5
 }
 
 fn one() -> usize {
@@ -337,6 +392,15 @@ impl Default for OptimizerConfig {
 }
 
 impl OptimizerConfig {
+    /// The name a checkpoint records.
+    pub fn name(&self) -> &'static str {
+        match self {
+            OptimizerConfig::Adam { .. } => "adam",
+            OptimizerConfig::Adamw { .. } => "adamw",
+            OptimizerConfig::Sgd { .. } => "sgd",
+        }
+    }
+
     /// Base learning rates of the groups: backbone, head, loss.
     pub fn group_lrs(&self) -> [f64; 3] {
         let (lr, b, h, l) = match self {
@@ -565,17 +629,30 @@ impl TrainConfig {
         for s in sets {
             apply_set(&mut table, s)?;
         }
+        if table.contains_key("pairwise") && table.contains_key("loss") {
+            return Err(Error::input(format!(
+                "{source}: a [pairwise] config trains a re-ranker with BCE on pairs: it takes no [loss] table"
+            )));
+        }
         let mut cfg: TrainConfig =
             serde_path_to_error::deserialize(toml::Value::Table(table.clone()))
                 .map_err(|e| Error::input(format!("{source}: {}", explain_in(&e, &table))))?;
+        match (&cfg.loss, &cfg.pairwise) {
+            (None, None) => {
+                return Err(Error::input(format!(
+                    "{source}: missing table [loss] (the loss an extractor trains with; or a [pairwise] table to train a re-ranker)"
+                )))
+            }
+            _ => {}
+        }
         // TOML integers stop at i64::MAX: that is "unlimited" in a resolved config.
-        if let LossConfig::Triplet {
+        if let Some(LossConfig::Triplet {
             miner:
                 crate::train::miner::MinerConfig::AllTriplets {
                     max_output_triplets,
                 },
             ..
-        } = &mut cfg.loss
+        }) = &mut cfg.loss
         {
             if *max_output_triplets >= i64::MAX as usize {
                 *max_output_triplets = usize::MAX;
@@ -614,7 +691,31 @@ impl TrainConfig {
                 "config key 'data.prefetch': must be at least 1",
             ));
         }
+        if let Some(p) = &self.pairwise {
+            self.head()
+                .validate()
+                .map_err(|e| Error::input(format!("config table [pairwise]: {e}")))?;
+            if p.top_n < 2 {
+                return Err(Error::input(format!(
+                    "config key 'pairwise.top_n': {} must be at least 2 (OML's PairwiseReranker asserts top_n > 1)",
+                    p.top_n
+                )));
+            }
+        }
         Ok(())
+    }
+
+    /// The pairwise head a `[pairwise]` config describes (defaults without one).
+    pub fn head(&self) -> PairwiseHead {
+        let p = self.pairwise.as_ref();
+        PairwiseHead {
+            fusion: p
+                .and_then(|p| p.fusion)
+                .unwrap_or_else(|| Fusion::default_for(&self.model.arch)),
+            mlp_hidden: p.map(|p| p.mlp_hidden.clone()).unwrap_or_else(d_hidden),
+            dropout: p.map(|p| p.dropout).unwrap_or_else(d_dropout),
+            swap_average: p.is_some_and(|p| p.swap_average),
+        }
     }
 
     /// The resolved config as TOML text (every default written out).

@@ -1,5 +1,5 @@
 //! Validation while training, through the same library code as the stages: the validation
-//! embeddings are searched with `knn::search` (as `simile-distance`: L2, exact, the one
+//! embeddings are searched in memory with `knn::search` (as `simile-distance`: L2, exact, the one
 //! exclusion rule of `retrieval`) and scored with `metrics::evaluate` and the default metric
 //! set (as `simile-score`), so a number in `val_metrics.parquet` is the number
 //! `simile-embed` + `simile-distance` + `simile-score` give for the same weights.
@@ -7,14 +7,10 @@ use super::data::{self, ImageCache};
 use crate::dataset::{Dataset, Split};
 use crate::error::{Error, Result};
 use crate::image::Preprocess;
-use crate::knn::rows::Rows;
-use crate::knn::search::{self, Job};
-use crate::knn::{Backend, Compute, Engine, Metric};
+use crate::knn::search;
 use crate::metrics::{self, AggregateOptions, Relevance, Scores};
 use crate::model::Net;
-use crate::npy::{self, DType, Npy};
 use crate::retrieval::{QueryGallery, SequenceRule};
-use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 /// What validation needs, prepared once.
@@ -49,8 +45,6 @@ impl Validator {
     }
 
     /// Embeds the validation images with `forward` (eval mode, no gradients) and scores them.
-    /// `tmp_dir` holds the embeddings file the search maps (removed afterwards).
-    #[allow(clippy::too_many_arguments)]
     pub fn run(
         &self,
         net: &Net,
@@ -59,7 +53,6 @@ impl Validator {
         device: Device,
         kind: Kind,
         batch_size: usize,
-        tmp_dir: &Path,
     ) -> Result<Scores> {
         let dim = net.dim as usize;
         let mut emb: Vec<f32> = Vec::with_capacity(self.rows.len() * dim);
@@ -82,36 +75,22 @@ impl Validator {
             }
             emb.extend_from_slice(&v);
         }
-        let tmp = tempfile::Builder::new()
-            .prefix(".val-emb.")
-            .suffix(".npy")
-            .tempfile_in(tmp_dir)
-            .map_err(|e| Error::io(tmp_dir, e))?;
-        let path = tmp.path().to_path_buf();
-        npy::write_f32_matrix(&path, &emb, dim, DType::F32)?;
-        let npy = Npy::open(&path)?;
-        let queries = Rows::new(&npy, &self.q_map, &self.qg.queries.ids);
-        let gallery = Rows::new(&npy, &self.g_map, &self.qg.gallery.ids);
         let set = metrics::default_metric_set();
-        let job = Job {
-            queries: &queries,
-            gallery: &gallery,
-            q_range: 0..self.qg.queries.len(),
-            g_range: 0..self.qg.gallery.len(),
-            k: set.max_k().max(1),
-            metric: Metric::L2,
-            compute: Compute::Fp32,
-            engine: Engine::resolve(Backend::Auto, device)?,
-            qg: &self.qg,
-            memory_budget: 256 << 20,
-        };
         let mut hits: Vec<Vec<bool>> = vec![Vec::new(); self.qg.queries.len()];
-        search::search(&job, |q, list| {
-            let g: Vec<usize> = list.iter().map(|(p, _)| *p as usize).collect();
-            hits[q] = metrics::hits_of(&self.qg, q, &g);
-            Ok(())
-        })?;
-        drop(npy);
+        search::search_matrix(
+            &emb,
+            dim,
+            &self.qg,
+            &self.q_map,
+            &self.g_map,
+            set.max_k().max(1),
+            device,
+            |q, list| {
+                let g: Vec<usize> = list.iter().map(|(p, _)| *p as usize).collect();
+                hits[q] = metrics::hits_of(&self.qg, q, &g);
+                Ok(())
+            },
+        )?;
         let rel: Vec<Relevance> = hits
             .iter()
             .zip(&self.n_gt)

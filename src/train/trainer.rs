@@ -1,0 +1,1064 @@
+//! The training loop, once for every kind of training: resume, the epoch loop, the NaN stop,
+//! clip/step/zero, checkpoints, keep-best, the logs, the manifest and the summary. What differs
+//! between an extractor and a pairwise re-ranker (the network, the loss, validation and the
+//! model folder) sits behind [`Task`] (`extractor.rs`, `pairwise.rs`).
+use super::checkpoint::{self, Checkpoint};
+use super::config::TrainConfig;
+use super::data::{self, ImageCache};
+use super::log;
+use super::loss::Logs;
+use super::monitor::Monitor;
+use super::optim::{self, Optimizer, Param, Schedule};
+use super::sampler::{rng, BatchSampler};
+use super::{extractor, pairwise, TrainOptions, TrainSummary};
+use crate::dataset::{Dataset, Split};
+use crate::device;
+use crate::error::{Error, Result};
+use crate::io::Fingerprint;
+use crate::manifest::ManifestBuilder;
+use crate::metrics::Scores;
+use crate::model::{self, Compute};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+use tch::{nn, Device, Kind, Tensor};
+
+/// The best validation so far: (value, epoch, step).
+pub(crate) type Best = Option<(f64, usize, usize)>;
+
+/// One kind of training, built on the trainer's [`Setup`]. Its randomness must be a function
+/// of the seed and the step, so that a resumed run repeats the uninterrupted one.
+pub(crate) trait Task {
+    /// The parameters the optimiser updates (fp32 master weights), in a fixed order; group 0
+    /// is the backbone (frozen for `freeze_n_epochs`).
+    fn params(&self) -> &[Param];
+    /// The tensors backward fills with gradients, one per parameter: a low-precision working
+    /// copy, or the parameters themselves.
+    fn work(&self) -> &[Tensor];
+    /// The loss of one batch (`x`: its images `[B, 3, S, S]` on the device, float32; `batch`:
+    /// positions in the train set), with what the log records beside it.
+    fn loss(&mut self, x: &Tensor, batch: &[usize], step: usize) -> Result<(Tensor, Logs)>;
+    /// After the optimiser's step.
+    fn after_step(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Whether the dataset has a validation split.
+    fn can_validate(&self) -> bool;
+    /// Validation scores of the weights now (eval mode).
+    fn validate(&mut self) -> Result<Scores>;
+    /// What a checkpoint holds beyond the trainer's own state.
+    fn save(&self) -> Result<TaskState>;
+    fn restore(&mut self, ck: &Checkpoint) -> Result<()>;
+    /// The model folder's files: from `net` (the best checkpoint's tensors) when given, else
+    /// from the weights now.
+    fn seal(
+        &self,
+        net: Option<&[(String, Tensor)]>,
+        best: Best,
+        provenance: serde_json::Value,
+    ) -> Result<model::SealedFolder>;
+    /// Timings the manifest records beside `image_cache`, `train` and `total`.
+    fn timings(&self) -> Vec<(&'static str, f64)> {
+        Vec::new()
+    }
+}
+
+/// A task's part of a checkpoint.
+pub(crate) struct TaskState {
+    pub net: Vec<(String, Tensor)>,
+    pub criterion: Vec<(String, Tensor)>,
+    pub bank: Vec<(String, Tensor)>,
+    /// Keys added to the checkpoint's state (`mode`, `criterion`).
+    pub state: serde_json::Map<String, serde_json::Value>,
+    /// Its random streams, for the checkpoint's `rng` record.
+    pub rng: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Training rows, labels and their classes.
+pub(crate) struct TrainSet {
+    pub rows: Vec<usize>,
+    /// Class (0..C-1) of each training row.
+    pub classes: Vec<i64>,
+    /// The label of each class, ascending.
+    pub labels: Vec<i64>,
+    pub class_categories: Option<Vec<String>>,
+    pub label2category: Option<BTreeMap<i64, String>>,
+}
+
+impl TrainSet {
+    /// The label of each training row.
+    pub fn row_labels(&self) -> Vec<i64> {
+        self.classes
+            .iter()
+            .map(|&c| self.labels[c as usize])
+            .collect()
+    }
+}
+
+/// What every task is built from.
+#[derive(Clone, Copy)]
+pub(crate) struct Setup<'a> {
+    pub cfg: &'a TrainConfig,
+    pub opts: &'a TrainOptions,
+    pub ds: &'a Dataset,
+    pub ds_fp: &'a Fingerprint,
+    pub ts: &'a TrainSet,
+    pub dev: Device,
+    /// The decoded images of `cache_rows` at the config's input.
+    pub cache: &'a ImageCache,
+    pub cache_rows: &'a [usize],
+    pub images_fp: &'a Fingerprint,
+    pub cache_dir: &'a Path,
+}
+
+/// Mutable progress of a run: what a checkpoint restores.
+#[derive(Default)]
+struct Progress {
+    /// Completed epochs.
+    epoch: usize,
+    /// Batches done in the current epoch.
+    batch_in_epoch: usize,
+    /// Steps done in total.
+    step: usize,
+    best: Best,
+    train_rows: Vec<log::Row>,
+    val_rows: Vec<log::Row>,
+}
+
+/// Runs the stage; `on_device` gets the chosen device's description first.
+pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSummary> {
+    let t0 = Instant::now();
+    let cfg = TrainConfig::load(&opts.config, &opts.sets)?;
+    let is_pairwise = cfg.pairwise.is_some();
+    if is_pairwise && opts.compute != Compute::Fp32 {
+        return Err(Error::input(format!(
+            "--compute {}: pairwise training runs in fp32",
+            opts.compute
+        )));
+    }
+    if opts.compute == Compute::Fp16 {
+        return Err(Error::input(
+            "--compute fp16 is not supported for training; use fp32 or bf16",
+        ));
+    }
+    let ckpt_root = opts.out.join("checkpoints");
+    let last_dir = checkpoint::find(&ckpt_root, "last");
+    if opts.resume && last_dir.is_none() {
+        return Err(Error::input(format!(
+            "--resume: {} has no checkpoint (checkpoints/last); start without --resume",
+            opts.out.display()
+        )));
+    }
+    let ds = Dataset::read(&opts.dataset)?;
+    let ts = train_set(&ds, &cfg)?;
+    let mut sampler = cfg
+        .sampler
+        .build(&ts.row_labels(), ts.label2category.as_ref())?;
+    if sampler.is_empty() {
+        return Err(Error::input(format!(
+            "the {} sampler yields no batch per epoch on {} train rows of {} labels",
+            cfg.sampler.name(),
+            ts.rows.len(),
+            ts.labels.len()
+        )));
+    }
+    let dev = device::resolve(opts.device)?;
+    // What the task reads besides the dataset, known before anything is built, so that a
+    // finished run is recognised at once.
+    let plan: Box<dyn Plan> = if is_pairwise {
+        Box::new(pairwise::plan(&cfg, &ds, dev)?)
+    } else {
+        Box::new(extractor::plan(&ds)?)
+    };
+
+    // Every image training reads (train and validation rows): their bytes are an input, and
+    // the image cache's key.
+    let mut cache_rows: Vec<usize> = ts.rows.clone();
+    cache_rows.extend(plan.validation_rows());
+    cache_rows.sort_unstable();
+    cache_rows.dedup();
+    let images_fp = Fingerprint::of_files(&data::row_paths(&ds, &cache_rows));
+    let cfg_json = cfg.to_json();
+    let mut finish = manifest_plan(opts, &cfg_json, &device::describe(dev), &images_fp, &cache_rows)?;
+    plan.manifest(&mut finish)?;
+    let last_dir = if opts.resume {
+        finish.lock(&opts.out.join(model::WEIGHTS))?;
+        last_dir
+    } else {
+        start_over(opts, &mut finish, last_dir.is_some())?;
+        None
+    };
+    on_device(&device::describe(dev));
+
+    // Images.
+    let pre = cfg.model.preprocess();
+    let cache_dir = opts
+        .cache_dir
+        .clone()
+        .unwrap_or_else(data::default_cache_dir);
+    let tc = Instant::now();
+    let cache = ImageCache::open(
+        &ds,
+        &cache_rows,
+        &pre,
+        cfg.data.cache.then_some(cache_dir.as_path()),
+        &images_fp,
+    )?;
+    let cache_seconds = tc.elapsed().as_secs_f64();
+    eprintln!(
+        "simile-train: {} images {} ({:.1} s){}",
+        cache_rows.len(),
+        if cache.built {
+            "prepared"
+        } else {
+            "from the cache"
+        },
+        cache_seconds,
+        cache
+            .file
+            .as_ref()
+            .map(|f| format!(", {}", f.display()))
+            .unwrap_or_default()
+    );
+    std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
+    crate::io::atomic_write_bytes(opts.out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+    let ds_fp = Fingerprint::of(&opts.dataset)?;
+
+    // The task: its network (seeded), loss and validation.
+    tch::manual_seed(cfg.seed as i64);
+    let setup = Setup {
+        cfg: &cfg,
+        opts,
+        ds: &ds,
+        ds_fp: &ds_fp,
+        ts: &ts,
+        dev,
+        cache: &cache,
+        cache_rows: &cache_rows,
+        images_fp: &images_fp,
+        cache_dir: &cache_dir,
+    };
+    let mut task = plan.build(&setup)?;
+    let mut optimizer = Optimizer::new(&cfg.optimizer, task.params().len());
+    let steps_per_epoch = sampler.len();
+    let mut schedule = Schedule::new(&cfg.schedule, steps_per_epoch, cfg.epochs);
+    let ctx = Ctx {
+        cfg: &cfg,
+        cfg_json: &cfg_json,
+        opts,
+        ds_fp: &ds_fp,
+        ckpt_root: &ckpt_root,
+        train_rows: &ts.rows,
+        dev,
+    };
+
+    // Resume.
+    let mut prog = Progress::default();
+    let mut resumed_from = None;
+    if let Some(dir) = &last_dir {
+        let ck = checkpoint::load(dir)?;
+        let st = &ck.state;
+        let strip = |v: &serde_json::Value| {
+            let mut v = v.clone();
+            if let Some(o) = v.as_object_mut() {
+                o.remove("epochs");
+            }
+            v
+        };
+        let saved = strip(st.get("config").unwrap_or(&serde_json::Value::Null));
+        let now = strip(&cfg_json);
+        if saved != now {
+            return Err(Error::input(format!(
+                "--resume: {} was written with another config (only `epochs` may change); differing keys: {}",
+                dir.display(),
+                diff_keys(&saved, &now, "").join(", ")
+            )));
+        }
+        let compute = st.get("compute").and_then(|v| v.as_str()).unwrap_or("fp32");
+        if compute != opts.compute.to_string() {
+            eprintln!(
+                "warning: the checkpoint was trained with --compute {compute}, this run uses {}",
+                opts.compute
+            );
+        }
+        task.restore(&ck)?;
+        let steps: Vec<(String, u64)> =
+            serde_json::from_value(st.pointer("/optimizer/steps").cloned().unwrap_or_default())
+                .map_err(|e| Error::input(format!("{}: optimizer steps: {e}", dir.display())))?;
+        optimizer.load_state(task.params(), &ck.optimizer, &steps)?;
+        schedule = serde_json::from_value(st.get("schedule").cloned().unwrap_or_default())
+            .map_err(|e| Error::input(format!("{}: schedule: {e}", dir.display())))?;
+        sampler.load_state(st.get("sampler").unwrap_or(&serde_json::Value::Null))?;
+        let get = |k: &str| st.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+        prog.epoch = get("epoch");
+        prog.batch_in_epoch = get("batch_in_epoch");
+        prog.step = get("step");
+        prog.best = st.get("best").and_then(|b| {
+            Some((
+                b.get("value")?.as_f64()?,
+                b.get("epoch")?.as_u64()? as usize,
+                b.get("step")?.as_u64()? as usize,
+            ))
+        });
+        for (name, rows) in [
+            (TRAIN_LOG, &mut prog.train_rows),
+            (VAL_METRICS, &mut prog.val_rows),
+        ] {
+            let p = opts.out.join(name);
+            if p.exists() {
+                *rows = log::read(&p, &["epoch", "step"])?
+                    .into_iter()
+                    .filter(|r| r.int("step").unwrap_or(0) as usize <= prog.step)
+                    .collect();
+            }
+        }
+        resumed_from = Some(prog.step);
+        eprintln!(
+            "simile-train: resuming from {} (epoch {}, step {})",
+            dir.display(),
+            prog.epoch,
+            prog.step
+        );
+    }
+
+    let mon = Monitor::new(
+        opts.log_every,
+        opts.tensorboard.as_deref(),
+        cfg.epochs,
+        cfg.epochs * steps_per_epoch,
+        prog.step,
+    )?;
+    let outcome = {
+        let mut run = Run {
+            ctx: &ctx,
+            task: &mut *task,
+            optimizer: &mut optimizer,
+            schedule: &mut schedule,
+            sampler: &mut *sampler,
+            prog: &mut prog,
+            mon,
+        };
+        let o = run.fit(&cache, &pre)?;
+        run.mon.finish();
+        o
+    };
+
+    if !outcome.stopped {
+        write_logs(&ctx, &prog)?;
+        let mut m = finish;
+        m.rows("train_rows", ts.rows.len() as u64)
+            .rows("classes", ts.labels.len() as u64)
+            .rows("steps", prog.step as u64)
+            .rows("epochs", prog.epoch as u64);
+        m.timing("image_cache", cache_seconds);
+        for (k, v) in task.timings() {
+            m.timing(k, v);
+        }
+        m.timing("train", outcome.train_seconds)
+            .timing("total", t0.elapsed().as_secs_f64());
+        // The model folder appears only now, with its manifest: the best validated weights
+        // (kept in checkpoints/best while training), or the last ones without validation.
+        let best_net = match prog.best {
+            Some(_) => checkpoint::find(&ckpt_root, "best")
+                .map(|d| checkpoint::load(&d))
+                .transpose()?
+                .map(|c| c.net),
+            None => None,
+        };
+        let provenance = serde_json::json!({
+            "simile_version": crate::manifest::VERSION,
+            "commit": crate::manifest::COMMIT,
+            "dataset": { "path": opts.dataset.display().to_string(), "fingerprint": ds_fp },
+            "config": cfg_json,
+            "sets": opts.sets,
+            "compute": opts.compute.to_string(),
+            "device": device::describe(dev),
+            "weights": match prog.best {
+                Some((v, e, s)) => serde_json::json!({
+                    "chosen_by": cfg.metric_for_checkpointing, "value": v, "epoch": e, "step": s}),
+                None => serde_json::json!({"chosen_by": "last (no validation split)"}),
+            },
+        });
+        let folder = task.seal(best_net.as_deref(), prog.best, provenance)?;
+        model::commit_folder(m, folder, Vec::new())?;
+    }
+    Ok(TrainSummary {
+        out: opts.out.clone(),
+        device: device::describe(dev),
+        epochs: prog.epoch,
+        steps: prog.step,
+        images: outcome.images,
+        seconds: t0.elapsed().as_secs_f64(),
+        train_seconds: outcome.train_seconds,
+        images_per_s: outcome.images as f64 / outcome.train_seconds.max(1e-9),
+        best: prog
+            .best
+            .map(|(v, e, _)| (cfg.metric_for_checkpointing.clone(), v, e)),
+        last_scores: outcome.last_scores,
+        stopped: outcome.stopped,
+        resumed_from,
+    })
+}
+
+/// A task before its network exists.
+pub(crate) trait Plan {
+    /// Dataset rows validation reads (their images are cached with the train rows').
+    fn validation_rows(&self) -> Vec<usize>;
+    /// The task's own parameters and inputs of the finished run's manifest.
+    fn manifest(&self, _m: &mut ManifestBuilder) -> Result<()> {
+        Ok(())
+    }
+    fn build<'a>(self: Box<Self>, s: &Setup<'a>) -> Result<Box<dyn Task + 'a>>;
+}
+
+/// What the helpers below need that does not change during a run.
+struct Ctx<'a> {
+    cfg: &'a TrainConfig,
+    cfg_json: &'a serde_json::Value,
+    opts: &'a TrainOptions,
+    ds_fp: &'a Fingerprint,
+    ckpt_root: &'a Path,
+    /// Dataset row of each train-set position.
+    train_rows: &'a [usize],
+    dev: Device,
+}
+
+/// The loop's state.
+struct Run<'r, 't> {
+    ctx: &'r Ctx<'r>,
+    task: &'r mut (dyn Task + 't),
+    optimizer: &'r mut Optimizer,
+    schedule: &'r mut Schedule,
+    sampler: &'r mut dyn BatchSampler,
+    prog: &'r mut Progress,
+    mon: Monitor,
+}
+
+/// How the loop ended.
+struct Outcome {
+    images: u64,
+    train_seconds: f64,
+    last_scores: Option<Scores>,
+    /// Stopped by `stop_after_steps`.
+    stopped: bool,
+}
+
+impl Run<'_, '_> {
+    fn fit(&mut self, cache: &ImageCache, pre: &crate::image::Preprocess) -> Result<Outcome> {
+        let cfg = self.ctx.cfg;
+        let opts = self.ctx.opts;
+        let mut out = Outcome {
+            images: 0,
+            train_seconds: 0.0,
+            last_scores: None,
+            stopped: false,
+        };
+        // Validation before training, if asked (the learning curve's first point).
+        if cfg.valid_at_start
+            && self.prog.step == 0
+            && self.prog.val_rows.is_empty()
+            && self.task.can_validate()
+        {
+            let s = self.validate()?;
+            let line = format!(
+                "simile-train: before training: {}",
+                short_scores(&s, &cfg.metric_for_checkpointing)
+            );
+            self.mon.validation(self.prog.val_rows.last(), &line)?;
+        }
+        let rows_of_train = self.ctx.train_rows;
+        while self.prog.epoch < cfg.epochs {
+            let epoch = self.prog.epoch;
+            let batches = self.sampler.epoch(&mut rng::seeded(cfg.seed, epoch as u64));
+            let frozen = epoch < cfg.freeze_n_epochs;
+            for (p, w) in self.task.params().iter().zip(self.task.work()) {
+                let _ = w.set_requires_grad(!(frozen && p.group == 0));
+            }
+            let skip = self.prog.batch_in_epoch.min(batches.len());
+            let todo: Vec<Vec<usize>> = batches[skip..]
+                .iter()
+                .map(|b| b.iter().map(|&i| rows_of_train[i]).collect())
+                .collect();
+            let first_step = self.prog.step;
+            let aug = (!cfg.augment.is_off()).then_some(&cfg.augment);
+            let stopped: Result<bool> = std::thread::scope(|scope| {
+                // The next batches' images are built while the network runs.
+                let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<f32>>(cfg.data.prefetch);
+                let todo_ref = &todo;
+                scope.spawn(move || {
+                    for (i, rows) in todo_ref.iter().enumerate() {
+                        let buf = data::batch(
+                            cache,
+                            rows,
+                            pre,
+                            aug.map(|a| (a, cfg.seed, first_step + i)),
+                        );
+                        if tx.send(buf).is_err() {
+                            return;
+                        }
+                    }
+                });
+                for (i, rows) in todo.iter().enumerate() {
+                    let buf = rx
+                        .recv()
+                        .map_err(|_| Error::internal("the batch thread stopped"))?;
+                    self.step(epoch, &batches[skip + i], rows.len(), &buf, pre, &mut out)?;
+                    let stop_now = opts.stop_after_steps == Some(self.prog.step);
+                    let every = cfg.checkpoint_every_steps;
+                    let mid = self.prog.batch_in_epoch < batches.len();
+                    if mid && (stop_now || (every > 0 && self.prog.step.is_multiple_of(every))) {
+                        self.save_ckpt("last")?;
+                        write_logs(self.ctx, self.prog)?;
+                    }
+                    if stop_now && mid {
+                        return Ok(true);
+                    }
+                }
+                Ok(false)
+            });
+            if stopped? {
+                out.stopped = true;
+                return Ok(out);
+            }
+            // End of the epoch.
+            self.prog.epoch += 1;
+            self.prog.batch_in_epoch = 0;
+            let last = self.prog.epoch == cfg.epochs;
+            let validate_now = self.task.can_validate()
+                && ((cfg.valid_period > 0 && self.prog.epoch.is_multiple_of(cfg.valid_period))
+                    || last);
+            if validate_now {
+                self.mon
+                    .status(format!("e{}/{} validating", self.prog.epoch, cfg.epochs));
+                let s = self.validate()?;
+                let monitor = self
+                    .schedule
+                    .monitor(&cfg.metric_for_checkpointing)
+                    .map(str::to_string);
+                if let Some(key) = monitor {
+                    self.schedule
+                        .observe(s.get(&key).flatten(), cfg.mode_for_checkpointing);
+                }
+                let line = format!(
+                    "simile-train: epoch {}/{} step {}: {}",
+                    self.prog.epoch,
+                    cfg.epochs,
+                    self.prog.step,
+                    short_scores(&s, &cfg.metric_for_checkpointing)
+                );
+                self.mon.validation(self.prog.val_rows.last(), &line)?;
+                out.last_scores = Some(s);
+            }
+            self.save_ckpt("last")?;
+            write_logs(self.ctx, self.prog)?;
+            if opts.stop_after_steps == Some(self.prog.step) && !last {
+                out.stopped = true;
+                return Ok(out);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One optimiser step on a batch (`batch`: train-set positions, `buf`: their images); a
+    /// non-finite loss stops training with an error, the log kept up to it.
+    fn step(
+        &mut self,
+        epoch: usize,
+        batch: &[usize],
+        n: usize,
+        buf: &[f32],
+        pre: &crate::image::Preprocess,
+        out: &mut Outcome,
+    ) -> Result<()> {
+        let cfg = self.ctx.cfg;
+        let ts0 = Instant::now();
+        let prof = std::env::var_os("SIMILE_TRAIN_PROFILE").is_some();
+        let tp = Instant::now();
+        let mut marks: Vec<(&str, f64)> = Vec::new();
+        let mut mark = |name: &'static str| {
+            if prof {
+                marks.push((name, tp.elapsed().as_secs_f64()));
+            }
+        };
+        mark("recv");
+        let step = self.prog.step;
+        let factor = self.schedule.factor(step, epoch);
+        let base = cfg.optimizer.group_lrs();
+        let lrs = [base[0] * factor, base[1] * factor, base[2] * factor];
+        let s = pre.size as i64;
+        let x = Tensor::f_from_slice(buf)?
+            .f_view([n as i64, 3, s, s])?
+            .f_to_device(self.ctx.dev)?;
+        let (loss_t, logs) = self.task.loss(&x, batch, step)?;
+        let loss_t = if loss_t.dim() == 0 {
+            loss_t
+        } else {
+            loss_t.f_mean(Kind::Float)?
+        };
+        let loss = loss_t.f_double_value(&[])?;
+        mark("loss");
+        if !loss.is_finite() {
+            let kept = checkpoint::find(self.ctx.ckpt_root, "last")
+                .map(|d| format!("the last good checkpoint, {}, is kept (resume from it with a lower learning rate: --resume --set optimizer.lr=...)", d.display()))
+                .unwrap_or_else(|| "no checkpoint had been written yet".into());
+            // Keep the log up to here for the diagnosis.
+            let mut row = step_row(epoch, step + 1, loss, &lrs, &logs, 0.0);
+            row.values.push(("nonfinite".into(), Some(1.0)));
+            self.prog.train_rows.push(row);
+            write_logs(self.ctx, self.prog)?;
+            return Err(Error::input(format!(
+                "training stopped: the loss became {loss} at epoch {epoch}, step {} (learning rate {:.3e}); {kept}",
+                step + 1,
+                lrs[0]
+            )));
+        }
+        loss_t.f_backward()?;
+        mark("backward");
+        let mut grads: Vec<Option<Tensor>> = self
+            .task
+            .work()
+            .iter()
+            .map(|w| {
+                let g = w.grad();
+                (w.requires_grad() && g.defined()).then(|| {
+                    if g.kind() == Kind::Float {
+                        g
+                    } else {
+                        g.to_kind(Kind::Float)
+                    }
+                })
+            })
+            .collect();
+        let gnorm = optim::clip(&mut grads, cfg.grad_clip_norm, cfg.grad_clip_value)?;
+        self.optimizer.step(self.task.params(), &grads, &lrs)?;
+        drop(grads);
+        for w in self.task.work() {
+            let mut g = w.grad();
+            if g.defined() {
+                let _ = g.f_zero_()?;
+            }
+        }
+        self.task.after_step()?;
+        mark("optim");
+        if prof {
+            eprintln!("step {step}: {marks:?}");
+        }
+        self.prog.step += 1;
+        self.prog.batch_in_epoch += 1;
+        let dt = ts0.elapsed().as_secs_f64();
+        out.train_seconds += dt;
+        out.images += n as u64;
+        let mut row = step_row(epoch, self.prog.step, loss, &lrs, &logs, n as f64 / dt.max(1e-9));
+        row.values.push(("grad_norm".into(), Some(gnorm)));
+        self.mon.step(&row, n, dt)?;
+        self.prog.train_rows.push(row);
+        Ok(())
+    }
+
+    /// Validates, records the scores and keeps the best checkpoint.
+    fn validate(&mut self) -> Result<Scores> {
+        let s = self.task.validate()?;
+        let key = &self.ctx.cfg.metric_for_checkpointing;
+        let Some(value) = s.get(key) else {
+            return Err(Error::input(format!(
+                "config key 'metric_for_checkpointing': '{key}' is not a validation key; the keys are: {}",
+                s.entries
+                    .iter()
+                    .map(|(k, _)| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        };
+        self.prog.val_rows.push(log::Row {
+            ints: vec![
+                ("epoch".into(), self.prog.epoch as i64),
+                ("step".into(), self.prog.step as i64),
+            ],
+            values: s.entries.clone(),
+        });
+        let improved = value.is_some_and(|v| {
+            self.ctx
+                .cfg
+                .mode_for_checkpointing
+                .better(v, self.prog.best.map(|b| b.0))
+        });
+        if improved {
+            self.prog.best = Some((value.unwrap_or(f64::NAN), self.prog.epoch, self.prog.step));
+            self.save_ckpt("best")?;
+        }
+        write_logs(self.ctx, self.prog)?;
+        Ok(s)
+    }
+
+    fn save_ckpt(&self, name: &str) -> Result<()> {
+        let ctx = self.ctx;
+        let prog = &*self.prog;
+        let params = self.task.params();
+        let (opt_tensors, opt_steps) = self.optimizer.state(params);
+        let t = self.task.save()?;
+        let mut rng = serde_json::json!({
+            "seed": ctx.cfg.seed,
+            "weights_init": "tch::manual_seed(seed)",
+            "sampler": "rng::seeded(seed, epoch)",
+            "augment": "data::image_rng(seed, step, position)",
+        });
+        if let Some(o) = rng.as_object_mut() {
+            o.extend(t.rng);
+        }
+        let mut state = serde_json::json!({
+            "simile_checkpoint": 1,
+            "epoch": prog.epoch,
+            "batch_in_epoch": prog.batch_in_epoch,
+            "step": prog.step,
+            "best": prog.best.map(|(v, e, s)| serde_json::json!({
+                "key": ctx.cfg.metric_for_checkpointing, "value": v, "epoch": e, "step": s})),
+            "optimizer": { "name": ctx.cfg.optimizer.name(), "steps": opt_steps },
+            "schedule": &*self.schedule,
+            "sampler": self.sampler.state(),
+            "rng": rng,
+            "compute": ctx.opts.compute.to_string(),
+            "dataset": { "path": ctx.opts.dataset.display().to_string(), "fingerprint": ctx.ds_fp },
+            "train_log_rows": prog.train_rows.len(),
+            "val_rows": prog.val_rows.len(),
+            "config": ctx.cfg_json,
+        });
+        if let Some(o) = state.as_object_mut() {
+            o.extend(t.state);
+        }
+        let ck = Checkpoint {
+            state,
+            net: t.net,
+            criterion: t.criterion,
+            optimizer: opt_tensors,
+            bank: t.bank,
+        };
+        checkpoint::save(ctx.ckpt_root, name, &ck)
+    }
+}
+
+pub(crate) const TRAIN_LOG: &str = "train_log.parquet";
+pub(crate) const VAL_METRICS: &str = "val_metrics.parquet";
+
+fn write_logs(ctx: &Ctx, prog: &Progress) -> Result<()> {
+    log::write(
+        &ctx.opts.out.join(TRAIN_LOG),
+        &prog.train_rows,
+        &log::meta("train_log"),
+    )?;
+    if !prog.val_rows.is_empty() {
+        log::write(
+            &ctx.opts.out.join(VAL_METRICS),
+            &prog.val_rows,
+            &log::meta("val_metrics"),
+        )?;
+    }
+    Ok(())
+}
+
+fn step_row(epoch: usize, step: usize, loss: f64, lrs: &[f64; 3], logs: &Logs, ips: f64) -> log::Row {
+    let mut values = vec![
+        ("loss".to_string(), Some(loss)),
+        ("lr".to_string(), Some(lrs[0])),
+        ("lr_head".to_string(), Some(lrs[1])),
+        ("lr_loss".to_string(), Some(lrs[2])),
+        ("images_per_s".to_string(), Some(ips)),
+    ];
+    for (k, v) in logs {
+        values.push((k.clone(), v.is_finite().then_some(*v)));
+    }
+    log::Row {
+        ints: vec![("epoch".into(), epoch as i64), ("step".into(), step as i64)],
+        values,
+    }
+}
+
+/// The `OVERALL/` scores (and the checkpointing key) on one line.
+pub(crate) fn short_scores(s: &Scores, key: &str) -> String {
+    let mut parts: Vec<String> = s
+        .entries
+        .iter()
+        .filter(|(k, _)| k.starts_with("OVERALL/") && !k.contains("n_queries"))
+        .map(|(k, v)| {
+            format!(
+                "{}={}",
+                k.trim_start_matches("OVERALL/"),
+                v.map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into())
+            )
+        })
+        .collect();
+    if !key.starts_with("OVERALL/") {
+        if let Some(v) = s.get(key) {
+            parts.push(format!(
+                "{key}={}",
+                v.map(|x| format!("{x:.4}")).unwrap_or_default()
+            ));
+        }
+    }
+    parts.join(" ")
+}
+
+/// The train split's rows, their labels and classes, checked.
+fn train_set(ds: &Dataset, cfg: &TrainConfig) -> Result<TrainSet> {
+    let rows = ds.rows_of_split(Split::Train);
+    if rows.is_empty() {
+        return Err(Error::input(format!(
+            "{}: no train rows (split = 'train'); training needs labelled train rows",
+            ds.file.display()
+        )));
+    }
+    let unlabelled: Vec<i64> = rows
+        .iter()
+        .filter(|&&r| ds.label[r].is_none())
+        .map(|&r| ds.ids[r])
+        .collect();
+    if !unlabelled.is_empty() {
+        return Err(Error::input(format!(
+            "{}: {} train row(s) have no label (ids {:?}{}); every train row needs one",
+            ds.file.display(),
+            unlabelled.len(),
+            &unlabelled[..unlabelled.len().min(5)],
+            if unlabelled.len() > 5 { ", ..." } else { "" }
+        )));
+    }
+    let mut labels: Vec<i64> = rows.iter().map(|&r| ds.label[r].unwrap_or(0)).collect();
+    labels.sort_unstable();
+    labels.dedup();
+    let classes: Vec<i64> = rows
+        .iter()
+        .map(|&r| labels.binary_search(&ds.label[r].unwrap_or(0)).unwrap_or(0) as i64)
+        .collect();
+    if labels.len() < 2 {
+        return Err(Error::input(format!(
+            "{}: the train split has {} label(s); metric learning needs at least 2",
+            ds.file.display(),
+            labels.len()
+        )));
+    }
+    let needs = cfg.sampler.needs_categories();
+    if needs && !ds.has_category() {
+        return Err(Error::input(format!(
+            "{}: the {} sampler works with categories, but the dataset has no category column values; use the balance sampler or add categories",
+            ds.file.display(),
+            cfg.sampler.name()
+        )));
+    }
+    let (label2category, class_categories) = if ds.has_category() {
+        let mut m: BTreeMap<i64, String> = BTreeMap::new();
+        for &r in &rows {
+            let l = ds.label[r].unwrap_or(0);
+            match (&ds.category[r], m.get(&l)) {
+                (None, _) => {
+                    if needs {
+                        return Err(Error::input(format!(
+                            "{}: train row id {} (label {l}) has no category; the {} sampler needs one on every train row",
+                            ds.file.display(),
+                            ds.ids[r],
+                            cfg.sampler.name()
+                        )));
+                    }
+                }
+                (Some(c), Some(prev)) if prev != c => {
+                    return Err(Error::input(format!(
+                        "{}: label {l} has two categories ('{prev}' and '{c}'); a label belongs to one category",
+                        ds.file.display()
+                    )))
+                }
+                (Some(c), _) => {
+                    m.insert(l, c.clone());
+                }
+            }
+        }
+        let cc = if m.len() == labels.len() {
+            Some(labels.iter().map(|l| m[l].clone()).collect())
+        } else {
+            None
+        };
+        (Some(m), cc)
+    } else {
+        (None, None)
+    };
+    Ok(TrainSet {
+        rows,
+        classes,
+        labels,
+        class_categories,
+        label2category,
+    })
+}
+
+/// A finished run's manifest parameters and inputs, known before training so a finished run
+/// is recognised.
+fn manifest_plan(
+    opts: &TrainOptions,
+    cfg_json: &serde_json::Value,
+    device: &str,
+    images: &Fingerprint,
+    image_rows: &[usize],
+) -> Result<ManifestBuilder> {
+    let params = serde_json::json!({
+        "config": cfg_json,
+        "sets": opts.sets,
+        "device": device,
+        "compute": opts.compute.to_string(),
+    });
+    let mut m = ManifestBuilder::new("train", params);
+    m.input("dataset", &opts.dataset)?;
+    m.input("config", &opts.config)?;
+    m.input_record(
+        "images",
+        crate::manifest::InputRecord {
+            path: format!(
+                "{} images of the dataset's train and validation rows",
+                image_rows.len()
+            ),
+            fingerprint: images.clone(),
+            companions: Default::default(),
+        },
+    );
+    m.companion(&opts.out.join(model::MODEL_JSON));
+    for f in COMPANIONS {
+        m.companion(&opts.out.join(f));
+    }
+    Ok(m)
+}
+
+/// The files of a finished run's folder that its manifest records beside `model.json`.
+pub(crate) const COMPANIONS: [&str; 3] = ["config.toml", TRAIN_LOG, VAL_METRICS];
+
+/// A run without `--resume`: a finished run with the same config, dataset and version is done
+/// (`Error::UpToDate`, unless `--force`); an unfinished one (checkpoints, no finished manifest)
+/// is refused, as it may be wanted with `--resume`, unless `--force`; a finished run made from
+/// other inputs or parameters, like any stale output, is replaced: training starts over.
+fn start_over(opts: &TrainOptions, m: &mut ManifestBuilder, has_last: bool) -> Result<()> {
+    let weights = opts.out.join(model::WEIGHTS);
+    m.skip_if_done(&weights)?;
+    let manifest = crate::manifest::manifest_path(&weights);
+    if has_last && !opts.force && !manifest.is_file() {
+        return Err(Error::input(format!(
+            "{} holds an unfinished training run (checkpoints/last); continue it with --resume, start it over with --force, or choose another --out",
+            opts.out.display()
+        )));
+    }
+    if has_last || manifest.is_file() {
+        let why = m.stale(&weights)?.unwrap_or_else(|| "--force".into());
+        eprintln!(
+            "simile-train: {} is out of date ({why}): training it again from scratch",
+            opts.out.display()
+        );
+        // The old run's manifest goes first, then its model: from here on the folder is an
+        // unfinished run, which no reader takes for a model.
+        for f in [manifest, opts.out.join(model::MODEL_JSON), weights] {
+            if f.is_file() {
+                std::fs::remove_file(&f).map_err(|e| Error::io(&f, e))?;
+            }
+        }
+        let ckpt = opts.out.join("checkpoints");
+        if ckpt.exists() {
+            std::fs::remove_dir_all(&ckpt).map_err(|e| Error::io(&ckpt, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Dotted keys where two JSON values differ.
+fn diff_keys(a: &serde_json::Value, b: &serde_json::Value, prefix: &str) -> Vec<String> {
+    use serde_json::Value as J;
+    match (a, b) {
+        (J::Object(x), J::Object(y)) => {
+            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            keys.into_iter()
+                .flat_map(|k| {
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    diff_keys(
+                        x.get(k).unwrap_or(&J::Null),
+                        y.get(k).unwrap_or(&J::Null),
+                        &p,
+                    )
+                })
+                .collect()
+        }
+        _ if a == b => Vec::new(),
+        _ => vec![prefix.to_string()],
+    }
+}
+
+/// A var store's tensors sorted by name.
+pub(crate) fn sorted_vars(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// The trainable tensors of a var store, sorted by name.
+pub(crate) fn trainable_sorted(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    sorted_vars(vs)
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect()
+}
+
+/// Detached CPU copies (what a checkpoint stores).
+pub(crate) fn cpu_copies(v: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+    v.iter()
+        .map(|(n, t)| (n.clone(), t.detach().to_device(Device::Cpu).copy()))
+        .collect()
+}
+
+/// Copies a checkpoint's tensors into a var store, every variable required, shapes checked.
+pub(crate) fn load_into(vs: &nn::VarStore, tensors: &[(String, Tensor)], what: &str) -> Result<()> {
+    let vars = vs.variables();
+    tch::no_grad(|| -> Result<()> {
+        for (name, var) in &vars {
+            let src = tensors
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t)
+                .ok_or_else(|| {
+                    Error::input(format!("the checkpoint's {what} has no tensor '{name}'"))
+                })?;
+            if src.size() != var.size() {
+                return Err(Error::input(format!(
+                    "the checkpoint's {what} tensor '{name}' has shape {:?}, this run's {:?}",
+                    src.size(),
+                    var.size()
+                )));
+            }
+            var.shallow_clone().f_copy_(src)?;
+        }
+        Ok(())
+    })
+}
+
+/// `model.init`: a model folder, or a zoo key (fetched into the zoo).
+pub(crate) fn init_dir(init: &str) -> Result<std::path::PathBuf> {
+    let p = Path::new(init);
+    if p.is_dir() {
+        Ok(p.to_path_buf())
+    } else if model::zoo::is_key(init) {
+        model::zoo::ensure(init)
+    } else {
+        Err(Error::input(format!(
+            "config key 'model.init': '{init}' is neither a model folder nor a zoo key ({})",
+            model::zoo::KEYS.join(", ")
+        )))
+    }
+}
+
+/// Lists the variables that kept their random initialisation after `model.init`.
+pub(crate) fn report_missing(what: &str, missing: &mut [String], dir: &Path) {
+    if !missing.is_empty() {
+        missing.sort();
+        eprintln!(
+            "simile-train: {} {what}variable(s) not in {} keep their random initialisation: {}",
+            missing.len(),
+            dir.display(),
+            missing.join(", ")
+        );
+    }
+}
