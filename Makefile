@@ -11,7 +11,7 @@ $(error installing torch==2.13.0 failed; see the messages above)
 endif
 export PATH := $(TORCH_VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
-# Debian packages the demo and the tests need (chromium: tests/report.rs renders the report).
+# Debian packages the demo and the tests need (chromium: tests/it/report.rs renders the report).
 APT_PACKAGES := fonts-aenigma chromium
 
 .PHONY: help build test cluster-test demo bench deps fmt clean large-gallery large-gallery-smoke

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prints the path of the virtualenv with open-metric-learning==4.0.0 that the OML parity test
-# (tests/train_parity.rs) and the OML benchmarks (bench/train_vs_oml.sh,
+# (tests/it/train_parity.rs) and the OML benchmarks (bench/train_vs_oml.sh,
 # bench/pairwise_vs_oml.sh) run, creating it once: ${SIMILE_CACHE:-~/.cache/simile}/oml-4.0.0.
 # It reuses the torch wheel and torchvision of simile's torch virtualenv (a .pth file; installed
 # first by scripts/bootstrap-pyextras.sh) instead of downloading another, and installs OML

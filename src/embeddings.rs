@@ -9,6 +9,35 @@ use crate::npy::{self, Npy, NpyWriter};
 use crate::shard;
 use std::path::{Path, PathBuf};
 
+/// Opens an embeddings file, the one way every stage reads one (distance, rerank, score): a complete (merged) float matrix of dimension > 0,
+/// whose set (with `emb.ids.npy`) matches its manifest and was made from `dataset`.
+pub fn open(path: &Path, dataset: &Path) -> Result<Npy> {
+    let n = open_matrix(path)?;
+    crate::parts::refuse_part(path)?;
+    crate::manifest::check_upstream(path, "dataset", dataset)?;
+    Ok(n)
+}
+
+/// A complete (not a shard part) float matrix of dimension > 0; its manifest is checked by
+/// the caller (whole, or in the ranges it reads).
+pub fn open_matrix(path: &Path) -> Result<Npy> {
+    if let Some((i, n)) = shard::part_of_name(path) {
+        return Err(Error::input(format!(
+            "{} is shard part {i} of {n}, not a complete result; join the parts first with the stage's `merge` subcommand",
+            path.display()
+        )));
+    }
+    let n = Npy::open(path)?;
+    n.expect_matrix()?;
+    if n.cols() == 0 {
+        return Err(Error::input(format!(
+            "{}: embeddings of dimension 0",
+            path.display()
+        )));
+    }
+    Ok(n)
+}
+
 /// What a merge produced.
 #[derive(Debug)]
 pub struct MergeSummary {

@@ -24,8 +24,13 @@ fn reduce(a: [f64; 8]) -> f64 {
     ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
 }
 
-fn sums_portable(metric: Metric, q: &[f32], g: &[f32]) -> Sums {
-    let (mut d2, mut qg, mut qq, mut gg) = ([0f64; 8], [0f64; 8], [0f64; 8], [0f64; 8]);
+/// The lanes `[diff2, qg, qq, gg]`, each of 8.
+type Lanes = [[f64; 8]; 4];
+
+/// Adds the products of `q` and `g` to the lanes, element `i` to lane `i % 8`.
+#[inline(always)]
+fn add_lanes(metric: Metric, q: &[f32], g: &[f32], lanes: &mut Lanes) {
+    let [d2, qg, qq, gg] = lanes;
     for (i, (&a, &b)) in q.iter().zip(g).enumerate() {
         let (a, b, l) = (a as f64, b as f64, i % 8);
         match metric {
@@ -38,12 +43,23 @@ fn sums_portable(metric: Metric, q: &[f32], g: &[f32]) -> Sums {
             }
         }
     }
+}
+
+#[inline(always)]
+fn sums_of(lanes: Lanes) -> Sums {
+    let [d2, qg, qq, gg] = lanes;
     Sums {
         diff2: reduce(d2),
         qg: reduce(qg),
         qq: reduce(qq),
         gg: reduce(gg),
     }
+}
+
+fn sums_portable(metric: Metric, q: &[f32], g: &[f32]) -> Sums {
+    let mut lanes = [[0f64; 8]; 4];
+    add_lanes(metric, q, g, &mut lanes);
+    sums_of(lanes)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -87,25 +103,10 @@ fn sums_avx512(metric: Metric, q: &[f32], g: &[f32]) -> Sums {
         unsafe { _mm512_storeu_pd(out.as_mut_ptr(), v) };
         out
     };
-    let (mut d2, mut qg, mut qq, mut gg) = (lanes(d2), lanes(qg), lanes(qq), lanes(gg));
-    for (l, (&a, &b)) in q[full..n].iter().zip(&g[full..n]).enumerate() {
-        let (a, b) = (a as f64, b as f64);
-        match metric {
-            Metric::L2 => d2[l] += (a - b) * (a - b),
-            Metric::Dot => qg[l] += a * b,
-            Metric::Cosine => {
-                qg[l] += a * b;
-                qq[l] += a * a;
-                gg[l] += b * b;
-            }
-        }
-    }
-    Sums {
-        diff2: reduce(d2),
-        qg: reduce(qg),
-        qq: reduce(qq),
-        gg: reduce(gg),
-    }
+    let mut all = [lanes(d2), lanes(qg), lanes(qq), lanes(gg)];
+    // The tail (fewer than 8 elements) goes to lanes 0.., as the portable loop puts it.
+    add_lanes(metric, &q[full..n], &g[full..n], &mut all);
+    sums_of(all)
 }
 
 #[inline]

@@ -177,10 +177,26 @@ pub fn tile(
     {
         // SAFETY: the features were detected at run time; slices are long enough (above).
         if fmt == Format::F32 && isa.avx512 {
-            return unsafe { avx512::tile_f32(a, b, kd, alpha, bias, limit, out) };
+            let p = avx512::Panels {
+                a,
+                b,
+                kd,
+                alpha,
+                bias,
+                limit,
+            };
+            return unsafe { avx512::tile_f32(&p, out) };
         }
         if fmt == Format::Bf16 && isa.avx512_bf16 {
-            return unsafe { avx512::tile_bf16(a, b, kd, alpha, bias, limit, out) };
+            let p = avx512::Panels {
+                a,
+                b,
+                kd,
+                alpha,
+                bias,
+                limit,
+            };
+            return unsafe { avx512::tile_bf16(&p, out) };
         }
     }
     let _ = isa;
@@ -283,22 +299,24 @@ mod avx512 {
         }
     }
 
+    /// One tile's panels and epilogue (see [`super::tile`]).
+    pub struct Panels<'a> {
+        pub a: &'a [u32],
+        pub b: &'a [u32],
+        pub kd: usize,
+        pub alpha: f32,
+        pub bias: &'a [f32],
+        pub limit: &'a [f32; MR],
+    }
+
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn tile_f32(
-        a: &[u32],
-        b: &[u32],
-        kd: usize,
-        alpha: f32,
-        bias: &[f32],
-        limit: &[f32; MR],
-        out: &mut TileOut,
-    ) -> bool {
+    pub unsafe fn tile_f32(p: &Panels, out: &mut TileOut) -> bool {
         // SAFETY (whole fn): a has kd*MR elements, b kd*NR (checked by the caller).
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-            let mut ap = a.as_ptr() as *const f32;
-            let mut bp = b.as_ptr() as *const f32;
-            for _ in 0..kd {
+            let mut ap = p.a.as_ptr() as *const f32;
+            let mut bp = p.b.as_ptr() as *const f32;
+            for _ in 0..p.kd {
                 let b0 = _mm512_load_ps(bp);
                 let b1 = _mm512_load_ps(bp.add(16));
                 for (i, row) in acc.iter_mut().enumerate() {
@@ -309,26 +327,18 @@ mod avx512 {
                 ap = ap.add(MR);
                 bp = bp.add(NR);
             }
-            finish(&acc, alpha, bias, limit, out)
+            finish(&acc, p.alpha, p.bias, p.limit, out)
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub unsafe fn tile_bf16(
-        a: &[u32],
-        b: &[u32],
-        kd: usize,
-        alpha: f32,
-        bias: &[f32],
-        limit: &[f32; MR],
-        out: &mut TileOut,
-    ) -> bool {
+    pub unsafe fn tile_bf16(p: &Panels, out: &mut TileOut) -> bool {
         // SAFETY (whole fn): as tile_f32; bf16 pairs are reinterpreted as __m512bh lanes.
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-            let mut ap = a.as_ptr();
-            let mut bp = b.as_ptr();
-            for _ in 0..kd {
+            let mut ap = p.a.as_ptr();
+            let mut bp = p.b.as_ptr();
+            for _ in 0..p.kd {
                 let b0: __m512bh = std::mem::transmute(_mm512_load_si512(bp as *const __m512i));
                 let b1: __m512bh =
                     std::mem::transmute(_mm512_load_si512(bp.add(16) as *const __m512i));
@@ -340,7 +350,7 @@ mod avx512 {
                 ap = ap.add(MR);
                 bp = bp.add(NR);
             }
-            finish(&acc, alpha, bias, limit, out)
+            finish(&acc, p.alpha, p.bias, p.limit, out)
         }
     }
 }

@@ -12,7 +12,7 @@ use crate::manifest::{self, ManifestBuilder};
 use crate::neighbors::{NeighborsMeta, NeighborsWriter};
 use crate::npy::{self, Npy};
 use crate::retrieval::{QueryGallery, SequenceRule};
-use crate::shard::{self, ShardSpec};
+use crate::shard::ShardSpec;
 use std::path::{Path, PathBuf};
 
 /// Where queries and gallery come from.
@@ -126,35 +126,6 @@ fn no_embedding(ds_path: &Path, id: i64, emb_path: &Path, role: &str) -> Error {
         ds_path.display(),
         npy::ids_path(emb_path).display()
     ))
-}
-
-/// Opens an embeddings file for searching: a complete (merged) float matrix of dimension > 0,
-/// whose set (with `emb.ids.npy`) matches its manifest and was made from `dataset`.
-pub fn open_embeddings(path: &Path, dataset: &Path) -> Result<Npy> {
-    let n = open_matrix(path)?;
-    crate::parts::refuse_part(path)?;
-    manifest::check_upstream(path, "dataset", dataset)?;
-    Ok(n)
-}
-
-/// A complete (not a shard part) float matrix of dimension > 0; its manifest is checked by
-/// the caller (whole, or in the ranges it reads).
-fn open_matrix(path: &Path) -> Result<Npy> {
-    if let Some((i, n)) = shard::part_of_name(path) {
-        return Err(Error::input(format!(
-            "{} is shard part {i} of {n}, not a complete result; join the parts first with the stage's `merge` subcommand",
-            path.display()
-        )));
-    }
-    let n = Npy::open(path)?;
-    n.expect_matrix()?;
-    if n.cols() == 0 {
-        return Err(Error::input(format!(
-            "{}: embeddings of dimension 0",
-            path.display()
-        )));
-    }
-    Ok(n)
 }
 
 /// The `.npy` rows of a side's ids: through the ids file (searched in place, see
@@ -379,11 +350,11 @@ pub fn run(opts: &Options) -> Result<Summary> {
     let qg = QueryGallery::from_sides(q_side, g_side, !two, SequenceRule::default());
 
     // Embeddings: each side's rows through its ids file.
-    let q_npy = open_matrix(q_emb_path)?;
+    let q_npy = crate::embeddings::open_matrix(q_emb_path)?;
     let g_npy_owned = if g_emb_path == q_emb_path {
         None
     } else {
-        Some(open_matrix(g_emb_path)?)
+        Some(crate::embeddings::open_matrix(g_emb_path)?)
     };
     let g_npy = g_npy_owned.as_ref().unwrap_or(&q_npy);
     if q_npy.cols() != g_npy.cols() {

@@ -4,6 +4,7 @@ use super::fnmr::{self, Counts, Pass};
 use super::pcf;
 use crate::dataset::{Dataset, Split};
 use crate::error::{Error, Result};
+use crate::knn::Metric;
 use crate::npy::Npy;
 use crate::retrieval::QueryGallery;
 use rayon::prelude::*;
@@ -11,28 +12,17 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 
-/// The distances a neighbours file can hold (its `metric`), recomputed the same way.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DistanceKind {
-    /// Euclidean, not squared.
-    L2,
-    /// 1 - cosine similarity.
-    Cosine,
-    /// Negative inner product.
-    Dot,
-}
-
-impl DistanceKind {
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "l2" | "" => Ok(DistanceKind::L2),
-            "cosine" => Ok(DistanceKind::Cosine),
-            "dot" => Ok(DistanceKind::Dot),
-            _ => Err(Error::input(format!(
-                "unknown distance metric '{s}' in the neighbours file (expected l2, cosine or dot)"
-            ))),
-        }
+/// The distance a neighbours file holds (its `metric`; empty in files that predate the
+/// key: L2), recomputed the same way: `knn::Metric`, the one distance enum.
+pub fn distance_of(metric: &str) -> Result<Metric> {
+    if metric.is_empty() {
+        return Ok(Metric::L2);
     }
+    metric.parse().map_err(|e| {
+        Error::input(format!(
+            "unknown distance metric in the neighbours file: {e}"
+        ))
+    })
 }
 
 /// A memory-mapped embeddings file and the dataset ids of its rows.
@@ -46,16 +36,8 @@ impl Embeddings {
     /// Opens `path` for `ds`: rows map to ids through the sibling `<stem>.ids.npy`, else
     /// the rows must be those of `split` in id order, or of the whole dataset.
     pub fn open(path: &Path, ds: &Dataset, split: Option<Split>) -> Result<Embeddings> {
-        crate::parts::refuse_part(path)?;
-        crate::manifest::check_upstream(path, "dataset", &ds.file)?;
-        let npy = Npy::open(path)?;
-        let (_, dim) = npy.expect_matrix()?;
-        if dim == 0 {
-            return Err(Error::input(format!(
-                "{}: embeddings of width 0",
-                path.display()
-            )));
-        }
+        let npy = crate::embeddings::open(path, &ds.file)?;
+        let dim = npy.cols();
         // The one ids rule (duplicates and unknown ids refused), as every reader.
         let of_row = crate::embeddings::rows_of_dataset(ds, &ds.file, &npy, path, split)?;
         let row_of = of_row
@@ -108,24 +90,24 @@ struct Prepared {
     n: usize,
 }
 
-fn prepare(mut x: Vec<f32>, d: usize, kind: DistanceKind) -> Prepared {
+fn prepare(mut x: Vec<f32>, d: usize, kind: Metric) -> Prepared {
     // d > 0: `Embeddings::open` refuses zero-width embeddings.
     let n = x.len() / d;
     let mut sq = Vec::new();
     match kind {
-        DistanceKind::L2 => {
+        Metric::L2 => {
             sq = x
                 .chunks_exact(d)
                 .map(|r| r.iter().map(|v| v * v).sum())
                 .collect();
         }
-        DistanceKind::Cosine => {
+        Metric::Cosine => {
             for r in x.chunks_exact_mut(d) {
                 let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
                 r.iter_mut().for_each(|v| *v /= norm);
             }
         }
-        DistanceKind::Dot => {}
+        Metric::Dot => {}
     }
     Prepared { x, sq, n }
 }
@@ -178,7 +160,7 @@ pub fn fnmr_from_embeddings(
     qg: &QueryGallery,
     q_emb: &Embeddings,
     g_emb: &Embeddings,
-    kind: DistanceKind,
+    kind: Metric,
     fmr: &[f64],
 ) -> Result<Vec<Option<f64>>> {
     if q_emb.dim != g_emb.dim {
@@ -245,11 +227,11 @@ pub fn fnmr_from_embeddings(
                                         continue;
                                     }
                                     let dist = match kind {
-                                        DistanceKind::L2 => {
+                                        Metric::L2 => {
                                             (qp.sq[t0 + i] + gp.sq[j] - 2.0 * p).max(0.0).sqrt()
                                         }
-                                        DistanceKind::Cosine => 1.0 - p,
-                                        DistanceKind::Dot => -p,
+                                        Metric::Cosine => 1.0 - p,
+                                        Metric::Dot => -p,
                                     };
                                     c.add(pass, dist, qg.is_positive(q, g));
                                 }

@@ -1,7 +1,7 @@
 //! The `simile-score` stage: dataset + neighbours (+ embeddings) in, `metrics.json` (and an
 //! optional per-query table) out. The binary only parses flags and prints.
 use super::aggregate::{self, AggregateOptions, AtParams, Extras, GroupStats, PerQuery, Scores};
-use super::embeddings::{self, DistanceKind, Embeddings, Item};
+use super::embeddings::{self, Embeddings, Item};
 use super::lists::{self, ScanSpec};
 use super::ranking::{Metric, MetricSet};
 use super::{fnmr, pcf};
@@ -140,7 +140,7 @@ pub fn compute(req: &ScoreRequest) -> Result<Computed> {
             req.neighbors.display()
         )));
     }
-    let kind = DistanceKind::parse(&meta.metric)?;
+    let kind = embeddings::distance_of(&meta.metric)?;
     fingerprint_check(
         &req.neighbors,
         "dataset",

@@ -363,8 +363,10 @@ pub fn score_pairs(
             for chunk in pairs.chunks(bs.saturating_mul(16)) {
                 let i1: Vec<i64> = chunk.iter().map(|&(i, _)| i as i64).collect();
                 let i2: Vec<i64> = chunk.iter().map(|&(_, j)| j as i64).collect();
-                let a = feats.f_index_select(0, &Tensor::f_from_slice(&i1)?.f_to_device(device)?)?;
-                let b = feats.f_index_select(0, &Tensor::f_from_slice(&i2)?.f_to_device(device)?)?;
+                let a =
+                    feats.f_index_select(0, &Tensor::f_from_slice(&i1)?.f_to_device(device)?)?;
+                let b =
+                    feats.f_index_select(0, &Tensor::f_from_slice(&i2)?.f_to_device(device)?)?;
                 let p = tch::no_grad(|| net.pair_logits_t(&a, &b, false).sigmoid());
                 scores.extend(Vec::<f32>::try_from(
                     p.f_to_device(Device::Cpu)?.f_flatten(0, -1)?,
@@ -377,7 +379,9 @@ pub fn score_pairs(
                 let (a, b): (Vec<usize>, Vec<usize>) = chunk.iter().copied().unzip();
                 let x1 = images(&a)?.f_to_device(device)?;
                 let x2 = images(&b)?.f_to_device(device)?;
-                let p = net.predict(&x1, &x2, swap_average).f_to_device(Device::Cpu)?;
+                let p = net
+                    .predict(&x1, &x2, swap_average)
+                    .f_to_device(Device::Cpu)?;
                 scores.extend(Vec::<f32>::try_from(p.f_flatten(0, -1)?)?);
                 pb.inc(chunk.len() as u64);
             }
@@ -621,8 +625,17 @@ mod tests {
             Ok(both.index_select(0, &Tensor::from_slice(&i)))
         };
         let pairs: Vec<(usize, usize)> = (0..n).map(|i| (i, n + i)).collect();
-        let scores = score_pairs(m.net(), false, 2 * n, &pairs, &images, 3, Device::Cpu, false)
-            .unwrap();
+        let scores = score_pairs(
+            m.net(),
+            false,
+            2 * n,
+            &pairs,
+            &images,
+            3,
+            Device::Cpu,
+            false,
+        )
+        .unwrap();
         let p = Tensor::from_slice(&scores);
         assert!(p.allclose(&m.predict(&x1, &x2).unwrap(), 1e-5, 1e-5, false));
         assert!(p.allclose(&l12.sigmoid(), 1e-5, 1e-5, false));

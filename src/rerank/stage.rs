@@ -4,7 +4,7 @@ use crate::dataset::{Dataset, Split};
 use crate::error::{Error, Result};
 use crate::io::Fingerprint;
 use crate::knn::rows::Rows;
-use crate::knn::stage::{open_embeddings, side_map};
+use crate::knn::stage::side_map;
 use crate::knn::{Engine, Metric};
 use crate::manifest::{self, ManifestBuilder};
 use crate::neighbors::{Neighbors, NeighborsMeta, NeighborsWriter};
@@ -420,7 +420,7 @@ pub fn run(opts: &Options) -> Result<Summary> {
                     qg.gallery.len()
                 )));
             }
-            let emb = open_embeddings(emb_path, &opts.dataset)?;
+            let emb = crate::embeddings::open(emb_path, &opts.dataset)?;
             manifest::check_upstream(&opts.neighbors, "embeddings", emb_path)?;
             let of_row = crate::embeddings::rows_of_dataset(
                 &ds,

@@ -3,9 +3,9 @@
 //! The resolved config (defaults filled in) is what the model folder records.
 use crate::error::{Error, Result};
 use crate::image::{Preprocess, ResizeMode, IMAGENET_MEAN, IMAGENET_STD};
-use crate::train::loss::LossConfig;
 use crate::model::pairwise::{Fusion, PairwiseHead};
 use crate::model::{ArchSpec, Pool};
+use crate::train::loss::LossConfig;
 use crate::train::sampler::SamplerConfig;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -637,13 +637,10 @@ impl TrainConfig {
         let mut cfg: TrainConfig =
             serde_path_to_error::deserialize(toml::Value::Table(table.clone()))
                 .map_err(|e| Error::input(format!("{source}: {}", explain_in(&e, &table))))?;
-        match (&cfg.loss, &cfg.pairwise) {
-            (None, None) => {
-                return Err(Error::input(format!(
-                    "{source}: missing table [loss] (the loss an extractor trains with; or a [pairwise] table to train a re-ranker)"
-                )))
-            }
-            _ => {}
+        if cfg.loss.is_none() && cfg.pairwise.is_none() {
+            return Err(Error::input(format!(
+                "{source}: missing table [loss] (the loss an extractor trains with; or a [pairwise] table to train a re-ranker)"
+            )));
         }
         // TOML integers stop at i64::MAX: that is "unlimited" in a resolved config.
         if let Some(LossConfig::Triplet {
@@ -924,6 +921,7 @@ pub fn nearest(bad: &str, valid: &[String]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::pairwise::Fusion;
 
     const MINIMAL: &str = r#"
 epochs = 2
@@ -938,6 +936,59 @@ n_instances = 2
 name = "triplet"
 margin = 0.2
 "#;
+
+    /// MINIMAL with `[pairwise]` in place of `[loss]`.
+    fn pairwise_minimal() -> String {
+        MINIMAL.replace(
+            "[loss]\nname = \"triplet\"\nmargin = 0.2\n",
+            "[pairwise]\nextractor = \"smallcnn\"\n",
+        )
+    }
+
+    #[test]
+    fn pairwise_config_defaults_round_trip_and_errors() {
+        let c = TrainConfig::parse(&pairwise_minimal(), &[], "t.toml").unwrap();
+        let p = c.pairwise.clone().unwrap();
+        assert_eq!(p.mlp_hidden, vec![192]);
+        assert_eq!(p.mining, PairMining::Hard);
+        assert_eq!(p.top_n, 5);
+        // The fusion follows the backbone unless the config names one.
+        assert_eq!(p.fusion, None);
+        assert_eq!(c.head().fusion, Fusion::Siamese);
+        let v = TrainConfig::parse(&pairwise_minimal(), &["model.arch=\"vits16\"".into()], "t")
+            .unwrap();
+        assert_eq!(v.head().fusion, Fusion::Stack);
+        let st = TrainConfig::parse(
+            &pairwise_minimal(),
+            &["pairwise.fusion=\"stack\"".into()],
+            "t",
+        )
+        .unwrap();
+        assert_eq!(st.head().fusion, Fusion::Stack);
+        let text = toml::to_string_pretty(&c).unwrap();
+        assert_eq!(TrainConfig::parse(&text, &[], "r").unwrap(), c);
+        let e =
+            TrainConfig::parse(&pairwise_minimal(), &["pairwise.top_n=1".into()], "t").unwrap_err();
+        assert!(e.to_string().contains("pairwise.top_n"), "{e}");
+        let e = TrainConfig::parse(
+            &pairwise_minimal(),
+            &["pairwise.minning=\"all\"".into()],
+            "t",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("did you mean 'pairwise.mining'"),
+            "{e}"
+        );
+        let e = TrainConfig::parse(
+            &format!("{}[loss]\nname = \"triplet\"\n", pairwise_minimal()),
+            &[],
+            "t",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("no [loss] table"), "{e}");
+        assert_eq!(e.exit_code(), 2);
+    }
 
     #[test]
     fn defaults_and_round_trip() {

@@ -251,8 +251,14 @@ fn validate(
     let s = pre.size as i64;
     let images = |idx: &[usize]| -> Result<Tensor> {
         let rows: Vec<usize> = idx.iter().map(|&i| items[i]).collect();
-        Ok(Tensor::f_from_slice(&data::batch(cache, &rows, &pre, None))?
-            .f_view([rows.len() as i64, 3, s, s])?)
+        Ok(
+            Tensor::f_from_slice(&data::batch(cache, &rows, &pre, None))?.f_view([
+                rows.len() as i64,
+                3,
+                s,
+                s,
+            ])?,
+        )
     };
     let scores = pw::score_pairs(
         net,
@@ -389,7 +395,11 @@ impl Plan for PairwisePlan {
         let embed_seconds = te.elapsed().as_secs_f64();
         eprintln!(
             "simile-train: pairwise: {} by {} in {embed_seconds:.1} s",
-            if emb_cached { "embeddings read from the cache" } else { "embedded" },
+            if emb_cached {
+                "embeddings read from the cache"
+            } else {
+                "embedded"
+            },
             pc.extractor
         );
         if let Some(v) = &val {
@@ -557,7 +567,10 @@ impl Task for Pairwise<'_> {
         let mut spec = self.spec.clone();
         if let Some(o) = provenance.as_object_mut() {
             o.insert("trained_by".into(), "simile-train (pairwise)".into());
-            o.insert("extractor".into(), self.ext_dir.display().to_string().into());
+            o.insert(
+                "extractor".into(),
+                self.ext_dir.display().to_string().into(),
+            );
             o.insert(
                 "extractor_validation".into(),
                 self.val
@@ -589,52 +602,6 @@ impl Task for Pairwise<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const MINIMAL: &str = r#"
-epochs = 1
-[model]
-arch = "smallcnn"
-size = 16
-[sampler]
-name = "balance"
-n_labels = 2
-n_instances = 2
-[pairwise]
-extractor = "smallcnn"
-"#;
-
-    #[test]
-    fn config_defaults_round_trip_and_errors() {
-        let c = TrainConfig::parse(MINIMAL, &[], "t.toml").unwrap();
-        let p = c.pairwise.clone().unwrap();
-        assert_eq!(p.mlp_hidden, vec![192]);
-        assert_eq!(p.mining, PairMining::Hard);
-        assert_eq!(p.top_n, 5);
-        // The fusion follows the backbone unless the config names one.
-        assert_eq!(p.fusion, None);
-        assert_eq!(c.head().fusion, Fusion::Siamese);
-        let v =
-            TrainConfig::parse(MINIMAL, &["model.arch=\"vits16\"".into()], "t").unwrap();
-        assert_eq!(v.head().fusion, Fusion::Stack);
-        let st = TrainConfig::parse(MINIMAL, &["pairwise.fusion=\"stack\"".into()], "t")
-            .unwrap();
-        assert_eq!(st.head().fusion, Fusion::Stack);
-        let text = toml::to_string_pretty(&c).unwrap();
-        assert_eq!(TrainConfig::parse(&text, &[], "r").unwrap(), c);
-        let e = TrainConfig::parse(MINIMAL, &["pairwise.top_n=1".into()], "t").unwrap_err();
-        assert!(e.to_string().contains("pairwise.top_n"), "{e}");
-        let e = TrainConfig::parse(MINIMAL, &["pairwise.minning=\"all\"".into()], "t")
-            .unwrap_err();
-        assert!(
-            e.to_string().contains("did you mean 'pairwise.mining'"),
-            "{e}"
-        );
-        let e =
-            TrainConfig::parse(&format!("{MINIMAL}[loss]\nname = \"triplet\"\n"), &[], "t")
-                .unwrap_err();
-        assert!(e.to_string().contains("no [loss] table"), "{e}");
-        assert_eq!(e.exit_code(), 2);
-    }
 
     #[test]
     fn pairs_miner_follows_oml() {
@@ -673,4 +640,3 @@ extractor = "smallcnn"
         assert_eq!(p, vec![(0, 1, false), (0, 2, true), (1, 2, true)]);
     }
 }
-

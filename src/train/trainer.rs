@@ -179,7 +179,13 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
     cache_rows.dedup();
     let images_fp = Fingerprint::of_files(&data::row_paths(&ds, &cache_rows));
     let cfg_json = cfg.to_json();
-    let mut finish = manifest_plan(opts, &cfg_json, &device::describe(dev), &images_fp, &cache_rows)?;
+    let mut finish = manifest_plan(
+        opts,
+        &cfg_json,
+        &device::describe(dev),
+        &images_fp,
+        &cache_rows,
+    )?;
     plan.manifest(&mut finish)?;
     let last_dir = if opts.resume {
         finish.lock(&opts.out.join(model::WEIGHTS))?;
@@ -648,7 +654,14 @@ impl Run<'_, '_> {
         let dt = ts0.elapsed().as_secs_f64();
         out.train_seconds += dt;
         out.images += n as u64;
-        let mut row = step_row(epoch, self.prog.step, loss, &lrs, &logs, n as f64 / dt.max(1e-9));
+        let mut row = step_row(
+            epoch,
+            self.prog.step,
+            loss,
+            &lrs,
+            &logs,
+            n as f64 / dt.max(1e-9),
+        );
         row.values.push(("grad_norm".into(), Some(gnorm)));
         self.mon.step(&row, n, dt)?;
         self.prog.train_rows.push(row);
@@ -755,7 +768,14 @@ fn write_logs(ctx: &Ctx, prog: &Progress) -> Result<()> {
     Ok(())
 }
 
-fn step_row(epoch: usize, step: usize, loss: f64, lrs: &[f64; 3], logs: &Logs, ips: f64) -> log::Row {
+fn step_row(
+    epoch: usize,
+    step: usize,
+    loss: f64,
+    lrs: &[f64; 3],
+    logs: &Logs,
+    ips: f64,
+) -> log::Row {
     let mut values = vec![
         ("loss".to_string(), Some(loss)),
         ("lr".to_string(), Some(lrs[0])),

@@ -1,4 +1,4 @@
-"""One training step of OML 4.0's recipe, the reference for tests/train_parity.rs.
+"""One training step of OML 4.0's recipe, the reference for tests/it/train_parity.rs.
 
 Writes into OUT:
 - `img/<label>_<k>.png`: 16 labels x 4 grey 64 x 64 images (a pattern per label, noise per
@@ -32,7 +32,7 @@ from oml.miners.inbatch_hard_tri import HardTripletsMiner
 from oml.models import ResnetExtractor
 
 OPTIMISERS = {
-    # simile's [optimizer] table for the same optimiser is in tests/train_parity.rs.
+    # simile's [optimizer] table for the same optimiser is in tests/it/train_parity.rs.
     "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01),
     "sgd": lambda p: torch.optim.SGD(p, lr=1.0),
 }

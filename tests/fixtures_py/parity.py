@@ -1,4 +1,4 @@
-"""Reference models and outputs for simile-embed's parity tests (tests/embed.rs).
+"""Reference models and outputs for simile-embed's parity tests (tests/it/embed.rs).
 
 Writes into OUT: for each case a checkpoint (random weights, fixed seed), an input batch
 `<case>.x.npy` and PyTorch's embeddings of it `<case>.y.npy`:

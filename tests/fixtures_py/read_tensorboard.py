@@ -1,5 +1,5 @@
 """Reads a TensorBoard log folder as TensorBoard does (its EventAccumulator, orphaned events
-purged) and prints {tag: [[step, value], ...]} as JSON. Used by tests/train.rs."""
+purged) and prints {tag: [[step, value], ...]} as JSON. Used by tests/it/train.rs."""
 import json
 import sys
 

@@ -1,5 +1,5 @@
 //! ArcFace (OML's `ArcFaceLoss`, `ArcFaceLossWithMLP`) and its label smoothing.
-use super::{l2_normalize, labels_tensor, Criterion, LossOutput, Logs, Reduction};
+use super::{l2_normalize, labels_tensor, Criterion, Logs, LossOutput, Reduction};
 use crate::error::{Error, Result};
 use crate::train::sampler::Rng;
 use tch::{nn, Kind, Tensor};

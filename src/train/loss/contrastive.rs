@@ -1,5 +1,5 @@
 //! The contrastive loss (pytorch-metric-learning's `ContrastiveLoss`).
-use super::{l2_normalize, pair_masks, Criterion, LossOutput, Logs};
+use super::{l2_normalize, pair_masks, Criterion, Logs, LossOutput};
 use crate::error::Result;
 use crate::train::miner::pairwise_dist;
 use crate::train::sampler::Rng;

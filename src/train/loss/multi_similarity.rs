@@ -1,5 +1,5 @@
 //! The multi-similarity loss (pytorch-metric-learning's `MultiSimilarityLoss`).
-use super::{l2_normalize, pair_masks, Criterion, LossOutput, Logs};
+use super::{l2_normalize, pair_masks, Criterion, Logs, LossOutput};
 use crate::error::Result;
 use crate::train::sampler::Rng;
 use tch::{Kind, Tensor};

@@ -1,7 +1,7 @@
 //! Surrogate precision@k (OML's `SurrogatePrecision`).
-use super::{labels_tensor, Criterion, LossOutput, Logs, Reduction};
-use crate::train::miner::pairwise_dist;
+use super::{labels_tensor, Criterion, Logs, LossOutput, Reduction};
 use crate::error::Result;
+use crate::train::miner::pairwise_dist;
 use crate::train::sampler::Rng;
 use tch::{Kind, Tensor};
 

@@ -98,10 +98,9 @@ fn triplet_matches_torch_triplet_margin_loss() {
 fn triplet_with_miner_logs_and_gradients() {
     let labels = vec![0, 0, 1, 1, 2, 2];
     let x = Tensor::randn([6, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-    let cfg: LossConfig = serde_json::from_str(
-        r#"{"name":"triplet","margin":0.2,"miner":{"name":"hard_triplets"}}"#,
-    )
-    .unwrap();
+    let cfg: LossConfig =
+        serde_json::from_str(r#"{"name":"triplet","margin":0.2,"miner":{"name":"hard_triplets"}}"#)
+            .unwrap();
     let vs = nn::VarStore::new(Device::Cpu);
     let mut c = cfg.build(&vs.root(), 4, 3, None).unwrap();
     let out = c.forward(&x, &labels, &mut r()).unwrap();
@@ -365,8 +364,7 @@ fn arcface_accuracy_and_smoothing() {
 fn mlp_arcface_builds_params_and_trains() {
     let vs = nn::VarStore::new(Device::Cpu);
     let cfg: LossConfig =
-        serde_json::from_str(r#"{"name":"mlp_arcface","mlp_features":[16, 8],"s":16}"#)
-            .unwrap();
+        serde_json::from_str(r#"{"name":"mlp_arcface","mlp_features":[16, 8],"s":16}"#).unwrap();
     let mut c = cfg.build(&(vs.root() / "criterion"), 12, 4, None).unwrap();
     let names: std::collections::BTreeSet<String> = vs.variables().into_keys().collect();
     let want: std::collections::BTreeSet<String> = [
@@ -549,8 +547,7 @@ fn multi_similarity_hand_computed() {
     let out = c.forward(&x, &labels, &mut r()).unwrap();
     // S01 = 0, S02 = 1, S12 = 0.
     let pos = |s: f64| (1.0 + (-a * (s - base)).exp()).ln() / a;
-    let neg =
-        |ss: &[f64]| (1.0 + ss.iter().map(|s| (b * (s - base)).exp()).sum::<f64>()).ln() / b;
+    let neg = |ss: &[f64]| (1.0 + ss.iter().map(|s| (b * (s - base)).exp()).sum::<f64>()).ln() / b;
     let rows = [
         pos(0.0) + neg(&[1.0]),
         pos(0.0) + neg(&[0.0]),
@@ -620,10 +617,9 @@ fn config_parses_with_defaults() {
             reduction: Reduction::Mean
         }
     );
-    let c: LossConfig = serde_json::from_str(
-        r#"{"name":"triplet_with_miner","margin":"soft","reduction":"sum"}"#,
-    )
-    .unwrap();
+    let c: LossConfig =
+        serde_json::from_str(r#"{"name":"triplet_with_miner","margin":"soft","reduction":"sum"}"#)
+            .unwrap();
     assert_eq!(
         c,
         LossConfig::Triplet {
@@ -634,16 +630,14 @@ fn config_parses_with_defaults() {
     );
     let c: LossConfig = serde_json::from_str(r#"{"name":"triplet","margin":1}"#).unwrap();
     assert!(matches!(c, LossConfig::Triplet { margin: Margin::Value(v), .. } if v == 1.0));
-    let e = serde_json::from_str::<LossConfig>(r#"{"name":"triplet","margin":"hard"}"#)
-        .unwrap_err();
+    let e =
+        serde_json::from_str::<LossConfig>(r#"{"name":"triplet","margin":"hard"}"#).unwrap_err();
     assert!(e.to_string().contains("soft"), "{e}");
     assert!(serde_json::from_str::<LossConfig>(r#"{"name":"triplet","margin":-1}"#).is_err());
     assert!(serde_json::from_str::<LossConfig>(r#"{"name":"triplet"}"#).is_err());
-    let e =
-        serde_json::from_str::<LossConfig>(r#"{"name":"arcface","margin":0.2}"#).unwrap_err();
+    let e = serde_json::from_str::<LossConfig>(r#"{"name":"arcface","margin":0.2}"#).unwrap_err();
     assert!(e.to_string().contains("margin"), "{e}");
-    let c: LossConfig =
-        serde_json::from_str(r#"{"name":"surrogate_precision","k":5}"#).unwrap();
+    let c: LossConfig = serde_json::from_str(r#"{"name":"surrogate_precision","k":5}"#).unwrap();
     assert!(
         matches!(c, LossConfig::SurrogatePrecision { temperature1, temperature2, .. } if temperature1 == 1.0 && temperature2 == 0.01)
     );

@@ -1,9 +1,9 @@
 //! The triplet loss on mined triplets (OML's `TripletLoss`, `TripletLossWithMiner`).
-use super::{host, mean_of, Criterion, LossOutput, Logs, Reduction};
-use crate::train::miner::{elementwise_dist, Miner, MinerState};
-use serde::{Deserialize, Serialize};
+use super::{host, mean_of, Criterion, Logs, LossOutput, Reduction};
 use crate::error::{Error, Result};
+use crate::train::miner::{elementwise_dist, Miner, MinerState};
 use crate::train::sampler::Rng;
+use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 /// A triplet margin, or the soft form (`margin = "soft"` in a config; OML's `margin: null`).

@@ -1,7 +1,7 @@
 //! simile-train end to end: the real binary on small generated image datasets in temp folders.
 //! Outputs and their readers, validation equal to embed + distance + score, resume after a
 //! stop equal to an uninterrupted run, the OML recipes for two steps, bad input (exit 2).
-mod common;
+use crate::common;
 
 use simile::dataset::{Dataset, Split};
 use simile::train::log;
@@ -35,11 +35,7 @@ fn train(e: &Env, args: &[&str]) -> common::Run {
         .env("SIMILE_CACHE", e.dir.path().join("zoo"))
         .output()
         .unwrap();
-    common::Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    common::Run::from(out)
 }
 
 fn s(p: &Path) -> &str {

@@ -1,7 +1,7 @@
 //! The shard and manifest conventions on a toy artifact: embeddings parts joined by
 //! `simile-embed merge`.
-mod common;
-use common::{listing, run};
+use crate::common;
+use crate::common::{listing, run};
 use simile::manifest::{self, ManifestBuilder};
 use simile::npy::{self, DType, Npy};
 use simile::shard::ShardSpec;

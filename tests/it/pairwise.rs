@@ -3,7 +3,7 @@
 //! and skips a finished run, simile-embed refuses it, the library's
 //! `rerank::pairwise::rescore` keeps the tail and CMC@top_n, and a seed (and a resume)
 //! reproduces the weights.
-mod common;
+use crate::common;
 
 use simile::dataset::{Dataset, Split};
 use simile::image::{Preprocess, ResizeMode};
@@ -104,11 +104,7 @@ fn train(e: &Env, out: &Path, extra: &[&str]) -> common::Run {
         .env("SIMILE_CACHE", e.dir.path().join("zoo"))
         .output()
         .unwrap();
-    common::Run {
-        code: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
+    common::Run::from(o)
 }
 
 fn s(p: &Path) -> &str {

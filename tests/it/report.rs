@@ -2,7 +2,7 @@
 //! bbox, text that needs escaping) with a hand-made neighbours file and a training folder;
 //! then the page rendered in headless Chromium as a person sees it (skipped, with a message,
 //! where Chromium is not installed; `make test` installs it and fails without it).
-mod common;
+use crate::common;
 
 use image::{Rgb, RgbImage};
 use simile::dataset::{Dataset, Split};

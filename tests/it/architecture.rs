@@ -33,5 +33,8 @@ fn the_module_table_names_every_source_file() {
                 })
         })
         .collect();
-    assert!(missing.is_empty(), "docs/architecture.md does not name {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "docs/architecture.md does not name {missing:?}"
+    );
 }

@@ -6,8 +6,7 @@ use simile::npy::{self, DType};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-mod common;
-use common::Rng;
+use crate::common::Rng;
 
 const BIN: &str = env!("CARGO_BIN_EXE_simile-distance");
 

@@ -1,7 +1,7 @@
 //! Stages skip what is done: the real binaries, run twice on a small Font-ID set. A second
 //! run says "up to date" and leaves its output untouched; a changed parameter or input content
 //! redoes it; `--force` redoes it; an input rewritten with the same bytes is still the same.
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -30,11 +30,7 @@ impl Env {
             .env("SIMILE_CACHE", self.path("cache"))
             .output()
             .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
-        common::Run {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        common::Run::from(out)
     }
 
     /// Runs a stage that must do its work (exit 0, no "up to date").

@@ -3,9 +3,9 @@
 //! outputs that would overwrite inputs, content changes the up-to-date check must see, killed
 //! training, failing stages, dead writers' litter, two writers of one output, and the messages
 //! and exit codes of bad input.
-mod common;
+use crate::common;
 
-use common::{run_with, Run};
+use crate::common::{run_with, Run};
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! `simile-prepare`: the CSV importer's validation rules, a good round trip, the folder and
 //! fonts importers, and the shard/manifest conventions on a toy artifact.
-mod common;
-use common::{check_against_schema, listing, run};
+use crate::common;
+use crate::common::{check_against_schema, listing, run};
 use simile::dataset::{Dataset, Split};
 use std::path::Path;
 

@@ -1,6 +1,5 @@
 //! Shared helpers for the integration tests: running the real binaries in temp dirs, and
 //! checking real files against the machine-readable schemas in `schemas/`.
-#![allow(dead_code)]
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -10,35 +9,35 @@ pub struct Run {
     pub stderr: String,
 }
 
+/// Runs a binary and keeps its exit code, stdout and stderr.
 pub fn run(bin: &str, args: &[&str]) -> Run {
-    let out: Output = Command::new(bin)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    run_with(bin, args, &[])
 }
 
-/// Runs a binary with extra environment variables. A process killed by a signal reports
-/// `code` 128 + the signal, as a shell does (137 for SIGKILL).
+/// Runs a binary with extra environment variables.
 pub fn run_with(bin: &str, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Run {
-    use std::os::unix::process::ExitStatusExt;
-    let out: Output = Command::new(bin)
+    Command::new(bin)
         .args(args)
         .envs(env.iter().copied())
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
-    Run {
-        code: out
-            .status
-            .code()
-            .or_else(|| out.status.signal().map(|s| 128 + s))
-            .unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"))
+        .into()
+}
+
+/// A finished process: a process killed by a signal reports `code` 128 + the signal, as a
+/// shell does (137 for SIGKILL).
+impl From<Output> for Run {
+    fn from(out: Output) -> Run {
+        use std::os::unix::process::ExitStatusExt;
+        Run {
+            code: out
+                .status
+                .code()
+                .or_else(|| out.status.signal().map(|s| 128 + s))
+                .unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
     }
 }
 

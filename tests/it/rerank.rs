@@ -1,9 +1,9 @@
 //! simile-rerank end to end: the real binary on small generated data, checked against naive
 //! references written here (k-reciprocal's full-matrix form of the paper's algorithm, query
 //! expansion by brute force), the neighbours schema, simile-score, and bad inputs.
-mod common;
+use crate::common;
 
-use common::{check_against_schema, listing, run, Rng};
+use crate::common::{check_against_schema, listing, run, Rng};
 use simile::dataset::{Dataset, DatasetMeta, Split};
 use simile::knn::exact;
 use simile::knn::Metric;

@@ -8,7 +8,7 @@
 //! (simile's sampler shuffles it): everything compared is invariant to it, up to float
 //! summation order. The reference: tests/fixtures_py/oml_step.py, run in the virtualenv
 //! scripts/bootstrap-oml.sh makes (once; `make test` runs it).
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

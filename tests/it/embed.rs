@@ -1,6 +1,6 @@
 //! simile-embed end to end: the real binary on tiny generated images in temp folders; parity
 //! with PyTorch on identical input tensors; the ImageNet check of the zoo's EfficientNet-Lite0.
-mod common;
+use crate::common;
 
 use image::{DynamicImage, ImageBuffer, Luma, Rgb, RgbImage, Rgba};
 use simile::npy::Npy;
@@ -16,11 +16,7 @@ fn run(args: &[&str], cache: &Path) -> common::Run {
         .env("SIMILE_CACHE", cache)
         .output()
         .unwrap();
-    common::Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    common::Run::from(out)
 }
 
 /// One zoo cache for the whole test binary (the smallcnn folder is built once, in a temp dir).

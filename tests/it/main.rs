@@ -1,0 +1,17 @@
+//! The integration tests: one crate (one link, one binary), each module running the real
+//! binaries on small generated data in temporary folders. `common` is the shared harness.
+mod common;
+
+mod architecture;
+mod distance;
+mod embed;
+mod integrity;
+mod pairwise;
+mod prepare;
+mod report;
+mod rerank;
+mod score;
+mod shards;
+mod skip;
+mod train;
+mod train_parity;
