@@ -30,27 +30,7 @@ pub enum ResizeMode {
     Crop,
 }
 
-impl std::str::FromStr for ResizeMode {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "pad" => Ok(ResizeMode::Pad),
-            "stretch" => Ok(ResizeMode::Stretch),
-            "crop" => Ok(ResizeMode::Crop),
-            _ => Err(format!("'{s}': expected pad, stretch or crop")),
-        }
-    }
-}
-
-impl std::fmt::Display for ResizeMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            ResizeMode::Pad => "pad",
-            ResizeMode::Stretch => "stretch",
-            ResizeMode::Crop => "crop",
-        })
-    }
-}
+crate::named!(ResizeMode { Pad => "pad", Stretch => "stretch", Crop => "crop" });
 
 fn default_crop_ratio() -> f64 {
     0.875

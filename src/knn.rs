@@ -30,9 +30,6 @@ pub mod stage;
 pub mod tensor;
 pub mod topk;
 
-use std::fmt;
-use std::str::FromStr;
-
 /// The distance reported for a (query, gallery) pair.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Metric {
@@ -45,33 +42,7 @@ pub enum Metric {
     Dot,
 }
 
-impl Metric {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Metric::L2 => "l2",
-            Metric::Cosine => "cosine",
-            Metric::Dot => "dot",
-        }
-    }
-}
-
-impl FromStr for Metric {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "l2" => Ok(Metric::L2),
-            "cosine" => Ok(Metric::Cosine),
-            "dot" => Ok(Metric::Dot),
-            _ => Err(format!("'{s}': expected l2, cosine or dot")),
-        }
-    }
-}
-
-impl fmt::Display for Metric {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+crate::named!(Metric { L2 => "l2", Cosine => "cosine", Dot => "dot" });
 
 /// Precision of the candidate search (re-scoring is always exact).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -84,31 +55,7 @@ pub enum Compute {
     Bf16,
 }
 
-impl Compute {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Compute::Fp32 => "fp32",
-            Compute::Bf16 => "bf16",
-        }
-    }
-}
-
-impl FromStr for Compute {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "fp32" => Ok(Compute::Fp32),
-            "bf16" => Ok(Compute::Bf16),
-            _ => Err(format!("'{s}': expected fp32 or bf16")),
-        }
-    }
-}
-
-impl fmt::Display for Compute {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+crate::named!(Compute { Fp32 => "fp32", Bf16 => "bf16" });
 
 /// Which implementation computes the candidates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -122,27 +69,7 @@ pub enum Backend {
     Torch,
 }
 
-impl FromStr for Backend {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Backend::Auto),
-            "native" => Ok(Backend::Native),
-            "torch" => Ok(Backend::Torch),
-            _ => Err(format!("'{s}': expected auto, native or torch")),
-        }
-    }
-}
-
-impl fmt::Display for Backend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Backend::Auto => "auto",
-            Backend::Native => "native",
-            Backend::Torch => "torch",
-        })
-    }
-}
+crate::named!(Backend { Auto => "auto", Native => "native", Torch => "torch" });
 
 /// The engine a search runs on, resolved from `--backend` and `--device`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

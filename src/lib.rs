@@ -12,6 +12,7 @@ pub mod knn;
 pub mod manifest;
 pub mod metrics;
 pub mod model;
+pub mod names;
 pub mod neighbors;
 pub mod npy;
 pub mod parts;

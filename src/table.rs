@@ -166,6 +166,19 @@ pub fn read_parquet(path: impl AsRef<Path>, columns: Option<&[&str]>) -> Result<
 
 impl Table {
     /// The column `name`, required to exist with type `ty`.
+    /// Column `name` as its concrete array type `A` (of Arrow type `ty`).
+    pub fn typed<A: 'static>(&self, name: &str, ty: &DataType) -> Result<&A> {
+        self.column(name, ty)?
+            .as_any()
+            .downcast_ref::<A>()
+            .ok_or_else(|| {
+                Error::internal(format!(
+                    "{}: column '{name}' is not the array type of {ty}",
+                    self.path.display()
+                ))
+            })
+    }
+
     pub fn column(&self, name: &str, ty: &DataType) -> Result<&ArrayRef> {
         let col = self.batch.column_by_name(name).ok_or_else(|| {
             Error::input(format!(

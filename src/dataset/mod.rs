@@ -28,33 +28,7 @@ pub enum Split {
     Inference,
 }
 
-impl Split {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Split::Train => "train",
-            Split::Validation => "validation",
-            Split::Inference => "inference",
-        }
-    }
-}
-
-impl std::str::FromStr for Split {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "train" => Ok(Split::Train),
-            "validation" => Ok(Split::Validation),
-            "inference" => Ok(Split::Inference),
-            _ => Err(format!("'{s}': expected train, validation or inference")),
-        }
-    }
-}
-
-impl std::fmt::Display for Split {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+crate::named!(Split { Train => "train", Validation => "validation", Inference => "inference" });
 
 /// Footer metadata of `dataset.parquet` (keys `simile.*`).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -292,30 +266,10 @@ impl Dataset {
                 )));
             }
         }
-        let i64c = |n: &str| -> Result<&Int64Array> {
-            Ok(t.column(n, &DataType::Int64)?
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .unwrap())
-        };
-        let strc = |n: &str| -> Result<&StringArray> {
-            Ok(t.column(n, &DataType::Utf8)?
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .unwrap())
-        };
-        let boolc = |n: &str| -> Result<&BooleanArray> {
-            Ok(t.column(n, &DataType::Boolean)?
-                .as_any()
-                .downcast_ref::<BooleanArray>()
-                .unwrap())
-        };
-        let i32c = |n: &str| -> Result<&Int32Array> {
-            Ok(t.column(n, &DataType::Int32)?
-                .as_any()
-                .downcast_ref::<Int32Array>()
-                .unwrap())
-        };
+        let i64c = |n: &str| t.typed::<Int64Array>(n, &DataType::Int64);
+        let strc = |n: &str| t.typed::<StringArray>(n, &DataType::Utf8);
+        let boolc = |n: &str| t.typed::<BooleanArray>(n, &DataType::Boolean);
+        let i32c = |n: &str| t.typed::<Int32Array>(n, &DataType::Int32);
         let ids = i64c("id")?;
         t.require_no_nulls("id", ids)?;
         let split_c = strc("split")?;

@@ -146,29 +146,30 @@ impl Metric {
     /// The key suffix after `<category>/`, as OML writes it: `cmc/1`, `map/5`; and for the
     /// metrics OML lacks `ndcg/5`, `recall/5`, `map@r`, `r_precision`, `mrr`.
     pub fn key(&self) -> String {
-        match self {
-            Metric::Cmc(k) => format!("cmc/{k}"),
-            Metric::Precision(k) => format!("precision/{k}"),
-            Metric::Map(k) => format!("map/{k}"),
-            Metric::Ndcg(k) => format!("ndcg/{k}"),
-            Metric::Recall(k) => format!("recall/{k}"),
-            Metric::MapAtR => "map@r".into(),
-            Metric::RPrecision => "r_precision".into(),
-            Metric::Mrr => "mrr".into(),
+        match self.name_and_k() {
+            (name, Some(k)) => format!("{name}/{k}"),
+            (name, None) => name.into(),
         }
     }
 
     /// The column name in the per-query table: `cmc@1`, `precision@5`, `map@r`, `mrr`.
     pub fn column(&self) -> String {
-        match self {
-            Metric::Cmc(k) => format!("cmc@{k}"),
-            Metric::Precision(k) => format!("precision@{k}"),
-            Metric::Map(k) => format!("map@{k}"),
-            Metric::Ndcg(k) => format!("ndcg@{k}"),
-            Metric::Recall(k) => format!("recall@{k}"),
-            Metric::MapAtR => "map@r".into(),
-            Metric::RPrecision => "r_precision".into(),
-            Metric::Mrr => "mrr".into(),
+        match self.name_and_k() {
+            (name, Some(k)) => format!("{name}@{k}"),
+            (name, None) => name.into(),
+        }
+    }
+
+    fn name_and_k(&self) -> (&'static str, Option<usize>) {
+        match *self {
+            Metric::Cmc(k) => ("cmc", Some(k)),
+            Metric::Precision(k) => ("precision", Some(k)),
+            Metric::Map(k) => ("map", Some(k)),
+            Metric::Ndcg(k) => ("ndcg", Some(k)),
+            Metric::Recall(k) => ("recall", Some(k)),
+            Metric::MapAtR => ("map@r", None),
+            Metric::RPrecision => ("r_precision", None),
+            Metric::Mrr => ("mrr", None),
         }
     }
 

@@ -190,27 +190,7 @@ pub enum Compute {
     Bf16,
 }
 
-impl std::str::FromStr for Compute {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "fp32" => Ok(Compute::Fp32),
-            "fp16" => Ok(Compute::Fp16),
-            "bf16" => Ok(Compute::Bf16),
-            _ => Err(format!("'{s}': expected fp32, fp16 or bf16")),
-        }
-    }
-}
-
-impl std::fmt::Display for Compute {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Compute::Fp32 => "fp32",
-            Compute::Fp16 => "fp16",
-            Compute::Bf16 => "bf16",
-        })
-    }
-}
+crate::named!(Compute { Fp32 => "fp32", Fp16 => "fp16", Bf16 => "bf16" });
 
 impl Compute {
     pub fn kind(self) -> Kind {

@@ -442,24 +442,22 @@ fn category_index(
     n_instances: usize,
 ) -> Result<CategoryIndex> {
     let groups = group_by_label(labels);
-    let missing: Vec<String> = groups
-        .keys()
-        .filter(|l| !label2category.contains_key(l))
-        .take(5)
-        .map(|l| l.to_string())
-        .collect();
+    // The first few labels of one side that the other lacks.
+    let lacking = |a: Vec<&i64>, has: &dyn Fn(&i64) -> bool| -> Vec<String> {
+        a.into_iter()
+            .filter(|l| !has(l))
+            .take(5)
+            .map(|l| l.to_string())
+            .collect()
+    };
+    let missing = lacking(groups.keys().collect(), &|l| label2category.contains_key(l));
     if !missing.is_empty() {
         return Err(Error::input(format!(
             "the {name} sampler needs a category for every label; label(s) {} have none",
             missing.join(", ")
         )));
     }
-    let extra: Vec<String> = label2category
-        .keys()
-        .filter(|l| !groups.contains_key(l))
-        .take(5)
-        .map(|l| l.to_string())
-        .collect();
+    let extra = lacking(label2category.keys().collect(), &|l| groups.contains_key(l));
     if !extra.is_empty() {
         return Err(Error::input(format!(
             "the {name} sampler's label-to-category map has label(s) {} that are not in the train split",
