@@ -148,10 +148,6 @@ pub fn striped_dataset(
     let img = dir.join("img");
     std::fs::create_dir_all(&img).unwrap();
     let n = (train + val) * per;
-    let mut ds = simile::dataset::Dataset {
-        ids: (0..n as i64).collect(),
-        ..Default::default()
-    };
     let mut state = seed;
     let mut rnd = move || {
         state ^= state << 13;
@@ -179,25 +175,23 @@ pub fn striped_dataset(
             });
             let name = format!("img/{l}_{k}.png");
             im.save(dir.join(&name)).unwrap();
-            let is_val = l >= train;
-            ds.label.push(Some(l as i64));
-            ds.path.push(Some(name));
-            ds.text.push(None);
-            ds.split.push(if is_val {
+        }
+    }
+    // Row i is image k of label l, i = l * per + k.
+    let is_val = |i: usize| i / per >= train;
+    DatasetBuilder::new(0..n as i64)
+        .label(|i| Some((i / per) as i64))
+        .path(|i| Some(format!("img/{}_{}.png", i / per, i % per)))
+        .split(|i| {
+            if is_val(i) {
                 simile::dataset::Split::Validation
             } else {
                 simile::dataset::Split::Train
-            });
-            ds.is_query.push(is_val.then_some(true));
-            ds.is_gallery.push(is_val.then_some(true));
-            ds.category.push(categories.then(|| format!("c{}", l % 3)));
-            ds.sequence.push(None);
-            ds.bbox.push(None);
-        }
-    }
-    let dest = dir.join("dataset.parquet");
-    ds.write(&dest, dir).unwrap();
-    dest
+            }
+        })
+        .flags(|i| (is_val(i).then_some(true), is_val(i).then_some(true)))
+        .category(|i| categories.then(|| format!("c{}", (i / per) % 3)))
+        .write(&dir.join("dataset.parquet"))
 }
 
 /// The torch Python with the test extras (torchvision, timm, scikit-image, tensorboard, ...),
@@ -215,4 +209,100 @@ pub fn pyextras_python() -> &'static Path {
         );
         PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
     })
+}
+
+/// The one dataset builder: `n` rows with ids `ids`, every other column empty (no label, no
+/// path or text, split `inference`, no flags), each set by a function of the row's position.
+pub struct DatasetBuilder(pub simile::dataset::Dataset);
+
+impl DatasetBuilder {
+    pub fn new(ids: impl IntoIterator<Item = i64>) -> Self {
+        let ids: Vec<i64> = ids.into_iter().collect();
+        let n = ids.len();
+        DatasetBuilder(simile::dataset::Dataset {
+            ids,
+            label: vec![None; n],
+            path: vec![None; n],
+            text: vec![None; n],
+            split: vec![simile::dataset::Split::Inference; n],
+            is_query: vec![None; n],
+            is_gallery: vec![None; n],
+            category: vec![None; n],
+            sequence: vec![None; n],
+            bbox: vec![None; n],
+            ..Default::default()
+        })
+    }
+
+    fn each<T>(n: usize, f: impl Fn(usize) -> T) -> Vec<T> {
+        (0..n).map(f).collect()
+    }
+
+    pub fn label(mut self, f: impl Fn(usize) -> Option<i64>) -> Self {
+        self.0.label = Self::each(self.0.ids.len(), f);
+        self
+    }
+    pub fn path(mut self, f: impl Fn(usize) -> Option<String>) -> Self {
+        self.0.path = Self::each(self.0.ids.len(), f);
+        self
+    }
+    pub fn text(mut self, f: impl Fn(usize) -> Option<String>) -> Self {
+        self.0.text = Self::each(self.0.ids.len(), f);
+        self
+    }
+    pub fn split(mut self, f: impl Fn(usize) -> simile::dataset::Split) -> Self {
+        self.0.split = Self::each(self.0.ids.len(), f);
+        self
+    }
+    /// `is_query` and `is_gallery`.
+    pub fn flags(mut self, f: impl Fn(usize) -> (Option<bool>, Option<bool>)) -> Self {
+        let v = Self::each(self.0.ids.len(), f);
+        self.0.is_query = v.iter().map(|x| x.0).collect();
+        self.0.is_gallery = v.iter().map(|x| x.1).collect();
+        self
+    }
+    pub fn category(mut self, f: impl Fn(usize) -> Option<String>) -> Self {
+        self.0.category = Self::each(self.0.ids.len(), f);
+        self
+    }
+    pub fn sequence(mut self, f: impl Fn(usize) -> Option<String>) -> Self {
+        self.0.sequence = Self::each(self.0.ids.len(), f);
+        self
+    }
+    pub fn bbox(mut self, f: impl Fn(usize) -> Option<[i32; 4]>) -> Self {
+        self.0.bbox = Self::each(self.0.ids.len(), f);
+        self
+    }
+    /// `modality` and `source_kind` of the metadata.
+    pub fn kind(mut self, modality: &str, source_kind: &str) -> Self {
+        self.0.meta.modality = modality.into();
+        self.0.meta.source_kind = source_kind.into();
+        self
+    }
+    pub fn build(self) -> simile::dataset::Dataset {
+        self.0
+    }
+    /// Writes `path` (image paths relative to its folder).
+    pub fn write(self, path: &Path) -> PathBuf {
+        let mut ds = self.0;
+        ds.write(path, path.parent().unwrap()).unwrap();
+        path.to_path_buf()
+    }
+}
+
+/// The one neighbours fixture: writes `lists` (per query id, its (gallery id, distance) list)
+/// with `meta`.
+pub fn write_neighbors(
+    path: &Path,
+    meta: &simile::neighbors::NeighborsMeta,
+    lists: &[(i64, Vec<(i64, f32)>)],
+) -> PathBuf {
+    let mut w = simile::neighbors::NeighborsWriter::create(path, meta).unwrap();
+    for (q, l) in lists {
+        let g: Vec<i64> = l.iter().map(|x| x.0).collect();
+        let d: Vec<f32> = l.iter().map(|x| x.1).collect();
+        w.push(*q, &g, &d).unwrap();
+    }
+    w.finish().unwrap();
+    path.to_path_buf()
 }

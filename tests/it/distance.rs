@@ -1,6 +1,7 @@
 //! simile-distance end to end: the real binary on small datasets built here, against a
 //! brute-force reference written independently of the library's kernels.
-use simile::dataset::{Dataset, DatasetMeta, Split};
+use crate::common;
+use simile::dataset::{Dataset, Split};
 use simile::neighbors::Neighbors;
 use simile::npy::{self, DType};
 use std::path::{Path, PathBuf};
@@ -34,7 +35,6 @@ fn row(id: i64, split: Split, query: bool, gallery: bool, seq: Option<&str>) -> 
 }
 
 fn write_dataset(path: &Path, rows: &[Row]) {
-    let n = rows.len();
     let flag = |r: &Row, v: bool| {
         if r.split == Split::Validation {
             Some(v)
@@ -42,29 +42,19 @@ fn write_dataset(path: &Path, rows: &[Row]) {
             None
         }
     };
-    let mut ds = Dataset {
-        ids: rows.iter().map(|r| r.id).collect(),
-        label: rows.iter().map(|r| r.label).collect(),
-        path: vec![None; n],
-        text: rows
-            .iter()
-            .map(|r| Some(format!("item {}", r.id)))
-            .collect(),
-        split: rows.iter().map(|r| r.split).collect(),
-        is_query: rows.iter().map(|r| flag(r, r.query)).collect(),
-        is_gallery: rows.iter().map(|r| flag(r, r.gallery)).collect(),
-        category: vec![None; n],
-        sequence: rows.iter().map(|r| r.seq.clone()).collect(),
-        bbox: vec![None; n],
-        meta: DatasetMeta {
-            modality: "text".into(),
-            source_kind: "csv".into(),
-            ..DatasetMeta::default()
-        },
-        root_dir: PathBuf::new(),
-        file: PathBuf::new(),
-    };
-    ds.write(path, path.parent().unwrap()).unwrap();
+    common::DatasetBuilder::new(rows.iter().map(|r| r.id))
+        .label(|i| rows[i].label)
+        .text(|i| Some(format!("item {}", rows[i].id)))
+        .split(|i| rows[i].split)
+        .flags(|i| {
+            (
+                flag(&rows[i], rows[i].query),
+                flag(&rows[i], rows[i].gallery),
+            )
+        })
+        .sequence(|i| rows[i].seq.clone())
+        .kind("text", "csv")
+        .write(path);
 }
 
 fn write_emb(path: &Path, values: &[f32], d: usize, dtype: DType) {

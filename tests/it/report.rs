@@ -5,9 +5,9 @@
 use crate::common;
 
 use image::{Rgb, RgbImage};
-use simile::dataset::{Dataset, Split};
+use simile::dataset::Split;
 use simile::io::Fingerprint;
-use simile::neighbors::{NeighborsMeta, NeighborsWriter};
+use simile::neighbors::NeighborsMeta;
 use simile::train::log::{self, Row};
 use std::path::{Path, PathBuf};
 
@@ -73,42 +73,29 @@ impl Fx {
             paths.push(Some(name));
         }
         paths.push(Some("img/0.png".into()));
-        let n = 7;
-        let mut ds = Dataset {
-            ids: (0..n as i64).collect(),
-            label: [0, 0, 1, 1, 2, 3, 0].iter().map(|&l| Some(l)).collect(),
-            path: paths,
-            text: vec![None; n],
-            split: (0..n)
-                .map(|i| {
-                    if i < 6 {
-                        Split::Validation
-                    } else {
-                        Split::Train
-                    }
-                })
-                .collect(),
-            is_query: (0..n).map(|i| (i < 6).then_some(true)).collect(),
-            is_gallery: (0..n).map(|i| (i < 6).then_some(true)).collect(),
-            category: ["c<1", "c<1", "c<1", "dog", "dog", "dog", "dog"]
-                .iter()
-                .map(|c| Some(c.to_string()))
-                .collect(),
-            sequence: vec![None; n],
-            bbox: (0..n)
-                .map(|i| (i == 1).then_some([20, 68, 10, 58]))
-                .collect(),
-            ..Default::default()
-        };
-        ds.meta.label_names = Some(
+        let labels = [0, 0, 1, 1, 2, 3, 0];
+        let cats = ["c<1", "c<1", "c<1", "dog", "dog", "dog", "dog"];
+        let mut b = common::DatasetBuilder::new(0..7)
+            .label(|i| Some(labels[i]))
+            .path(|i| paths[i].clone())
+            .split(|i| {
+                if i < 6 {
+                    Split::Validation
+                } else {
+                    Split::Train
+                }
+            })
+            .flags(|i| ((i < 6).then_some(true), (i < 6).then_some(true)))
+            .category(|i| Some(cats[i].to_string()))
+            .bbox(|i| (i == 1).then_some([20, 68, 10, 58]));
+        b.0.meta.label_names = Some(
             ["<b>a&b</b>", "one", "two", "three"]
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
         );
-        ds.meta.modality = "image".into();
-        let dataset = root.join("dataset.parquet");
-        ds.write(&dataset, &root).unwrap();
+        b.0.meta.modality = "image".into();
+        let dataset = b.write(&root.join("dataset.parquet"));
         Fx {
             _dir: dir,
             root,
@@ -143,15 +130,9 @@ impl Fx {
             complete: true,
             ..Default::default()
         };
-        let path = self.p("neighbors.parquet");
-        let mut w = NeighborsWriter::create(&path, &meta).unwrap();
-        for (q, l) in &lists {
-            let g: Vec<i64> = l.iter().map(|x| x.0).collect();
-            let d: Vec<f32> = l.iter().map(|x| x.1).collect();
-            w.push(*q, &g, &d).unwrap();
-        }
-        w.finish().unwrap();
-        path
+        let lists: Vec<(i64, Vec<(i64, f32)>)> =
+            lists.iter().map(|(q, l)| (*q, l.to_vec())).collect();
+        common::write_neighbors(&self.p("neighbors.parquet"), &meta, &lists)
     }
 
     /// A training folder: 2 epochs of 3 steps, validation before and after each epoch.

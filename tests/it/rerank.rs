@@ -4,7 +4,7 @@
 use crate::common;
 
 use crate::common::{check_against_schema, listing, run, Rng};
-use simile::dataset::{Dataset, DatasetMeta, Split};
+use simile::dataset::Split;
 use simile::knn::exact;
 use simile::knn::Metric;
 use simile::neighbors::Neighbors;
@@ -80,31 +80,20 @@ fn s(p: &Path) -> &str {
 }
 
 fn write_dataset(path: &Path, rows: &[Row]) {
-    let n = rows.len();
     let flag = |r: &Row, v: bool| (r.split == Split::Validation).then_some(v);
-    let mut ds = Dataset {
-        ids: rows.iter().map(|r| r.id).collect(),
-        label: rows.iter().map(|r| Some(r.label)).collect(),
-        path: vec![None; n],
-        text: rows
-            .iter()
-            .map(|r| Some(format!("item {}", r.id)))
-            .collect(),
-        split: rows.iter().map(|r| r.split).collect(),
-        is_query: rows.iter().map(|r| flag(r, r.query)).collect(),
-        is_gallery: rows.iter().map(|r| flag(r, r.gallery)).collect(),
-        category: vec![None; n],
-        sequence: rows.iter().map(|r| r.seq.clone()).collect(),
-        bbox: vec![None; n],
-        meta: DatasetMeta {
-            modality: "text".into(),
-            source_kind: "csv".into(),
-            ..DatasetMeta::default()
-        },
-        root_dir: PathBuf::new(),
-        file: PathBuf::new(),
-    };
-    ds.write(path, path.parent().unwrap()).unwrap();
+    common::DatasetBuilder::new(rows.iter().map(|r| r.id))
+        .label(|i| Some(rows[i].label))
+        .text(|i| Some(format!("item {}", rows[i].id)))
+        .split(|i| rows[i].split)
+        .flags(|i| {
+            (
+                flag(&rows[i], rows[i].query),
+                flag(&rows[i], rows[i].gallery),
+            )
+        })
+        .sequence(|i| rows[i].seq.clone())
+        .kind("text", "csv")
+        .write(path);
 }
 
 /// `n` rows in `labels` clusters (centre + noise, so re-ranking has structure to use), some

@@ -1,10 +1,11 @@
 //! simile-score end to end: the real binary on a hand-made dataset with categories and
 //! sequences, hand-made neighbour files, and every bad-input case of issue #4.
+use crate::common;
 use simile::dataset::{Dataset, Split};
 use simile::io::Fingerprint;
 use simile::metrics::stage::{self, ScoreRequest};
 use simile::metrics::{AggregateOptions, MetricSet};
-use simile::neighbors::{NeighborsMeta, NeighborsWriter};
+use simile::neighbors::NeighborsMeta;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -24,7 +25,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_simile-score");
 /// | 7  | 4     | cat      | -        | none                                      |
 fn make_dataset() -> Dataset {
     let val = 8;
-    let n = val + 2;
     let labels = [1, 1, 1, 2, 2, 2, 3, 4, 1, 2];
     let cats = [
         "cat", "cat", "cat", "dog", "dog", "dog", "dog", "cat", "cat", "dog",
@@ -42,27 +42,20 @@ fn make_dataset() -> Dataset {
         None,
     ];
     let ids: Vec<i64> = (0..val as i64).chain([100, 101]).collect();
-    Dataset {
-        label: labels.iter().map(|&l| Some(l)).collect(),
-        path: (0..n).map(|i| Some(format!("img/{i}.jpg"))).collect(),
-        text: vec![None; n],
-        split: (0..n)
-            .map(|i| {
-                if i < val {
-                    Split::Validation
-                } else {
-                    Split::Train
-                }
-            })
-            .collect(),
-        is_query: (0..n).map(|i| (i < val).then_some(true)).collect(),
-        is_gallery: (0..n).map(|i| (i < val).then_some(true)).collect(),
-        category: cats.iter().map(|c| Some(c.to_string())).collect(),
-        sequence: seqs.iter().map(|s| s.map(str::to_string)).collect(),
-        bbox: vec![None; n],
-        ids,
-        ..Default::default()
-    }
+    common::DatasetBuilder::new(ids)
+        .label(|i| Some(labels[i]))
+        .path(|i| Some(format!("img/{i}.jpg")))
+        .split(|i| {
+            if i < val {
+                Split::Validation
+            } else {
+                Split::Train
+            }
+        })
+        .flags(|i| ((i < val).then_some(true), (i < val).then_some(true)))
+        .category(|i| Some(cats[i].to_string()))
+        .sequence(|i| seqs[i].map(str::to_string))
+        .build()
 }
 
 fn label(id: i64) -> i64 {
@@ -143,15 +136,7 @@ impl Fx {
         meta: NeighborsMeta,
         lists: &[(i64, Vec<(i64, f32)>)],
     ) -> PathBuf {
-        let path = self.p(name);
-        let mut w = NeighborsWriter::create(&path, &meta).unwrap();
-        for (q, l) in lists {
-            let g: Vec<i64> = l.iter().map(|x| x.0).collect();
-            let d: Vec<f32> = l.iter().map(|x| x.1).collect();
-            w.push(*q, &g, &d).unwrap();
-        }
-        w.finish().unwrap();
-        path
+        common::write_neighbors(&self.p(name), &meta, lists)
     }
 
     /// Embeddings of all ten rows (train ones too), with the ids file.
@@ -766,23 +751,10 @@ fn scores_a_two_sided_file() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let make = |ids: Vec<i64>, labels: Vec<i64>, name: &str| -> PathBuf {
-        let n = ids.len();
-        let mut ds = Dataset {
-            ids,
-            label: labels.into_iter().map(Some).collect(),
-            path: vec![None; n],
-            text: (0..n).map(|i| Some(format!("t{i}"))).collect(),
-            split: vec![Split::Inference; n],
-            is_query: vec![None; n],
-            is_gallery: vec![None; n],
-            category: vec![None; n],
-            sequence: vec![None; n],
-            bbox: vec![None; n],
-            ..Default::default()
-        };
-        let p = root.join(name);
-        ds.write(&p, root).unwrap();
-        p
+        common::DatasetBuilder::new(ids)
+            .label(|i| Some(labels[i]))
+            .text(|i| Some(format!("t{i}")))
+            .write(&root.join(name))
     };
     // The same ids on both sides: without self-exclusion, query 0 may retrieve gallery 0.
     let q = make(vec![0, 1, 2], vec![1, 2, 3], "q.parquet");
@@ -801,11 +773,11 @@ fn scores_a_two_sided_file() {
         complete: true,
         ..Default::default()
     };
-    let nb = root.join("nb.parquet");
-    let mut w = NeighborsWriter::create(&nb, &meta).unwrap();
-    w.push(0, &[0, 2], &[0.0, 0.5]).unwrap();
-    w.push(1, &[3, 2], &[0.1, 0.2]).unwrap();
-    w.finish().unwrap();
+    let nb = common::write_neighbors(
+        &root.join("nb.parquet"),
+        &meta,
+        &[(0, vec![(0, 0.0), (2, 0.5)]), (1, vec![(3, 0.1), (2, 0.2)])],
+    );
     let mut req = ScoreRequest {
         dataset: q.clone(),
         gallery_dataset: None,

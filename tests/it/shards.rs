@@ -142,21 +142,10 @@ fn upstream_fingerprint_mismatch_is_refused() {
 
 /// A dataset of `n` unlabelled rows (ids 10, 20, ...): a catalogue or a query batch.
 fn inference_dataset(path: &Path, n: usize) {
-    let mut ds = simile::dataset::Dataset {
-        ids: (0..n as i64).map(|i| 10 * i + 10).collect(),
-        ..Default::default()
-    };
-    ds.label = vec![None; n];
-    ds.path = vec![None; n];
-    ds.text = (0..n).map(|i| Some(format!("item {i}"))).collect();
-    ds.split = vec![simile::dataset::Split::Inference; n];
-    ds.is_query = vec![None; n];
-    ds.is_gallery = vec![None; n];
-    ds.category = vec![None; n];
-    ds.sequence = vec![None; n];
-    ds.bbox = vec![None; n];
-    ds.meta.modality = "text".into();
-    ds.write(path, path.parent().unwrap()).unwrap();
+    let mut b = common::DatasetBuilder::new((0..n as i64).map(|i| 10 * i + 10))
+        .text(|i| Some(format!("item {i}")));
+    b.0.meta.modality = "text".into();
+    b.write(path);
 }
 
 /// Gallery-shard workers of a large two-sided search read (and fingerprint) only their
