@@ -180,8 +180,9 @@ pub trait BatchSampler: Send {
 }
 
 /// The `[sampler]` table of a training config.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, strum::IntoStaticStr)]
 #[serde(tag = "name", rename_all = "snake_case", deny_unknown_fields)]
+#[strum(serialize_all = "snake_case")]
 pub enum SamplerConfig {
     /// OML `balance`: `n_labels` labels x `n_instances` instances per batch.
     Balance { n_labels: usize, n_instances: usize },
@@ -217,12 +218,7 @@ fn yes() -> bool {
 impl SamplerConfig {
     /// The registry name (`balance`, `category_balance`, ...).
     pub fn name(&self) -> &'static str {
-        match self {
-            SamplerConfig::Balance { .. } => "balance",
-            SamplerConfig::CategoryBalance { .. } => "category_balance",
-            SamplerConfig::DistinctCategoryBalance { .. } => "distinct_category_balance",
-            SamplerConfig::Shuffle { .. } => "shuffle",
-        }
+        self.into()
     }
 
     /// Whether the sampler needs a category per label.
@@ -262,9 +258,11 @@ impl SamplerConfig {
             } => Box::new(CategoryBalance::new(
                 labels,
                 cats()?,
-                n_categories,
-                n_labels,
-                n_instances,
+                CategoryShape {
+                    n_categories,
+                    n_labels,
+                    n_instances,
+                },
                 resample_labels,
                 weight_categories,
             )?),
@@ -276,9 +274,11 @@ impl SamplerConfig {
             } => Box::new(DistinctCategoryBalance::new(
                 labels,
                 cats()?,
-                n_categories,
-                n_labels,
-                n_instances,
+                CategoryShape {
+                    n_categories,
+                    n_labels,
+                    n_instances,
+                },
                 epoch_size,
             )?),
             SamplerConfig::Shuffle {
@@ -433,14 +433,31 @@ struct CategoryIndex {
     by_label: Vec<Vec<usize>>,
 }
 
+/// How many categories a category batch draws, labels in each and rows per label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CategoryShape {
+    pub n_categories: usize,
+    pub n_labels: usize,
+    pub n_instances: usize,
+}
+
+impl CategoryShape {
+    fn batch_size(&self) -> usize {
+        self.n_categories * self.n_labels * self.n_instances
+    }
+}
+
 fn category_index(
     name: &str,
     labels: &[i64],
     label2category: &BTreeMap<i64, String>,
-    n_categories: usize,
-    n_labels: usize,
-    n_instances: usize,
+    shape: CategoryShape,
 ) -> Result<CategoryIndex> {
+    let CategoryShape {
+        n_categories,
+        n_labels,
+        n_instances,
+    } = shape;
     let groups = group_by_label(labels);
     // The first few labels of one side that the other lacks.
     let lacking = |a: Vec<&i64>, has: &dyn Fn(&i64) -> bool| -> Vec<String> {
@@ -524,9 +541,7 @@ fn few_labels_error(name: &str, idx: &CategoryIndex, n_labels: usize, hint: &str
 /// (weighted by their number of labels, or uniformly), `n_labels` labels in each and
 /// `n_instances` rows per label. Batches are independent; an epoch is `ceil(L / n_labels)`.
 pub struct CategoryBalance {
-    n_categories: usize,
-    n_labels: usize,
-    n_instances: usize,
+    shape: CategoryShape,
     resample_labels: bool,
     weight_categories: bool,
     idx: CategoryIndex,
@@ -538,23 +553,19 @@ impl CategoryBalance {
     pub fn new(
         labels: &[i64],
         label2category: &BTreeMap<i64, String>,
-        n_categories: usize,
-        n_labels: usize,
-        n_instances: usize,
+        shape: CategoryShape,
         resample_labels: bool,
         weight_categories: bool,
     ) -> Result<CategoryBalance> {
         let name = "category_balance";
-        let idx = category_index(
-            name,
-            labels,
-            label2category,
-            n_categories,
-            n_labels,
-            n_instances,
-        )?;
+        let idx = category_index(name, labels, label2category, shape)?;
         if !resample_labels {
-            few_labels_error(name, &idx, n_labels, ", or set resample_labels = true")?;
+            few_labels_error(
+                name,
+                &idx,
+                shape.n_labels,
+                ", or set resample_labels = true",
+            )?;
         }
         let n_lab = idx.by_label.len() as f64;
         let weights = idx
@@ -569,9 +580,7 @@ impl CategoryBalance {
             })
             .collect();
         Ok(CategoryBalance {
-            n_categories,
-            n_labels,
-            n_instances,
+            shape,
             resample_labels,
             weight_categories,
             idx,
@@ -583,24 +592,24 @@ impl CategoryBalance {
 
 impl BatchSampler for CategoryBalance {
     fn len(&self) -> usize {
-        self.idx.by_label.len().div_ceil(self.n_labels)
+        self.idx.by_label.len().div_ceil(self.shape.n_labels)
     }
 
     fn batch_size(&self) -> usize {
-        self.n_categories * self.n_labels * self.n_instances
+        self.shape.batch_size()
     }
 
     fn epoch(&mut self, rng: &mut Rng) -> Vec<Vec<usize>> {
         (0..self.len())
             .map(|_| {
                 let mut batch = Vec::with_capacity(self.batch_size());
-                for c in rng::choose_weighted(rng, &self.weights, self.n_categories) {
-                    let labs = rng::smart_sample(rng, &self.idx.labels_of[c], self.n_labels);
+                for c in rng::choose_weighted(rng, &self.weights, self.shape.n_categories) {
+                    let labs = rng::smart_sample(rng, &self.idx.labels_of[c], self.shape.n_labels);
                     for l in labs {
                         batch.extend(rng::smart_sample(
                             rng,
                             &self.idx.by_label[l],
-                            self.n_instances,
+                            self.shape.n_instances,
                         ));
                     }
                 }
@@ -612,9 +621,9 @@ impl BatchSampler for CategoryBalance {
     fn state(&self) -> serde_json::Value {
         state_json(
             &SamplerConfig::CategoryBalance {
-                n_categories: self.n_categories,
-                n_labels: self.n_labels,
-                n_instances: self.n_instances,
+                n_categories: self.shape.n_categories,
+                n_labels: self.shape.n_labels,
+                n_instances: self.shape.n_instances,
                 resample_labels: self.resample_labels,
                 weight_categories: self.weight_categories,
             },
@@ -630,9 +639,7 @@ impl BatchSampler for CategoryBalance {
 /// is not drawn again until fewer than `n_categories` categories have unused labels (then
 /// the state resets). An epoch is `epoch_size` batches; the state resets at each epoch.
 pub struct DistinctCategoryBalance {
-    n_categories: usize,
-    n_labels: usize,
-    n_instances: usize,
+    shape: CategoryShape,
     epoch_size: usize,
     idx: CategoryIndex,
     fingerprint: String,
@@ -642,30 +649,19 @@ impl DistinctCategoryBalance {
     pub fn new(
         labels: &[i64],
         label2category: &BTreeMap<i64, String>,
-        n_categories: usize,
-        n_labels: usize,
-        n_instances: usize,
+        shape: CategoryShape,
         epoch_size: usize,
     ) -> Result<DistinctCategoryBalance> {
         let name = "distinct_category_balance";
-        let idx = category_index(
-            name,
-            labels,
-            label2category,
-            n_categories,
-            n_labels,
-            n_instances,
-        )?;
-        few_labels_error(name, &idx, n_labels, "")?;
+        let idx = category_index(name, labels, label2category, shape)?;
+        few_labels_error(name, &idx, shape.n_labels, "")?;
         if epoch_size < 1 {
             return Err(Error::input(
                 "the distinct_category_balance sampler needs epoch_size >= 1, got 0",
             ));
         }
         Ok(DistinctCategoryBalance {
-            n_categories,
-            n_labels,
-            n_instances,
+            shape,
             epoch_size,
             idx,
             fingerprint: labels_fingerprint(labels),
@@ -679,7 +675,7 @@ impl BatchSampler for DistinctCategoryBalance {
     }
 
     fn batch_size(&self) -> usize {
-        self.n_categories * self.n_labels * self.n_instances
+        self.shape.batch_size()
     }
 
     fn epoch(&mut self, rng: &mut Rng) -> Vec<Vec<usize>> {
@@ -698,26 +694,26 @@ impl BatchSampler for DistinctCategoryBalance {
         let mut out = Vec::with_capacity(self.epoch_size);
         for _ in 0..self.epoch_size {
             let mut available: Vec<usize> = (0..n_cat).filter(|&c| !unused[c].is_empty()).collect();
-            if available.len() < self.n_categories {
+            if available.len() < self.shape.n_categories {
                 (unused, used) = fresh(&self.idx);
                 available = (0..n_cat).collect();
             }
             let mut batch = Vec::with_capacity(self.batch_size());
-            for c in rng::choose(rng, &available, self.n_categories) {
+            for c in rng::choose(rng, &available, self.shape.n_categories) {
                 let free: Vec<usize> = unused[c].iter().copied().collect();
-                let labs = if free.len() >= self.n_labels {
-                    rng::choose(rng, &free, self.n_labels)
+                let labs = if free.len() >= self.shape.n_labels {
+                    rng::choose(rng, &free, self.shape.n_labels)
                 } else {
                     let old: Vec<usize> = used[c].iter().copied().collect();
                     let mut l = free.clone();
-                    l.extend(rng::choose(rng, &old, self.n_labels - free.len()));
+                    l.extend(rng::choose(rng, &old, self.shape.n_labels - free.len()));
                     l
                 };
                 for &l in &labs {
                     batch.extend(rng::smart_sample(
                         rng,
                         &self.idx.by_label[l],
-                        self.n_instances,
+                        self.shape.n_instances,
                     ));
                     unused[c].remove(&l);
                     used[c].insert(l);
@@ -731,9 +727,9 @@ impl BatchSampler for DistinctCategoryBalance {
     fn state(&self) -> serde_json::Value {
         state_json(
             &SamplerConfig::DistinctCategoryBalance {
-                n_categories: self.n_categories,
-                n_labels: self.n_labels,
-                n_instances: self.n_instances,
+                n_categories: self.shape.n_categories,
+                n_labels: self.shape.n_labels,
+                n_instances: self.shape.n_instances,
                 epoch_size: self.epoch_size,
             },
             &self.fingerprint,
@@ -814,6 +810,14 @@ impl BatchSampler for Shuffle {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    fn shape(n_categories: usize, n_labels: usize, n_instances: usize) -> CategoryShape {
+        CategoryShape {
+            n_categories,
+            n_labels,
+            n_instances,
+        }
+    }
 
     /// Labels with random counts in `min..=max` per label, in shuffled row order.
     fn make_labels(rng: &mut Rng, n_labels: usize, min: usize, max: usize) -> Vec<i64> {
@@ -964,6 +968,29 @@ mod tests {
     }
 
     #[test]
+    fn name_is_the_config_tag_for_every_sampler() {
+        // `name()` comes from strum and the tag from serde: they must spell each alike.
+        let tables = [
+            ("balance", "n_labels = 2\nn_instances = 2"),
+            (
+                "category_balance",
+                "n_categories = 1\nn_labels = 2\nn_instances = 2",
+            ),
+            (
+                "distinct_category_balance",
+                "n_categories = 1\nn_labels = 2\nn_instances = 2\nepoch_size = 3",
+            ),
+            ("shuffle", "batch_size = 4"),
+        ];
+        for (name, rest) in tables {
+            let text = format!("name = \"{name}\"\n{rest}");
+            let cfg: SamplerConfig = toml::from_str(&text).unwrap();
+            assert_eq!(cfg.name(), name);
+            assert_eq!(serde_json::to_value(&cfg).unwrap()["name"], name);
+        }
+    }
+
+    #[test]
     fn category_balance_invariants() {
         let mut r = rng::seeded(2, 0);
         for trial in 0..30 {
@@ -976,7 +1003,7 @@ mod tests {
             let k = 2 + rng::below(&mut r, 3);
             let resample = trial % 2 == 0;
             let weighted = trial % 3 != 0;
-            let s = CategoryBalance::new(&labels, &l2c, c, p, k, resample, weighted);
+            let s = CategoryBalance::new(&labels, &l2c, shape(c, p, k), resample, weighted);
             let mut s = match s {
                 Ok(s) => s,
                 Err(e) => {
@@ -1023,7 +1050,7 @@ mod tests {
         let l2c: BTreeMap<i64, String> = (0..10)
             .map(|l| (l, if l < 8 { "a" } else { "b" }.to_string()))
             .collect();
-        let mut s = CategoryBalance::new(&labels, &l2c, 1, 2, 2, false, true).unwrap();
+        let mut s = CategoryBalance::new(&labels, &l2c, shape(1, 2, 2), false, true).unwrap();
         let mut r = rng::seeded(3, 0);
         let (mut a, mut n) = (0, 0);
         for _ in 0..400 {
@@ -1034,7 +1061,7 @@ mod tests {
         }
         let share = a as f64 / n as f64;
         assert!((0.77..0.83).contains(&share), "{share}");
-        let mut s = CategoryBalance::new(&labels, &l2c, 1, 2, 2, false, false).unwrap();
+        let mut s = CategoryBalance::new(&labels, &l2c, shape(1, 2, 2), false, false).unwrap();
         let (mut a, mut n) = (0, 0);
         for _ in 0..400 {
             for b in s.epoch(&mut r) {
@@ -1052,32 +1079,32 @@ mod tests {
         let l2c: BTreeMap<i64, String> = (0..6)
             .map(|l| (l, if l < 5 { "a" } else { "b" }.to_string()))
             .collect();
-        let e = CategoryBalance::new(&labels, &l2c, 3, 2, 2, false, true)
+        let e = CategoryBalance::new(&labels, &l2c, shape(3, 2, 2), false, true)
             .err()
             .unwrap()
             .to_string();
         assert!(e.contains("n_categories <= 2"), "{e}");
-        let e = CategoryBalance::new(&labels, &l2c, 1, 2, 2, false, true)
+        let e = CategoryBalance::new(&labels, &l2c, shape(1, 2, 2), false, true)
             .err()
             .unwrap()
             .to_string();
         assert!(e.contains("'b' has 1"), "{e}");
-        assert!(CategoryBalance::new(&labels, &l2c, 1, 2, 2, true, true).is_ok());
-        let e = DistinctCategoryBalance::new(&labels, &l2c, 1, 2, 2, 5)
+        assert!(CategoryBalance::new(&labels, &l2c, shape(1, 2, 2), true, true).is_ok());
+        let e = DistinctCategoryBalance::new(&labels, &l2c, shape(1, 2, 2), 5)
             .err()
             .unwrap()
             .to_string();
         assert!(e.contains("n_labels=2"), "{e}");
         let mut partial = l2c.clone();
         partial.remove(&3);
-        let e = CategoryBalance::new(&labels, &partial, 1, 2, 2, true, true)
+        let e = CategoryBalance::new(&labels, &partial, shape(1, 2, 2), true, true)
             .err()
             .unwrap()
             .to_string();
         assert!(e.contains("label(s) 3 have none"), "{e}");
         let mut more = l2c.clone();
         more.insert(99, "a".into());
-        assert!(CategoryBalance::new(&labels, &more, 1, 2, 2, true, true).is_err());
+        assert!(CategoryBalance::new(&labels, &more, shape(1, 2, 2), true, true).is_err());
         let cfg = SamplerConfig::CategoryBalance {
             n_categories: 1,
             n_labels: 2,
@@ -1112,7 +1139,8 @@ mod tests {
             let p = 2 + rng::below(&mut r, 2);
             let k = 2 + rng::below(&mut r, 3);
             let epoch_size = 1 + rng::below(&mut r, 12);
-            let mut s = DistinctCategoryBalance::new(&labels, &l2c, c, p, k, epoch_size).unwrap();
+            let mut s =
+                DistinctCategoryBalance::new(&labels, &l2c, shape(c, p, k), epoch_size).unwrap();
             assert_eq!(s.len(), epoch_size);
             let epoch = s.epoch(&mut r);
             assert_eq!(epoch.len(), epoch_size);

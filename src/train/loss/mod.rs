@@ -147,8 +147,9 @@ fn yes() -> bool {
 }
 
 /// The `[loss]` table of a training config.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, strum::IntoStaticStr)]
 #[serde(tag = "name", rename_all = "snake_case", deny_unknown_fields)]
+#[strum(serialize_all = "snake_case")]
 pub enum LossConfig {
     /// Triplet loss over mined triplets (OML's `triplet_with_miner`).
     #[serde(alias = "triplet_with_miner")]
@@ -209,14 +210,7 @@ pub enum LossConfig {
 
 impl LossConfig {
     pub fn name(&self) -> &'static str {
-        match self {
-            LossConfig::Triplet { .. } => "triplet",
-            LossConfig::Arcface { .. } => "arcface",
-            LossConfig::MlpArcface { .. } => "mlp_arcface",
-            LossConfig::SurrogatePrecision { .. } => "surrogate_precision",
-            LossConfig::Contrastive { .. } => "contrastive",
-            LossConfig::MultiSimilarity { .. } => "multi_similarity",
-        }
+        self.into()
     }
 
     /// ArcFace-type losses own parameters and need labels remapped to `0..num_classes`.

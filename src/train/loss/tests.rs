@@ -663,3 +663,22 @@ fn config_parses_with_defaults() {
     let back: LossConfig = serde_json::from_value(serde_json::to_value(&c).unwrap()).unwrap();
     assert_eq!(back, c);
 }
+
+#[test]
+fn name_is_the_config_tag_for_every_loss() {
+    // `name()` comes from strum and the tag from serde: they must spell each loss alike.
+    let tables = [
+        ("triplet", "margin = 0.1"),
+        ("arcface", ""),
+        ("mlp_arcface", "mlp_features = [4]"),
+        ("surrogate_precision", "k = 3"),
+        ("contrastive", ""),
+        ("multi_similarity", ""),
+    ];
+    for (name, rest) in tables {
+        let cfg: LossConfig = toml::from_str(&format!("name = \"{name}\"\n{rest}")).unwrap();
+        assert_eq!(cfg.name(), name);
+        let back = serde_json::to_value(&cfg).unwrap();
+        assert_eq!(back["name"], name);
+    }
+}
