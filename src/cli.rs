@@ -20,11 +20,63 @@ pub fn run(main: impl FnOnce() -> anyhow::Result<()>) -> ! {
         }
         Err(e) => {
             let code = exit_code(&e);
-            eprintln!("error: {e}");
+            let mut said = e.to_string();
+            eprintln!("error: {said}");
+            // A cause already in the message (an I/O error's, which names its file and
+            // carries the OS error as its source) is not said twice.
             for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+                let c = cause.to_string();
+                if !said.contains(&c) {
+                    eprintln!("  caused by: {c}");
+                    said.push_str(&c);
+                }
             }
             std::process::exit(code)
+        }
+    }
+}
+
+/// Parses the command line as [`clap::Parser::parse`] does, except that a value may start
+/// with `-` (so `-k -3` or `--val-fraction -0.1` reach the value's own check and are refused
+/// as negative, instead of clap's "unexpected argument '-3'").
+pub fn parse<T: clap::Parser>() -> T {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    fn negatives_are_values(c: clap::Command) -> clap::Command {
+        let names: Vec<String> = c
+            .get_subcommands()
+            .map(|s| s.get_name().to_string())
+            .collect();
+        let mut c = c.allow_negative_numbers(true);
+        for n in names {
+            c = c.mut_subcommand(n, negatives_are_values);
+        }
+        c
+    }
+    let matches = negatives_are_values(T::command())
+        .try_get_matches()
+        .and_then(|m| T::from_arg_matches(&m));
+    match matches {
+        Ok(t) => t,
+        Err(e) => {
+            let value = match e.get(ContextKind::InvalidValue) {
+                Some(ContextValue::String(v)) => Some(v.clone()),
+                _ => None,
+            };
+            let arg = match e.get(ContextKind::InvalidArg) {
+                Some(ContextValue::String(a)) => a.clone(),
+                _ => String::new(),
+            };
+            // Only clap's own number parsing ("invalid digit"): a parser of simile's says why.
+            let generic = e.to_string().contains("invalid digit");
+            match value {
+                Some(v)
+                    if e.kind() == ErrorKind::ValueValidation && generic && v.starts_with('-') =>
+                {
+                    eprintln!("error: {arg}: {v} is negative; the value must be a positive number");
+                    std::process::exit(2)
+                }
+                _ => e.exit(),
+            }
         }
     }
 }
@@ -60,7 +112,7 @@ pub struct DeviceArgs {
     #[arg(long, default_value = "auto")]
     pub device: crate::device::DeviceArg,
     /// CPU threads, libtorch's and simile's own pool together (default: all cores).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub threads: Option<u64>,
 }
 

@@ -88,6 +88,17 @@ fn seal_skipped_lines(emb: &Path, lines: &[String]) -> Result<Option<Sealed>> {
     )?))
 }
 
+/// The rows `simile-embed --on-bad-image skip` left out of `emb` (its `.skipped.tsv`, if any):
+/// (id, the list's line).
+pub fn skipped_rows(emb: &Path) -> Result<Vec<(i64, String)>> {
+    let p = skipped_path(emb);
+    if p.is_file() {
+        read_skipped(&p)
+    } else {
+        Ok(Vec::new())
+    }
+}
+
 /// Reads a part's `.skipped.tsv`: (id, line) for each data line, after checking the header.
 fn read_skipped(path: &Path) -> Result<Vec<(i64, String)>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;

@@ -181,7 +181,11 @@ fn resize(img: &RgbImage, region: Option<(f64, f64, f64, f64)>, w: u32, h: u32) 
     let mut opts = fir::ResizeOptions::new()
         .resize_alg(fir::ResizeAlg::Convolution(fir::FilterType::Bilinear));
     if let Some((left, top, cw, ch)) = region {
-        opts = opts.crop(left, top, cw, ch);
+        // Rounding can put the box's far edge a hair past the image (29 px at crop ratio 1:
+        // 29.000000000000004); the resizer refuses that, so clamp it to the image.
+        let (iw, ih) = (img.width() as f64, img.height() as f64);
+        let (left, top) = (left.clamp(0.0, iw), top.clamp(0.0, ih));
+        opts = opts.crop(left, top, cw.min(iw - left), ch.min(ih - top));
     }
     RESIZER
         .with(|r| r.borrow_mut().resize(&src, &mut dst, &opts))
@@ -226,10 +230,14 @@ pub fn fit(img: &RgbImage, p: &Preprocess) -> RgbImage {
             // CenterCrop(size) with Python's round (half to even). Only the kept square is
             // computed: the matching box of the source is resized straight to size x size.
             let short_to = ((s as f64 / p.crop_ratio).round() as u32).max(s);
+            // The longer side saturates (an extreme aspect ratio): it only moves the box.
+            let longer = |a: u32, b: u32| {
+                u32::try_from(short_to as u64 * a as u64 / b as u64).unwrap_or(u32::MAX)
+            };
             let (nw, nh) = if w <= h {
-                (short_to, ((short_to as u64 * h as u64) / w as u64) as u32)
+                (short_to, longer(h, w))
             } else {
-                (((short_to as u64 * w as u64) / h as u64) as u32, short_to)
+                (longer(w, h), short_to)
             };
             let (nw, nh) = (nw.max(s), nh.max(s));
             let left = ((nw - s) as f64 / 2.0).round_ties_even();

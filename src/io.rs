@@ -309,6 +309,42 @@ pub(crate) fn parent_dir(p: &Path) -> PathBuf {
     }
 }
 
+/// An input as the file it names: a symbolic link is followed (to its final target), so that
+/// the manifest and companions read with it are those beside the real file, not whatever
+/// happens to sit beside the link. Anything else (a regular file, a missing path) is as given.
+pub fn resolve_link(p: &Path) -> PathBuf {
+    let is_link = std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink());
+    match is_link.then(|| p.canonicalize()) {
+        Some(Ok(target)) => target,
+        _ => p.to_path_buf(),
+    }
+}
+
+/// Creates the folder `dir` (and its parents) that `flag` names; an existing file there is
+/// refused by name (exit 2) rather than with the OS's "File exists" or "Not a directory".
+pub fn create_folder(dir: &Path, flag: &str) -> Result<()> {
+    if let Some(file) = dir
+        .ancestors()
+        .find(|a| !a.as_os_str().is_empty() && a.is_file())
+    {
+        return Err(Error::input(format!(
+            "{flag} {}: {} is a file; {flag} names a folder",
+            dir.display(),
+            file.display()
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
+}
+
+/// Whether two paths (existing or not) are in the same folder, links and `..` resolved.
+pub fn same_folder(a: &Path, b: &Path) -> bool {
+    let dir = |p: &Path| {
+        let d = parent_dir(p);
+        d.canonicalize().unwrap_or(d)
+    };
+    dir(a) == dir(b)
+}
+
 pub(crate) fn file_name(p: &Path) -> String {
     p.file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -325,6 +361,17 @@ fn pid_alive(pid: u32) -> bool {
         // 0 and values past pid_t would name process groups (or every process) for kill.
         if pid == 0 || pid > i32::MAX as u32 {
             return false;
+        }
+        // A zombie (killed, not yet reaped by its parent) answers kill(pid, 0) but writes
+        // nothing more: it is dead for our purpose. /proc/<pid>/stat's state follows the
+        // command name in parentheses.
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            if let Some(state) = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.trim_start().chars().next())
+            {
+                return !matches!(state, 'Z' | 'X');
+            }
         }
         // SAFETY: kill with signal 0 only checks for the process; it sends nothing.
         let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
@@ -460,6 +507,26 @@ fn same_file(f: &File, path: &Path) -> bool {
 #[cfg(not(unix))]
 fn same_file(_: &File, _: &Path) -> bool {
     true
+}
+
+/// Waits for a writer that holds `output`'s lock (a stage committing that set right now), so
+/// that a reader that saw a half-committed set can look again. Whether there was one.
+pub fn wait_for_writer(output: &Path) -> bool {
+    let path = parent_dir(output).join(format!(".{}.lock", file_name(output)));
+    let Ok(file) = OpenOptions::new().read(true).open(&path) else {
+        return false;
+    };
+    match file.try_lock_shared() {
+        Ok(()) => false,
+        Err(std::fs::TryLockError::WouldBlock) => {
+            eprintln!(
+                "simile: another process is writing {}; waiting for it to finish",
+                output.display()
+            );
+            file.lock_shared().is_ok()
+        }
+        Err(std::fs::TryLockError::Error(_)) => false,
+    }
 }
 
 impl Drop for OutputLock {
@@ -670,11 +737,20 @@ impl Fingerprint {
             let w = (*w).clone();
             return parts.iter().all(|p| w.contains(p)).then_some(w);
         }
+        // Every block must be covered by a part's digests: fewer digests than blocks (a size
+        // from a hand-edited manifest, say) cannot combine, and would size the table.
+        let digests: u64 = parts
+            .iter()
+            .map(|p| p.blocks.as_ref().map_or(0, |b| b.digests.len() as u64))
+            .sum();
+        if n_blocks(size) > digests {
+            return None;
+        }
         let mut all: Vec<Option<String>> = vec![None; n_blocks(size) as usize];
         for p in &parts {
             let b = p.blocks.as_ref()?;
             for (k, d) in b.digests.iter().enumerate() {
-                let slot = all.get_mut(b.first as usize + k)?;
+                let slot = all.get_mut((b.first as usize).checked_add(k)?)?;
                 match slot {
                     Some(prev) if prev != d => return None,
                     _ => *slot = Some(d.clone()),

@@ -80,6 +80,7 @@ pub fn manifest_path(output: &Path) -> PathBuf {
 /// The companions an artifact has by convention, whether or not they exist: an embeddings
 /// file's ids and skipped-rows list.
 fn conventional_companions(path: &Path) -> Vec<PathBuf> {
+    let path = &io::resolve_link(path);
     let name = io::file_name(path);
     if name.ends_with(".npy") && !name.ends_with(".ids.npy") {
         vec![
@@ -94,7 +95,9 @@ fn conventional_companions(path: &Path) -> Vec<PathBuf> {
 /// Every file that belongs to the artifact at `path`: itself, its manifest, its conventional
 /// companions and those its manifest records; for a folder (a model), the folder's files.
 pub fn artifact_files(path: &Path) -> Vec<PathBuf> {
-    let mut out = vec![path.to_path_buf(), manifest_path(path)];
+    let mut out = vec![path.to_path_buf()];
+    let path = &io::resolve_link(path);
+    out.extend([path.to_path_buf(), manifest_path(path)]);
     if path.is_dir() {
         if let Ok(rd) = std::fs::read_dir(path) {
             out.extend(rd.flatten().map(|e| e.path()).filter(|p| p.is_file()));
@@ -129,6 +132,62 @@ pub fn refuse_overlap(inputs: &[(&str, &Path)], outputs: &[&Path]) -> Result<()>
         })
         .collect();
     io::refuse_overlap(&reads, &writes)
+}
+
+/// Refuses (exit 2) an output set that would write over a file of another set in its folder:
+/// a manifest (`--out x.parquet.manifest.json`), a conventional companion of an existing
+/// artifact (`--out emb.ids.npy` beside `emb.npy`), or a file another manifest records as its
+/// companion. That set would be left broken (its readers would refuse it). `writes`: every file
+/// the set writes; `output`: the set's own output, whose companions are its own.
+pub fn refuse_foreign_files(output: &Path, writes: &[PathBuf]) -> Result<()> {
+    let own_manifest = manifest_path(output);
+    if io::file_name(output).ends_with(".manifest.json") {
+        return Err(Error::input(format!(
+            "{}: names a manifest (the record of another output set); choose another --out",
+            output.display()
+        )));
+    }
+    let dir = io::parent_dir(output);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(());
+    };
+    let (out_name, own_manifest) = (io::file_name(output), io::file_name(&own_manifest));
+    let mut foreign: Vec<(PathBuf, PathBuf)> = Vec::new();
+    for e in entries.flatten() {
+        let p = e.path();
+        let name = io::file_name(&p);
+        if name == out_name || name == own_manifest || !p.is_file() {
+            continue;
+        }
+        if let Some(artifact) = name.strip_suffix(".manifest.json") {
+            if artifact == out_name {
+                continue;
+            }
+            let artifact = dir.join(artifact);
+            if let Some(m) = read_raw(&artifact) {
+                foreign.extend(m.companions.keys().map(|c| (dir.join(c), artifact.clone())));
+            }
+        } else {
+            foreign.extend(
+                conventional_companions(&p)
+                    .into_iter()
+                    .map(|c| (c, p.clone())),
+            );
+        }
+    }
+    for w in writes {
+        if let Some((_, owner)) = foreign
+            .iter()
+            .find(|(c, _)| io::file_name(c) == io::file_name(w) && io::same_folder(c, w))
+        {
+            return Err(Error::input(format!(
+                "{}: is a companion of {} (part of its output set); writing it would break that set. Choose another --out",
+                w.display(),
+                owner.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Whether [`ManifestBuilder::skip_if_done`] may skip work. Off by default, so library callers
@@ -440,7 +499,9 @@ impl ManifestBuilder {
 
     /// Refuses an output set that would overwrite a file the stage reads (exit 2).
     pub fn refuse_overlap(&self, output: &Path) -> Result<()> {
-        io::refuse_overlap(&self.reads, &self.output_files(output))
+        let writes = self.output_files(output);
+        io::refuse_overlap(&self.reads, &writes)?;
+        refuse_foreign_files(output, &writes)
     }
 
     /// Whether `output` already exists with a manifest describing exactly what this builder
@@ -472,12 +533,19 @@ impl ManifestBuilder {
             )));
         }
         self.refuse_overlap(output)?;
-        self.take_lock(output)?;
-        // Under the lock, the temporary files of killed writers of this set can go.
+        let reuse = REUSE.load(Ordering::Relaxed);
+        // An up-to-date set needs no lock (its folder may be read-only): a set that matches
+        // its manifest is whole. Anything else is looked at again under the lock.
+        let done = reuse && self.stale(output)?.is_none();
+        if !done {
+            self.take_lock(output)?;
+        }
+        // Killed writers' temporaries can go (only dead writers' are removed, so this needs no
+        // lock; in a read-only folder they stay).
         for f in self.output_files(output) {
             io::remove_dead_temps(&f);
         }
-        if !REUSE.load(Ordering::Relaxed) || self.stale(output)?.is_some() {
+        if !done && (!reuse || self.stale(output)?.is_some()) {
             return Ok(());
         }
         Err(Error::UpToDate(format!(
@@ -515,7 +583,7 @@ impl ManifestBuilder {
         let dir = io::parent_dir(&output);
         let mut companions = BTreeMap::new();
         for s in &sealed {
-            if io::parent_dir(s.dest()) != dir {
+            if !io::same_folder(s.dest(), &output) {
                 return Err(Error::internal(format!(
                     "{}: a companion must be in the folder of {}",
                     s.dest().display(),
@@ -598,7 +666,7 @@ fn fault(point: &str) {
 
 /// The manifest beside `artifact` as written, without checking it.
 fn read_raw(artifact: &Path) -> Option<Manifest> {
-    let text = std::fs::read(manifest_path(artifact)).ok()?;
+    let text = std::fs::read(manifest_path(&io::resolve_link(artifact))).ok()?;
     serde_json::from_slice(&text).ok()
 }
 
@@ -614,6 +682,16 @@ pub fn verify(artifact: &Path) -> Result<Option<Manifest>> {
 /// byte ranges only (through their block fingerprints), so a shard worker reads no more of a
 /// large gallery to check it than to search it.
 pub fn verify_part(artifact: &Path, ranges: &Ranges) -> Result<Option<Manifest>> {
+    // The set is the one beside the real file (a link's own folder may hold another set).
+    let artifact = &io::resolve_link(artifact);
+    match verify_once(artifact, ranges) {
+        // A set being committed right now: wait for its writer, then look again.
+        Err(e) if io::wait_for_writer(artifact) => verify_once(artifact, ranges).or(Err(e)),
+        r => r,
+    }
+}
+
+fn verify_once(artifact: &Path, ranges: &Ranges) -> Result<Option<Manifest>> {
     let mp = manifest_path(artifact);
     if !mp.exists() {
         return Ok(None);

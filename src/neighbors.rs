@@ -35,6 +35,10 @@ pub struct NeighborsMeta {
     /// Two-sided form: the gallery dataset and its hash.
     pub gallery_dataset: Option<String>,
     pub gallery_dataset_fingerprint: Option<String>,
+    /// Two-sided form: the splits the queries and the gallery were taken from (`None`: every
+    /// row of their dataset).
+    pub query_split: Option<String>,
+    pub gallery_split: Option<String>,
     pub n_queries: usize,
     pub n_gallery: usize,
     /// Exclusions applied, e.g. `self,sequence`.
@@ -46,6 +50,26 @@ pub struct NeighborsMeta {
 }
 
 impl NeighborsMeta {
+    /// A two-sided file's query and gallery splits, parsed (`None`: every row).
+    pub fn two_sided_splits(
+        &self,
+        path: &Path,
+    ) -> Result<(Option<crate::dataset::Split>, Option<crate::dataset::Split>)> {
+        let parse = |key: &str, v: &Option<String>| {
+            v.as_deref()
+                .map(|s| {
+                    s.parse().map_err(|e: String| {
+                        Error::input(format!("{}: metadata simile.{key}: {e}", path.display()))
+                    })
+                })
+                .transpose()
+        };
+        Ok((
+            parse("query_split", &self.query_split)?,
+            parse("gallery_split", &self.gallery_split)?,
+        ))
+    }
+
     pub fn to_kv(&self) -> Meta {
         let mut m = self.extra.clone();
         let mut put = |k: &str, v: String| {
@@ -63,6 +87,12 @@ impl NeighborsMeta {
         }
         if let Some(g) = &self.gallery_dataset_fingerprint {
             put("gallery_dataset_fingerprint", g.clone());
+        }
+        if let Some(q) = &self.query_split {
+            put("query_split", q.clone());
+        }
+        if let Some(g) = &self.gallery_split {
+            put("gallery_split", g.clone());
         }
         put("n_queries", self.n_queries.to_string());
         put("n_gallery", self.n_gallery.to_string());
@@ -101,6 +131,8 @@ impl NeighborsMeta {
                         "dataset_fingerprint",
                         "gallery_dataset",
                         "gallery_dataset_fingerprint",
+                        "query_split",
+                        "gallery_split",
                         "n_queries",
                         "n_gallery",
                         "exclusions",
@@ -118,6 +150,8 @@ impl NeighborsMeta {
             dataset_fingerprint: get("dataset_fingerprint").unwrap_or_default(),
             gallery_dataset: get("gallery_dataset"),
             gallery_dataset_fingerprint: get("gallery_dataset_fingerprint"),
+            query_split: get("query_split").filter(|s| !s.is_empty()),
+            gallery_split: get("gallery_split").filter(|s| !s.is_empty()),
             n_queries: num("n_queries")?,
             n_gallery: num("n_gallery")?,
             exclusions: get("exclusions").unwrap_or_default(),

@@ -89,22 +89,24 @@ impl Npy {
     }
 
     pub fn open(path: impl AsRef<Path>) -> Result<Npy> {
-        let path = path.as_ref().to_path_buf();
+        // A link is read as its target, so that the companions found beside `path()` (the
+        // ids) are the target's, the ones its manifest describes.
+        let path = crate::io::resolve_link(path.as_ref());
         let file = File::open(&path).at(&path)?;
         // SAFETY: the map is read-only; simile never writes a file it has mapped (outputs go
         // to a new temporary file and are renamed), so the contents cannot change under us
         // unless another program truncates the file, which no stage does.
         let mmap = unsafe { Mmap::map(&file) }.at(&path)?;
         let (dtype, shape, offset) = parse_header(&path, &mmap)?;
-        let n: usize = shape.iter().product();
-        let need = offset + n * dtype.size();
-        if mmap.len() < need {
+        // parse_header checked that the data's byte count fits in a usize.
+        let data_bytes = shape.iter().product::<usize>() * dtype.size();
+        if mmap.len() - offset < data_bytes {
             return Err(Error::input(format!(
                 "{}: truncated .npy: header says shape {:?} ({} bytes of data) but the file has {} bytes after the header",
                 path.display(),
                 shape,
-                n * dtype.size(),
-                mmap.len().saturating_sub(offset)
+                data_bytes,
+                mmap.len() - offset
             )));
         }
         Ok(Npy {
@@ -248,6 +250,20 @@ fn parse_header(path: &Path, b: &[u8]) -> Result<(DType, Vec<usize>, usize)> {
                 .parse::<usize>()
                 .map_err(|_| bad("bad shape"))?,
         );
+    }
+    // Every size derived from the header (elements, bytes, the end of the data) must fit:
+    // a crafted shape such as (2**62, 2**62) would otherwise wrap around and pass the
+    // truncation check.
+    let fits = shape
+        .iter()
+        .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
+        .and_then(|bytes| bytes.checked_add(start + hlen))
+        .is_some_and(|end| end <= isize::MAX as usize);
+    if !fits {
+        return Err(Error::input(format!(
+            "{}: not a valid .npy file: header shape {shape:?} is too large (its size in bytes overflows)",
+            path.display()
+        )));
     }
     Ok((dtype, shape, start + hlen))
 }

@@ -118,15 +118,31 @@ pub fn validate(paths: &[PathBuf]) -> Result<Parts> {
             )));
         }
     }
-    let have: Vec<usize> = items.iter().map(|(s, _, _)| s.index).collect();
-    let missing: Vec<String> = (0..n)
-        .filter(|i| !have.contains(i))
-        .map(|i| i.to_string())
-        .collect();
-    if !missing.is_empty() {
+    if items.len() != n {
+        // Indices are sorted and distinct, so walk them for the first few gaps (the count
+        // comes from a manifest and may be huge: never list all of 0..n).
+        let mut missing: Vec<String> = Vec::new();
+        let mut next = 0usize;
+        for (s, _, _) in &items {
+            while next < s.index && missing.len() < 10 {
+                missing.push(next.to_string());
+                next += 1;
+            }
+            next = s.index + 1;
+        }
+        while next < n && missing.len() < 10 {
+            missing.push(next.to_string());
+            next += 1;
+        }
         return Err(Error::input(format!(
-            "missing part(s) {} of {n}: run those shards before merging",
-            missing.join(", ")
+            "missing part(s) {}{} of {n} ({} of {n} present): run those shards before merging",
+            missing.join(", "),
+            if n - items.len() > missing.len() {
+                ", ..."
+            } else {
+                ""
+            },
+            items.len()
         )));
     }
     let first = &items[0].2;

@@ -54,9 +54,9 @@ impl std::fmt::Display for ShardSpec {
 impl ShardSpec {
     /// The half-open range of positions `[start, end)` this shard covers among `n` items.
     pub fn range(&self, n: usize) -> (usize, usize) {
-        let start = n * self.index / self.count;
-        let end = n * (self.index + 1) / self.count;
-        (start, end)
+        // In u128: n * index overflows a usize for large shard counts (a flag).
+        let at = |i: usize| (n as u128 * i as u128 / self.count as u128) as usize;
+        (at(self.index), at(self.index + 1))
     }
 
     /// `dir/emb.npy` -> `dir/emb.part-1-of-4.npy`; `a/b.ids.npy` keeps `.ids.npy` as extension.

@@ -101,9 +101,9 @@ struct SearchArgs {
     /// The neighbours table to write (a shard writes <stem>.part-<i>-of-<n>.parquet).
     #[arg(long, value_name = "PARQUET")]
     out: Option<PathBuf>,
-    /// Neighbours per query (fewer when fewer gallery rows are eligible).
+    /// Neighbours per query (fewer when fewer gallery rows are eligible; ranks are int32).
     #[arg(short = 'k', long, default_value_t = 100,
-          value_parser = clap::value_parser!(u32).range(1..))]
+          value_parser = clap::value_parser!(u32).range(1..=i32::MAX as i64))]
     top_k: u32,
     /// l2 (Euclidean, OML's), cosine (1 - cosine similarity) or dot (negative inner product).
     #[arg(long, default_value = "l2")]
@@ -134,7 +134,7 @@ struct SearchArgs {
 
 fn main() {
     simile::cli::run(|| {
-        let cli = Cli::parse();
+        let cli = simile::cli::parse::<Cli>();
         if let Some(Cmd::Merge {
             out,
             parts,

@@ -176,7 +176,7 @@ fn main() {
     // libgomp's wait policy can only be chosen before the process starts (see the function).
     simile::device::reexec_with_passive_openmp();
     simile::cli::run(|| {
-        let cli = Cli::parse();
+        let cli = simile::cli::parse::<Cli>();
         match cli.cmd {
             Some(Cmd::Merge { out, parts, force }) => {
                 force.apply();
@@ -339,6 +339,8 @@ fn run_import(a: ImportArgs) -> anyhow::Result<()> {
     spec.gem_p = a.gem_p;
     spec.proj_dim = a.proj_dim;
     spec.width = a.width;
+    spec.validate()?;
+    spec.check_size(a.size, "--size")?;
     let mspec = ModelSpec::new(spec, a.normalise, input)?;
     let r = import::import_state_dict(&weights, mspec.clone(), &a.out)?;
     println!(

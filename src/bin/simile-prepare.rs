@@ -109,7 +109,7 @@ struct FontsArgs {
 
 fn main() {
     simile::cli::run(|| {
-        let cli = Cli::parse();
+        let cli = simile::cli::parse::<Cli>();
         match cli.cmd {
             Cmd::Csv(a) => {
                 a.force.apply();

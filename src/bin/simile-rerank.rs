@@ -71,26 +71,26 @@ struct Args {
     #[arg(long, value_name = "NPY")]
     embeddings: Option<PathBuf>,
     /// Neighbours kept per query (aqe, alpha-qe, dba, k-reciprocal; default: the input's k).
-    #[arg(short = 'k', long)]
+    #[arg(short = 'k', long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=i32::MAX as u64))]
     top_k: Option<usize>,
     /// Query expansion: top neighbours combined with the query (default 2).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=i32::MAX as u64))]
     qe_k: Option<usize>,
     /// Weight exponent: neighbours weigh max(0, cos)^alpha (alpha-qe default 3; dba default 0,
     /// a plain average; --dba-qe's query expansion uses it too).
     #[arg(long)]
     alpha: Option<f64>,
     /// DBA: each gallery vector combined with its own top neighbours (default 2).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=i32::MAX as u64))]
     dba_k: Option<usize>,
     /// DBA: also expand the queries against the augmented gallery (--qe-k, --alpha).
     #[arg(long)]
     dba_qe: bool,
     /// k-reciprocal: k1, the reciprocal-neighbour depth (default 20).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=i32::MAX as u64))]
     k1: Option<usize>,
     /// k-reciprocal: k2, the local query expansion depth (default 6).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=i32::MAX as u64))]
     k2: Option<usize>,
     /// k-reciprocal: weight of the original distance in the final one (default 0.3).
     #[arg(long)]
@@ -119,7 +119,7 @@ struct Args {
 
 fn main() {
     simile::cli::run(|| {
-        let a = Args::parse();
+        let a = simile::cli::parse::<Args>();
         a.force.apply();
         a.dev.start(false);
         let method = method(&a)?;

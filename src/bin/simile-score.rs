@@ -115,7 +115,7 @@ struct Args {
 
 fn main() {
     simile::cli::run(|| {
-        let a = Args::parse();
+        let a = simile::cli::parse::<Args>();
         a.force.apply();
         let set = MetricSet {
             cmc: a

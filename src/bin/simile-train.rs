@@ -71,7 +71,7 @@ fn main() {
     // libgomp's wait policy can only be chosen before the process starts (see the function).
     simile::device::reexec_with_passive_openmp();
     simile::cli::run(|| {
-        let c = Cli::parse();
+        let c = simile::cli::parse::<Cli>();
         c.dev.start(true);
         simile::manifest::reuse_up_to_date(!c.force);
         let opts = TrainOptions {

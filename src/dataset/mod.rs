@@ -921,25 +921,68 @@ pub fn import_csv(csv_path: &Path, opts: &CsvOptions) -> Result<(Dataset, Import
             "{multi} label(s) map to more than one category: the label-to-category mapping is not a function (category samplers and per-category metrics take one category per label)"
         ));
     }
+    // The same picture twice (same path and box) is two rows OML accepts, but rarely meant.
+    let mut first_of: HashMap<(&str, Option<[i32; 4]>), usize> = HashMap::new();
+    let mut repeats: Vec<usize> = Vec::new();
+    for i in 0..ds.len() {
+        if let Some(path) = ds.path[i].as_deref() {
+            if first_of.insert((path, ds.bbox[i]), i).is_some() {
+                repeats.push(i);
+            }
+        }
+    }
+    if let Some(&i) = repeats.first() {
+        report.warnings.push(format!(
+            "{} row(s) repeat the image (path and box) of an earlier row, e.g. line {} ('{}'): the same picture is counted as two samples",
+            repeats.len(),
+            lines[i],
+            ds.path[i].as_deref().unwrap_or("")
+        ));
+    }
+    // Validation queries without a positive: no other gallery row with their label, or only
+    // rows of their own sequence (which the exclusion rule takes out).
     let mut val_counts: HashMap<i64, usize> = HashMap::new();
+    let mut seq_counts: HashMap<(i64, &str), usize> = HashMap::new();
     for i in 0..ds.len() {
         if ds.split[i] == Split::Validation && ds.is_gallery[i] == Some(true) {
             if let Some(l) = ds.label[i] {
                 *val_counts.entry(l).or_default() += 1;
+                if let Some(sq) = ds.sequence[i].as_deref() {
+                    *seq_counts.entry((l, sq)).or_default() += 1;
+                }
             }
         }
     }
-    let lone = (0..ds.len())
-        .filter(|&i| ds.split[i] == Split::Validation && ds.is_query[i] == Some(true))
-        .filter(|&i| {
-            let l = ds.label[i].unwrap_or(i64::MIN);
-            let self_in_gallery = usize::from(ds.is_gallery[i] == Some(true));
-            val_counts.get(&l).copied().unwrap_or(0) <= self_in_gallery
-        })
-        .count();
+    let (mut lone, mut by_sequence) = (0, 0);
+    for i in 0..ds.len() {
+        if ds.split[i] != Split::Validation || ds.is_query[i] != Some(true) {
+            continue;
+        }
+        let l = ds.label[i].unwrap_or(i64::MIN);
+        let all = val_counts.get(&l).copied().unwrap_or(0);
+        let self_in_gallery = usize::from(ds.is_gallery[i] == Some(true));
+        let excluded = match ds.sequence[i].as_deref() {
+            Some(sq) => seq_counts
+                .get(&(l, sq))
+                .copied()
+                .unwrap_or(0)
+                .max(self_in_gallery),
+            None => self_in_gallery,
+        };
+        if all <= self_in_gallery {
+            lone += 1;
+        } else if all <= excluded {
+            by_sequence += 1;
+        }
+    }
     if lone > 0 {
         report.warnings.push(format!(
             "{lone} validation query row(s) have no other gallery row with their label: they have no positive (CMC and MAP score 0 there)"
+        ));
+    }
+    if by_sequence > 0 {
+        report.warnings.push(format!(
+            "{by_sequence} validation query row(s) have positives only in their own sequence, which the exclusion rule leaves out: they have no positive (CMC and MAP score 0 there)"
         ));
     }
     ds.meta = DatasetMeta {
@@ -980,40 +1023,54 @@ pub fn import_folder(images: &Path, opts: &FolderOptions) -> Result<(Dataset, Im
             opts.val_fraction
         )));
     }
+    let hidden = |n: &std::ffi::OsStr| n.to_string_lossy().starts_with('.');
     let rd = std::fs::read_dir(images).map_err(|e| Error::io(images, e))?;
-    let mut label_dirs: Vec<String> = Vec::new();
+    let mut all_dirs: Vec<String> = Vec::new();
     for e in rd {
         let e = e.map_err(|e| Error::io(images, e))?;
-        if e.path().is_dir() {
-            label_dirs.push(e.file_name().to_string_lossy().into_owned());
+        // Hidden folders (.git, .thumbnails, ...) are not labels.
+        if e.path().is_dir() && !hidden(&e.file_name()) {
+            all_dirs.push(e.file_name().to_string_lossy().into_owned());
         }
     }
-    label_dirs.sort();
-    let mut rows: Vec<(i64, String)> = Vec::new();
+    all_dirs.sort();
     let mut report = ImportReport::default();
-    let mut empty = 0;
-    for (li, name) in label_dirs.iter().enumerate() {
-        let dir = images.join(name);
+    let (mut empty, mut zero_byte) = (Vec::new(), 0usize);
+    // Labels are numbered over the folders that hold images, so an empty folder shifts no
+    // label and `label_names` stays aligned with the labels.
+    let mut labelled: Vec<(String, Vec<String>)> = Vec::new();
+    for name in all_dirs {
+        let dir = images.join(&name);
         let mut files: Vec<String> = Vec::new();
         for e in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
             let e = e.map_err(|e| Error::io(&dir, e))?;
             let p = e.path();
-            let ok = p.is_file()
-                && p.extension()
-                    .map(|x| {
-                        IMAGE_EXTENSIONS.contains(&x.to_string_lossy().to_lowercase().as_str())
-                    })
-                    .unwrap_or(false);
-            if ok {
-                files.push(format!("{name}/{}", e.file_name().to_string_lossy()));
+            let image_ext = p.extension().is_some_and(|x| {
+                IMAGE_EXTENSIONS.contains(&x.to_string_lossy().to_lowercase().as_str())
+            });
+            if !p.is_file() || !image_ext || hidden(&e.file_name()) {
+                continue;
             }
+            // An empty file is no image (a placeholder, an interrupted copy).
+            if std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0) == 0 {
+                zero_byte += 1;
+                continue;
+            }
+            files.push(format!("{name}/{}", e.file_name().to_string_lossy()));
         }
         if files.is_empty() {
-            empty += 1;
+            empty.push(name);
+        } else {
+            files.sort();
+            labelled.push((name, files));
         }
-        files.sort();
-        rows.extend(files.into_iter().map(|f| (li as i64, f)));
     }
+    let label_dirs: Vec<String> = labelled.iter().map(|(n, _)| n.clone()).collect();
+    let rows: Vec<(i64, String)> = labelled
+        .into_iter()
+        .enumerate()
+        .flat_map(|(li, (_, files))| files.into_iter().map(move |f| (li as i64, f)))
+        .collect();
     if rows.is_empty() {
         return Err(Error::input(format!(
             "{}: no images found: expected one sub-folder per label holding {} files",
@@ -1021,9 +1078,17 @@ pub fn import_folder(images: &Path, opts: &FolderOptions) -> Result<(Dataset, Im
             IMAGE_EXTENSIONS.join("/")
         )));
     }
-    if empty > 0 {
+    if !empty.is_empty() {
         report.warnings.push(format!(
-            "{empty} label folder(s) hold no images and were skipped"
+            "{} label folder(s) hold no images and were left out ({}{})",
+            empty.len(),
+            empty.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+            if empty.len() > 5 { ", ..." } else { "" }
+        ));
+    }
+    if zero_byte > 0 {
+        report.warnings.push(format!(
+            "{zero_byte} empty (0-byte) image file(s) were left out"
         ));
     }
     let val_labels = split_labels(label_dirs.len(), opts.val_fraction, opts.seed);

@@ -292,9 +292,18 @@ pub fn merge_what(out: &Path, parts: &[PathBuf], what: What) -> Result<MergeSumm
     let mut meta = metas[0].clone();
     meta.complete = range.is_none();
     meta.extra.remove("simile.shard");
+    // The counts come from the parts' footers: added without overflow.
+    let total = |f: fn(&NeighborsMeta) -> usize| {
+        metas
+            .iter()
+            .try_fold(0usize, |a, m| a.checked_add(f(m)))
+            .ok_or_else(|| {
+                Error::input("the parts' query or gallery counts overflow: not parts of one search")
+            })
+    };
     match kind.as_str() {
-        "query" => meta.n_queries = metas.iter().map(|m| m.n_queries).sum(),
-        "gallery" => meta.n_gallery = metas.iter().map(|m| m.n_gallery).sum(),
+        "query" => meta.n_queries = total(|m| m.n_queries)?,
+        "gallery" => meta.n_gallery = total(|m| m.n_gallery)?,
         other => {
             return Err(Error::input(format!(
                 "{}: unknown shard kind '{other}'",

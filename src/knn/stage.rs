@@ -121,6 +121,16 @@ pub fn side_map(
 }
 
 fn no_embedding(ds_path: &Path, id: i64, emb_path: &Path, role: &str) -> Error {
+    let skipped = crate::embeddings::skipped_rows(emb_path).unwrap_or_default();
+    if let Some((_, line)) = skipped.iter().find(|(i, _)| *i == id) {
+        return Error::input(format!(
+            "{}: id {id} (a {role} row) has no embedding: simile-embed left it out (--on-bad-image skip), as {} says ({} rows in all; this one: {}). A search needs every query and gallery row: repair or replace those images and re-run simile-embed, or leave the rows out of the dataset (remove them from the CSV or folder and re-run simile-prepare)",
+            ds_path.display(),
+            crate::embeddings::skipped_path(emb_path).display(),
+            skipped.len(),
+            line.replace('\t', " | ")
+        ));
+    }
     Error::input(format!(
         "{}: id {id} (a {role} row) has no embedding: {} does not list it",
         ds_path.display(),
@@ -413,6 +423,8 @@ pub fn run(opts: &Options) -> Result<Summary> {
         dataset_fingerprint: q_ds_fp,
         gallery_dataset: two.then(|| g_ds_path.display().to_string()),
         gallery_dataset_fingerprint: two.then_some(g_ds_fp),
+        query_split: query_split_str(&opts.inputs).map(String::from),
+        gallery_split: gallery_split_str(&opts.inputs).map(String::from),
         n_queries: queries.len(),
         n_gallery: gallery.len(),
         exclusions: exclusions.into(),
@@ -478,8 +490,10 @@ pub fn run(opts: &Options) -> Result<Summary> {
         qg: &qg,
         memory_budget: opts.memory_budget,
     };
-    let mut ids: Vec<i64> = Vec::with_capacity(opts.k);
-    let mut dists: Vec<f32> = Vec::with_capacity(opts.k);
+    // A list holds at most the gallery: k (a flag) can be far larger.
+    let cap = opts.k.min(gallery.len());
+    let mut ids: Vec<i64> = Vec::with_capacity(cap);
+    let mut dists: Vec<f32> = Vec::with_capacity(cap);
     let t_search = std::time::Instant::now();
     let stats = search::search(&job, |q, list| {
         ids.clear();

@@ -35,7 +35,7 @@ impl Candidates {
             slack: slack.max(0.0),
             limit: f32::INFINITY,
             // Compaction costs O(cap); amortised over cap - keep insertions.
-            cap: 2 * keep + 32,
+            cap: keep.saturating_mul(2).saturating_add(32),
         }
     }
 
@@ -103,7 +103,10 @@ impl Candidates {
 
     /// Memory a buffer takes at most in steady state (for sizing query chunks).
     pub fn bytes_for(keep: usize) -> usize {
-        (2 * keep.max(1) + 32) * std::mem::size_of::<(f32, u32)>()
+        keep.max(1)
+            .saturating_mul(2)
+            .saturating_add(32)
+            .saturating_mul(std::mem::size_of::<(f32, u32)>())
     }
 }
 

@@ -81,6 +81,13 @@ pub fn fnmr_from_pairs(distance: &[f32], hits: &[bool], fmr: &[f64]) -> Vec<Opti
 
 /// Checks FMR values: non-empty, each in [0, 1].
 pub fn check_fmr(fmr: &[f64]) -> Result<()> {
+    // Each value adds histogram slots (64 Ki bins, per thread).
+    if fmr.len() > 64 {
+        return Err(Error::input(format!(
+            "--fmr: {} values; give at most 64",
+            fmr.len()
+        )));
+    }
     if let Some(f) = fmr.iter().find(|f| !(0.0..=1.0).contains(*f)) {
         return Err(Error::input(format!(
             "--fmr: every value must be in [0, 1], got {f}"

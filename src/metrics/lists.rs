@@ -33,7 +33,7 @@ impl<'a> IdIndex<'a> {
     pub fn new(ids: &'a [i64]) -> Self {
         if let (Some(&min), Some(&max)) = (ids.first(), ids.last()) {
             let span = max.wrapping_sub(min) as u64;
-            if max >= min && span + 1 == ids.len() as u64 {
+            if max >= min && span.checked_add(1) == Some(ids.len() as u64) {
                 return IdIndex::Range {
                     min,
                     len: ids.len(),
@@ -702,7 +702,14 @@ pub fn scan(path: &Path, spec: &ScanSpec) -> Result<Scan> {
     let mut offsets = Vec::with_capacity(n_rg + 1);
     offsets.push(0usize);
     for i in 0..n_rg {
-        offsets.push(offsets[i] + md.row_group(i).num_rows() as usize);
+        // The footer's row count is the file's word: a negative one is a broken file.
+        let rows = usize::try_from(md.row_group(i).num_rows()).map_err(|_| {
+            Error::format(
+                path,
+                format!("row group {i} has a negative row count in the footer"),
+            )
+        })?;
+        offsets.push(offsets[i] + rows);
     }
     let qidx = IdIndex::new(&qg.queries.ids);
     let gidx = IdIndex::new(&qg.gallery.ids);

@@ -45,6 +45,9 @@ pub fn check_pcf(r: &[f64]) -> Result<()> {
     Ok(())
 }
 
+/// The widest embeddings PCF is computed for (a 16384 x 16384 f64 matrix is 2 GiB).
+pub const MAX_DIM: usize = 16384;
+
 /// PCF of `n` rows of width `d`, read in blocks by `read(start, end, out)` (row-major f32).
 /// Two passes: the mean, then the scatter matrix.
 pub fn pcf_of_rows(
@@ -56,6 +59,12 @@ pub fn pcf_of_rows(
     if n < 2 || d == 0 {
         // One row has no variance: OML divides by n - 1 = 0 and gets NaN.
         return Ok(vec![None; r.len()]);
+    }
+    // The d x d scatter matrix (f64) and its eigen-decomposition live in memory.
+    if d > MAX_DIM {
+        return Err(Error::input(format!(
+            "--pcf: the embeddings are {d} wide; PCF needs a {d} x {d} matrix, and simile computes it for widths up to {MAX_DIM}"
+        )));
     }
     const BLOCK: usize = 16384;
     let mut buf = Vec::new();

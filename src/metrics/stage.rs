@@ -125,10 +125,21 @@ pub fn compute(req: &ScoreRequest) -> Result<Computed> {
     let mut outputs: Vec<&Path> = vec![&req.out];
     outputs.extend(req.per_query.as_deref());
     crate::manifest::refuse_overlap(&req.inputs(), &outputs)?;
-    if req.per_query.as_deref() == Some(req.out.as_path()) {
-        return Err(Error::input(
-            "--per-query and --out name the same file; choose two paths",
-        ));
+    if let Some(pq) = &req.per_query {
+        if pq == &req.out {
+            return Err(Error::input(
+                "--per-query and --out name the same file; choose two paths",
+            ));
+        }
+        // One manifest describes metrics.json and its per-query table, by name in its folder.
+        if !crate::io::same_folder(pq, &req.out) {
+            return Err(Error::input(format!(
+                "--per-query {}: must be in the folder of --out ({}): the table is part of the output set that {}'s manifest describes",
+                pq.display(),
+                crate::io::parent_dir(&req.out).display(),
+                req.out.display()
+            )));
+        }
     }
 
     // The neighbours' metadata first: it names the split and the dataset it was made from.
@@ -184,7 +195,8 @@ pub fn compute(req: &ScoreRequest) -> Result<Computed> {
                 gpath,
             )?;
             let gds = Dataset::read(gpath)?;
-            let qg = QueryGallery::two_sided(&ds, None, &gds, None, SequenceRule::default())?;
+            let (qs, gs) = meta.two_sided_splits(&req.neighbors)?;
+            let qg = QueryGallery::two_sided(&ds, qs, &gds, gs, SequenceRule::default())?;
             (qg, Some(gds), None)
         }
     };
@@ -251,7 +263,11 @@ pub fn compute(req: &ScoreRequest) -> Result<Computed> {
         let e = req.embeddings.as_ref().expect("checked above");
         // FNMR and PCF must describe the embeddings the lists were searched in.
         crate::manifest::check_upstream(&req.neighbors, "embeddings", e)?;
-        let q = Embeddings::open(e, &ds, split)?;
+        let (qs, gs) = match &gds {
+            None => (split, None),
+            Some(_) => meta.two_sided_splits(&req.neighbors)?,
+        };
+        let q = Embeddings::open(e, &ds, qs)?;
         let g = match &gds {
             None => None,
             Some(gds) => {
@@ -261,7 +277,7 @@ pub fn compute(req: &ScoreRequest) -> Result<Computed> {
                     ));
                 };
                 crate::manifest::check_upstream(&req.neighbors, "gallery_embeddings", ge)?;
-                Some(Embeddings::open(ge, gds, None)?)
+                Some(Embeddings::open(ge, gds, gs)?)
             }
         };
         Some((q, g))
@@ -309,6 +325,30 @@ pub fn compute(req: &ScoreRequest) -> Result<Computed> {
     // A query with candidates but no row in the file: the file may have been cut or filtered
     // (or a threshold left the list empty); it is scored as an empty list, and said so.
     let candidates = qg.candidate_counts();
+    // A list shorter than min(k, its candidates) was cut after the search (by hand or by
+    // another program): precision and the like would be scored over the wrong depth. Only
+    // OML's thresholding shortens lists on purpose.
+    let thresholded =
+        meta.extra.get("simile.rerank.method").map(String::as_str) == Some("threshold");
+    let short: Vec<usize> = (0..qg.queries.len())
+        .filter(|&q| {
+            let n = scan.n_retrieved[q];
+            n > 0 && n < meta.k.min(candidates[q])
+        })
+        .collect();
+    if !thresholded && !short.is_empty() {
+        let q = short[0];
+        return Err(Error::input(format!(
+            "{}: {} of {} queries have lists shorter than min(k = {}, their candidates after exclusions), e.g. query id {} has {} rows where {} were searched for; the file was cut after the search. Re-run simile-distance (or simile-rerank) to get whole lists",
+            req.neighbors.display(),
+            short.len(),
+            qg.queries.len(),
+            meta.k,
+            qg.queries.ids[q],
+            scan.n_retrieved[q],
+            meta.k.min(candidates[q])
+        )));
+    }
     let missing: Vec<i64> = (0..qg.queries.len())
         .filter(|&q| scan.n_retrieved[q] == 0 && candidates[q] > 0)
         .map(|q| qg.queries.ids[q])

@@ -37,6 +37,11 @@ pub struct ArchSpec {
     pub width: Option<i64>,
 }
 
+/// The widest layer a config, `model.json` or flag may ask for (projections, MLP heads).
+pub const MAX_WIDTH: i64 = 65536;
+/// smallcnn's first-block width (doubled three times).
+pub const MAX_SMALLCNN_WIDTH: i64 = 4096;
+
 pub const ARCHS: &[&str] = &[
     "smallcnn",
     "resnet18",
@@ -58,6 +63,28 @@ impl ArchSpec {
         }
     }
 
+    /// Refuses widths no network can be built with (negative, zero, or past what memory could
+    /// hold): libtorch would fail inside tch's panicking variable constructor.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(w) = self.width.filter(|w| !(1..=MAX_SMALLCNN_WIDTH).contains(w)) {
+            return Err(Error::input(format!(
+                "architecture width {w}: must be 1 to {MAX_SMALLCNN_WIDTH}"
+            )));
+        }
+        if let Some(d) = self.proj_dim.filter(|d| !(1..=MAX_WIDTH).contains(d)) {
+            return Err(Error::input(format!(
+                "projection dimension {d}: must be 1 to {MAX_WIDTH}"
+            )));
+        }
+        if !(self.gem_p.is_finite() && self.gem_p > 0.0) {
+            return Err(Error::input(format!(
+                "gem_p {}: must be a positive number",
+                self.gem_p
+            )));
+        }
+        self.feature_dim().map(|_| ())
+    }
+
     /// Width of the backbone's features (before any projection).
     pub fn feature_dim(&self) -> Result<i64> {
         Ok(match self.name.as_str() {
@@ -73,6 +100,32 @@ impl ArchSpec {
     /// Width of the embeddings this architecture outputs.
     pub fn embedding_dim(&self) -> Result<i64> {
         Ok(self.proj_dim.unwrap_or(self.feature_dim()?))
+    }
+
+    /// The smallest input side (pixels) the architecture takes: smallcnn's three 2 x 2 max
+    /// pools need 8; the ResNets and EfficientNet reduce by 32 (below it the last stage sees
+    /// less than one pixel per stride); a ViT needs one patch.
+    pub fn min_size(&self) -> Result<u32> {
+        Ok(match self.name.as_str() {
+            "smallcnn" => 8,
+            "resnet18" | "resnet34" | "resnet50" | "efficientnet-lite0" => 32,
+            "vits16" => 16,
+            "vits14" => 14,
+            other => return Err(unknown_arch(other)),
+        })
+    }
+
+    /// Refuses an input side below [`min_size`](Self::min_size) (`what` names the setting in
+    /// the message: a config key, a flag, a model.json field).
+    pub fn check_size(&self, size: u32, what: &str) -> Result<()> {
+        let min = self.min_size()?;
+        if size < min {
+            return Err(Error::input(format!(
+                "{what}: {size} is below {}'s smallest input, {min} px; use {min} or more",
+                self.name
+            )));
+        }
+        Ok(())
     }
 
     /// A parameter every checkpoint of this architecture has, used to find and strip the
@@ -149,6 +202,14 @@ impl Net {
 
     /// Backbone features after pooling and projection, before normalisation: `[B, dim]`
     /// (what a classification head sits on).
+    /// Width of the backbone's features (the projection's input, or the embedding).
+    pub fn feature_dim(&self) -> i64 {
+        self.proj
+            .as_ref()
+            .and_then(|p| p.ws.size().get(1).copied())
+            .unwrap_or(self.dim)
+    }
+
     pub fn features_t(&self, xs: &Tensor, train: bool) -> Tensor {
         let f = match &self.body {
             Body::SmallCnn(b) => self.pooled(&b.forward_t(xs, train)),

@@ -81,11 +81,17 @@ struct Item {
     bbox: Option<[i32; 4]>,
 }
 
+/// The largest `--batch-size` (buffers of two batches are allocated up front).
+pub const MAX_BATCH: usize = 65536;
+
 /// Runs the stage; `on_device` is called with the chosen device's description first.
 pub fn run(opts: &EmbedOptions, on_device: impl FnOnce(&str)) -> Result<EmbedSummary> {
     let t0 = Instant::now();
-    if opts.batch_size == 0 {
-        return Err(Error::input("--batch-size must be at least 1"));
+    if opts.batch_size == 0 || opts.batch_size > MAX_BATCH {
+        return Err(Error::input(format!(
+            "--batch-size {}: expected 1 to {MAX_BATCH}",
+            opts.batch_size
+        )));
     }
     let (items, start, end) = list_items(opts)?;
 
@@ -480,7 +486,13 @@ pub fn classify_files(model: &Model, files: &[PathBuf], k: i64) -> Result<Vec<Ve
         .collect::<Result<_>>()?;
     let refs: Vec<&[u8]> = imgs.iter().map(|v| v.as_slice()).collect();
     let probs = model.classify(&image::batch_tensor(&refs, pre))?;
-    let (v, ix) = probs.topk(k, -1, true, true);
+    let classes = probs.size().last().copied().unwrap_or(0);
+    if !(1..=classes).contains(&k) {
+        return Err(Error::input(format!(
+            "--top {k}: the head has {classes} classes; give 1 to {classes}"
+        )));
+    }
+    let (v, ix) = probs.f_topk(k, -1, true, true)?;
     let mut out = Vec::new();
     for i in 0..files.len() as i64 {
         let vv: Vec<f32> = Vec::try_from(v.get(i)).map_err(Error::from)?;

@@ -145,6 +145,7 @@ pub fn import_state_dict(
     mut spec: ModelSpec,
     out: &Path,
 ) -> Result<ImportReport> {
+    crate::io::create_folder(out, "--out")?;
     crate::manifest::refuse_overlap(
         &[("checkpoint", checkpoint)],
         &[&out.join(&spec.weights), &out.join(super::MODEL_JSON)],
@@ -179,6 +180,7 @@ pub fn import_torchscript(
     out: &Path,
 ) -> Result<ModelSpec> {
     input.validate()?;
+    crate::io::create_folder(out, "--out")?;
     let m = tch::CModule::load(file).map_err(|e| {
         Error::input(format!(
             "{}: not a loadable TorchScript file: {e}",
@@ -205,7 +207,7 @@ pub fn import_torchscript(
         &[("TorchScript file", file)],
         &[&out.join(TORCHSCRIPT), &out.join(super::MODEL_JSON)],
     )?;
-    std::fs::create_dir_all(out).at(out)?;
+    crate::io::create_folder(out, "--out")?;
     let bytes = std::fs::read(file).at(file)?;
     let weights = crate::io::seal_bytes(out.join(TORCHSCRIPT), &bytes)?;
     let fp = crate::io::Fingerprint::of(file)?;

@@ -105,6 +105,30 @@ impl ModelSpec {
         spec.input
             .validate()
             .map_err(|e| Error::input(format!("{}: input: {e}", p.display())))?;
+        if spec.is_torchscript() {
+            if !(1..=arch::MAX_WIDTH).contains(&spec.embedding_dim) {
+                return Err(Error::input(format!(
+                    "{}: embedding_dim {} must be 1 to {}",
+                    p.display(),
+                    spec.embedding_dim,
+                    arch::MAX_WIDTH
+                )));
+            }
+        } else {
+            spec.architecture
+                .validate()
+                .map_err(|e| Error::input(format!("{}: architecture: {e}", p.display())))?;
+            spec.architecture
+                .check_size(spec.input.size, &format!("{}: input.size", p.display()))?;
+            let dim = spec.architecture.embedding_dim()?;
+            if spec.kind == ModelKind::Extractor && spec.embedding_dim != dim {
+                return Err(Error::input(format!(
+                    "{}: embedding_dim {} does not match the architecture's {dim}",
+                    p.display(),
+                    spec.embedding_dim
+                )));
+            }
+        }
         // A folder written by a stage is one set: model.json and the weights of one run.
         crate::manifest::verify(&dir.join(&spec.weights))?;
         Ok(spec)
@@ -376,13 +400,23 @@ impl Model {
                 .ok_or_else(|| Error::input(format!("{}: no tensor '{n}'", hp.display())))
         };
         let (w, b) = (get("weight")?, get("bias")?);
+        let feat = net.feature_dim();
+        if w.size().len() != 2 || w.size()[1] != feat || b.size() != [w.size()[0]] {
+            return Err(Error::input(format!(
+                "{}: head weight {:?} and bias {:?} do not fit {feat}-d features (expected [classes, {feat}] and [classes])",
+                hp.display(),
+                w.size(),
+                b.size()
+            )));
+        }
         let x = batch.to_device(self.device);
-        let p = tch::no_grad(|| {
-            net.features_t(&x.to_kind(self.compute.kind()), false)
-                .to_kind(Kind::Float)
-                .linear(&w.to_kind(Kind::Float), Some(&b.to_kind(Kind::Float)))
-                .softmax(-1, Kind::Float)
-        });
+        let p = tch::no_grad(|| -> Result<Tensor> {
+            Ok(net
+                .features_t(&x.to_kind(self.compute.kind()), false)
+                .f_to_kind(Kind::Float)?
+                .f_linear(&w.f_to_kind(Kind::Float)?, Some(&b.f_to_kind(Kind::Float)?))?
+                .f_softmax(-1, Kind::Float)?)
+        })?;
         Ok(p.to_device(Device::Cpu))
     }
 

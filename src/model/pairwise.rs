@@ -73,9 +73,14 @@ pub struct PairwiseHead {
 
 impl PairwiseHead {
     pub fn validate(&self) -> Result<()> {
-        if let Some(w) = self.mlp_hidden.iter().find(|&&w| w <= 0) {
+        if let Some(w) = self
+            .mlp_hidden
+            .iter()
+            .find(|&&w| !(1..=crate::model::arch::MAX_WIDTH).contains(&w))
+        {
             return Err(Error::input(format!(
-                "pairwise mlp_hidden: width {w} must be at least 1"
+                "pairwise mlp_hidden: width {w} must be 1 to {}",
+                crate::model::arch::MAX_WIDTH
             )));
         }
         if !(0.0..1.0).contains(&self.dropout) {

@@ -635,8 +635,10 @@ impl TrainConfig {
             )));
         }
         let mut cfg: TrainConfig =
-            serde_path_to_error::deserialize(toml::Value::Table(table.clone()))
-                .map_err(|e| Error::input(format!("{source}: {}", explain_in(&e, &table))))?;
+            serde_path_to_error::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
+                let why = explain_in(&e, &table);
+                Error::input(format!("{}: {why}", blame(text, sets, source, &why)))
+            })?;
         if cfg.loss.is_none() && cfg.pairwise.is_none() {
             return Err(Error::input(format!(
                 "{source}: missing table [loss] (the loss an extractor trains with; or a [pairwise] table to train a re-ranker)"
@@ -674,19 +676,23 @@ impl TrainConfig {
             ));
         }
         let spec = self.model.arch_spec();
-        spec.embedding_dim()
-            .map_err(|e| Error::input(format!("config key 'model.arch': {e}")))?;
+        spec.validate()
+            .map_err(|e| Error::input(format!("config table [model]: {e}")))?;
+        spec.check_size(self.model.size, "config key 'model.size'")?;
         self.model
             .preprocess()
             .validate()
             .map_err(|e| Error::input(format!("config table [model]: {e}")))?;
         self.augment.validate()?;
+        self.sampler.check_sizes()?;
         self.optimizer.validate()?;
         self.schedule.validate()?;
-        if self.data.prefetch == 0 {
-            return Err(Error::input(
-                "config key 'data.prefetch': must be at least 1",
-            ));
+        // The prefetch channel allocates its slots up front.
+        if !(1..=64).contains(&self.data.prefetch) {
+            return Err(Error::input(format!(
+                "config key 'data.prefetch': {} must be 1 to 64",
+                self.data.prefetch
+            )));
         }
         if let Some(p) = &self.pairwise {
             self.head()
@@ -791,6 +797,30 @@ pub fn apply_set(table: &mut toml::Table, set: &str) -> Result<()> {
     Ok(())
 }
 
+/// Where a config error comes from: an `--set` when the file alone is fine (the one whose key
+/// the message names, if any), else the file.
+fn blame(text: &str, sets: &[String], source: &str, why: &str) -> String {
+    if sets.is_empty() {
+        return source.to_string();
+    }
+    let file_alone = toml::from_str::<toml::Table>(text).is_ok_and(|t| {
+        serde_path_to_error::deserialize::<_, TrainConfig>(toml::Value::Table(t)).is_ok()
+    });
+    if !file_alone {
+        return source.to_string();
+    }
+    let key = |s: &String| {
+        s.split_once('=')
+            .map_or(s.as_str(), |(k, _)| k)
+            .trim()
+            .to_string()
+    };
+    match sets.iter().find(|s| why.contains(&format!("'{}", key(s)))) {
+        Some(s) => format!("--set {s}"),
+        None => format!("--set {}", sets.join(" --set ")),
+    }
+}
+
 /// A deserialisation error as a message naming the key, and for an unknown key or name the
 /// nearest valid one.
 pub(crate) fn explain(e: &serde_path_to_error::Error<toml::de::Error>) -> String {
@@ -829,8 +859,13 @@ pub(crate) fn explain(e: &serde_path_to_error::Error<toml::de::Error>) -> String
     }
     if let Some((bad, valid)) = parse_unknown(&msg, "unknown variant") {
         let near = nearest(&bad, &valid);
-        let at = if path.is_empty() {
-            "name".to_string()
+        // The path may already end with the tag key (`loss.name`).
+        let at = if path.is_empty() || path == "name" || path.ends_with(".name") {
+            if path.is_empty() {
+                "name".to_string()
+            } else {
+                path.clone()
+            }
         } else {
             format!("{path}.name")
         };

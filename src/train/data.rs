@@ -52,6 +52,10 @@ struct CacheMeta {
     channels: usize,
     size: usize,
     dataset: String,
+    /// The content hash of the `.u8` file (`io::Fingerprint`), checked before every reuse:
+    /// a cache changed on disk would silently train a different model.
+    #[serde(default)]
+    data_hash: String,
 }
 
 /// `${SIMILE_CACHE:-${XDG_CACHE_HOME:-~/.cache}/simile}/images`.
@@ -112,7 +116,9 @@ impl ImageCache {
             }
             std::fs::create_dir_all(dir).at(dir)?;
             let channels = build(&paths, rows, ds, pre, Some(&data))?.0;
+            let data_hash = crate::io::Fingerprint::of(&data)?.hash;
             let meta = CacheMeta {
+                data_hash,
                 simile_image_cache: 1,
                 key: key.clone(),
                 rows: rows.iter().map(|&r| r as u32).collect(),
@@ -210,13 +216,20 @@ fn try_reuse(
     };
     let same_rows =
         meta.rows.len() == rows.len() && meta.rows.iter().zip(rows).all(|(a, &b)| *a as usize == b);
-    if meta.key != key || !same_rows || meta.size != size {
+    if meta.key != key || !same_rows || meta.size != size || !matches!(meta.channels, 1 | 3) {
         return Ok(None);
     }
     let f = std::fs::File::open(data).at(data)?;
     // SAFETY: as above: a complete cache file is never rewritten in place.
     let m = unsafe { Mmap::map(&f) }.at(data)?;
     if m.len() != rows.len() * meta.channels * size * size {
+        return Ok(None);
+    }
+    if crate::io::Fingerprint::of(data)?.hash != meta.data_hash {
+        eprintln!(
+            "simile-train: the image cache {} does not match its record (changed on disk); preparing the images again",
+            data.display()
+        );
         return Ok(None);
     }
     Ok(Some((m, meta.channels)))

@@ -714,6 +714,8 @@ impl Bank {
         if bs == 0
             || labels.len() % bs != 0
             || ptr >= labels.len()
+            || ptr % bs != 0
+            || features.dim() != 2
             || features.size()[0] as usize != labels.len()
         {
             return Err(bad());
@@ -767,6 +769,9 @@ pub struct TripletsWithMemory {
     bank: Option<Bank>,
 }
 
+/// The largest memory bank, in batches (the bank is allocated whole at the first batch).
+pub const MAX_BANK_BATCHES: usize = 4096;
+
 impl TripletsWithMemory {
     pub fn new(bank_size_in_batches: usize, tri_expand_k: usize) -> Result<TripletsWithMemory> {
         if tri_expand_k < 1 {
@@ -774,10 +779,10 @@ impl TripletsWithMemory {
                 "triplets_with_memory: tri_expand_k must be >= 1",
             ));
         }
-        if bank_size_in_batches < 1 {
-            return Err(Error::input(
-                "triplets_with_memory: bank_size_in_batches must be >= 1",
-            ));
+        if !(1..=MAX_BANK_BATCHES).contains(&bank_size_in_batches) {
+            return Err(Error::input(format!(
+                "config key 'loss.miner.bank_size_in_batches': {bank_size_in_batches} must be 1 to {MAX_BANK_BATCHES} (triplets_with_memory)"
+            )));
         }
         Ok(TripletsWithMemory {
             bank_size_in_batches,
@@ -939,10 +944,10 @@ impl MinerWithBank {
         miner: NHardTriplets,
         need_logs: bool,
     ) -> Result<MinerWithBank> {
-        if bank_size_in_batches < 1 {
-            return Err(Error::input(
-                "miner_with_bank: bank_size_in_batches must be >= 1",
-            ));
+        if !(1..=MAX_BANK_BATCHES).contains(&bank_size_in_batches) {
+            return Err(Error::input(format!(
+                "config key 'loss.miner.bank_size_in_batches': {bank_size_in_batches} must be 1 to {MAX_BANK_BATCHES} (miner_with_bank)"
+            )));
         }
         Ok(MinerWithBank {
             bank_size_in_batches,

@@ -91,9 +91,10 @@ impl Optimizer {
                         let _ = m.f_lerp_(&g, 1.0 - betas[0])?;
                         let _ = v.f_mul_scalar_(betas[1])?;
                         let _ = v.f_add_(&g.f_mul(&g)?.f_mul_scalar(1.0 - betas[1])?)?;
-                        let t = slot.step as i32;
-                        let bc1 = 1.0 - betas[0].powi(t);
-                        let bc2 = 1.0 - betas[1].powi(t);
+                        // In f64: the step count (from a checkpoint) may pass i32.
+                        let t = slot.step as f64;
+                        let bc1 = 1.0 - betas[0].powf(t);
+                        let bc2 = 1.0 - betas[1].powf(t);
                         let denom = v.f_sqrt()?.f_div_scalar(bc2.sqrt())?.f_add_scalar(*eps)?;
                         let _ = w.f_sub_(&m.f_div(&denom)?.f_mul_scalar(lr / bc1)?)?;
                     }

@@ -128,7 +128,8 @@ fn extractor_embeddings(
     let file = dir.map(|d| d.join(format!("emb-{key:016x}.npy")));
     if let Some(f) = file.as_ref().filter(|f| f.is_file()) {
         if let Ok(n) = Npy::open(f) {
-            if n.rows() == rows.len() && n.cols() == dim {
+            // A cache file of another shape or type is not ours: computed again.
+            if n.expect_matrix().is_ok() && n.rows() == rows.len() && n.cols() == dim {
                 let mut v = Vec::new();
                 n.read_rows_f32(0, rows.len(), &mut v);
                 return Ok((v, true));
@@ -316,7 +317,8 @@ impl Plan for PairwisePlan {
         self.val_rows.clone()
     }
 
-    fn manifest(&self, m: &mut ManifestBuilder) -> Result<()> {
+    fn manifest(&self, m: &mut ManifestBuilder, out: &Path) -> Result<()> {
+        trainer::refuse_same_folder("pairwise.extractor", &self.ext.dir, out)?;
         m.param("mode", "pairwise".into());
         m.input("extractor", &self.ext.dir.join(model::MODEL_JSON))?;
         m.input("extractor_weights", &self.ext.weights_path())?;

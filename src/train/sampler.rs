@@ -211,6 +211,58 @@ pub enum SamplerConfig {
     },
 }
 
+/// The largest batch and epoch a sampler builds (their buffers are allocated up front).
+pub const MAX_BATCH: usize = 1 << 20;
+pub const MAX_EPOCH_BATCHES: usize = 1 << 24;
+
+impl SamplerConfig {
+    /// Refuses sizes whose product overflows or passes [`MAX_BATCH`] / [`MAX_EPOCH_BATCHES`],
+    /// naming the keys (the lower bounds are each sampler's own checks).
+    pub fn check_sizes(&self) -> Result<()> {
+        let (keys, factors): (&str, Vec<usize>) = match self {
+            SamplerConfig::Balance {
+                n_labels,
+                n_instances,
+            } => ("n_labels x n_instances", vec![*n_labels, *n_instances]),
+            SamplerConfig::CategoryBalance {
+                n_categories,
+                n_labels,
+                n_instances,
+                ..
+            }
+            | SamplerConfig::DistinctCategoryBalance {
+                n_categories,
+                n_labels,
+                n_instances,
+                ..
+            } => (
+                "n_categories x n_labels x n_instances",
+                vec![*n_categories, *n_labels, *n_instances],
+            ),
+            SamplerConfig::Shuffle { batch_size, .. } => ("batch_size", vec![*batch_size]),
+        };
+        let batch = factors.iter().try_fold(1usize, |a, &f| a.checked_mul(f));
+        if batch.is_none_or(|b| b > MAX_BATCH) {
+            return Err(Error::input(format!(
+                "config table [sampler]: the batch ({keys} = {}) is larger than {MAX_BATCH}",
+                factors
+                    .iter()
+                    .map(|f| f.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" x ")
+            )));
+        }
+        if let SamplerConfig::DistinctCategoryBalance { epoch_size, .. } = self {
+            if *epoch_size > MAX_EPOCH_BATCHES {
+                return Err(Error::input(format!(
+                    "config key 'sampler.epoch_size': {epoch_size} is larger than {MAX_EPOCH_BATCHES}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn yes() -> bool {
     true
 }

@@ -28,7 +28,7 @@ impl EventWriter {
     /// (`events.out.tfevents.<seconds>.<host>.<pid>.simile`), which TensorBoard lists in time
     /// order; writes the file-version event and `SessionLog START` at `first_step`.
     pub fn create(dir: &Path, first_step: i64) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        crate::io::create_folder(dir, "--tensorboard")?;
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_default();

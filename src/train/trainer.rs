@@ -141,6 +141,13 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
             "--compute fp16 is not supported for training; use fp32 or bf16",
         ));
     }
+    if let Some(f) = opts.out.ancestors().find(|a| a.is_file()) {
+        return Err(Error::input(format!(
+            "--out {}: {} is a file; simile-train writes a model folder there",
+            opts.out.display(),
+            f.display()
+        )));
+    }
     let ckpt_root = opts.out.join("checkpoints");
     let last_dir = checkpoint::find(&ckpt_root, "last");
     if opts.resume && last_dir.is_none() {
@@ -181,12 +188,13 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
     let cfg_json = cfg.to_json();
     let mut finish = manifest_plan(
         opts,
+        &cfg,
         &cfg_json,
         &device::describe(dev),
         &images_fp,
         &cache_rows,
     )?;
-    plan.manifest(&mut finish)?;
+    plan.manifest(&mut finish, &opts.out)?;
     let last_dir = if opts.resume {
         finish.lock(&opts.out.join(model::WEIGHTS))?;
         last_dir
@@ -264,21 +272,50 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
     if let Some(dir) = &last_dir {
         let ck = checkpoint::load(dir)?;
         let st = &ck.state;
-        let strip = |v: &serde_json::Value| {
-            let mut v = v.clone();
-            if let Some(o) = v.as_object_mut() {
-                o.remove("epochs");
-            }
-            v
-        };
-        let saved = strip(st.get("config").unwrap_or(&serde_json::Value::Null));
-        let now = strip(&cfg_json);
+        let saved_cfg = st.get("config").unwrap_or(&serde_json::Value::Null);
+        let saved = strip_resumable(saved_cfg);
+        let now = strip_resumable(&cfg_json);
         if saved != now {
             return Err(Error::input(format!(
-                "--resume: {} was written with another config (only `epochs` may change); differing keys: {}",
+                "--resume: {} was written with another config (only {} may change); differing keys: {}",
                 dir.display(),
+                RESUMABLE_KEYS.join(", "),
                 diff_keys(&saved, &now, "").join(", ")
             )));
+        }
+        // Changed learning rates (after a diverging loss): said here, recorded in the
+        // manifest; the log's lr columns show them from this step on.
+        if let Some(saved_fp) = st.pointer("/dataset/fingerprint") {
+            let same = serde_json::from_value::<Fingerprint>(saved_fp.clone())
+                .is_ok_and(|f| f.same_content(&ds_fp));
+            if !same {
+                return Err(Error::input(format!(
+                    "--resume: {} was written while training on {} ({} bytes); --dataset {} is another file ({} bytes, other contents). Resume with the dataset the run started with, or start over with --force",
+                    dir.display(),
+                    st.pointer("/dataset/path").and_then(|v| v.as_str()).unwrap_or("another dataset"),
+                    saved_fp.get("size").and_then(|v| v.as_u64()).unwrap_or(0),
+                    opts.dataset.display(),
+                    ds_fp.size
+                )));
+            }
+        }
+        let at_step = st.get("step").and_then(|v| v.as_u64()).unwrap_or(0);
+        let mut changes = serde_json::Map::new();
+        for k in diff_keys(saved_cfg, &cfg_json, "") {
+            let at = |v: &serde_json::Value| {
+                v.pointer(&format!("/{}", k.replace('.', "/")))
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            let (from, to) = (at(saved_cfg), at(&cfg_json));
+            eprintln!("simile-train: resuming at step {at_step} with {k} = {to} (was {from})");
+            changes.insert(
+                k,
+                serde_json::json!({"from": from, "to": to, "at_step": at_step}),
+            );
+        }
+        if !changes.is_empty() {
+            finish.note("resume_changes", changes.into());
         }
         let compute = st.get("compute").and_then(|v| v.as_str()).unwrap_or("fp32");
         if compute != opts.compute.to_string() {
@@ -331,7 +368,7 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         opts.log_every,
         opts.tensorboard.as_deref(),
         cfg.epochs,
-        cfg.epochs * steps_per_epoch,
+        cfg.epochs.saturating_mul(steps_per_epoch),
         prog.step,
     )?;
     let outcome = {
@@ -410,8 +447,9 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
 pub(crate) trait Plan {
     /// Dataset rows validation reads (their images are cached with the train rows').
     fn validation_rows(&self) -> Vec<usize>;
-    /// The task's own parameters and inputs of the finished run's manifest.
-    fn manifest(&self, _m: &mut ManifestBuilder) -> Result<()> {
+    /// The task's own parameters and inputs of the finished run's manifest (`out`: the
+    /// model folder the run writes).
+    fn manifest(&self, _m: &mut ManifestBuilder, _out: &Path) -> Result<()> {
         Ok(())
     }
     fn build<'a>(self: Box<Self>, s: &Setup<'a>) -> Result<Box<dyn Task + 'a>>;
@@ -604,9 +642,7 @@ impl Run<'_, '_> {
         let loss = loss_t.f_double_value(&[])?;
         mark("loss");
         if !loss.is_finite() {
-            let kept = checkpoint::find(self.ctx.ckpt_root, "last")
-                .map(|d| format!("the last good checkpoint, {}, is kept (resume from it with a lower learning rate: --resume --set optimizer.lr=...)", d.display()))
-                .unwrap_or_else(|| "no checkpoint had been written yet".into());
+            let kept = nonfinite_advice(self.ctx.ckpt_root, step);
             // Keep the log up to here for the diagnosis.
             let mut row = step_row(epoch, step + 1, loss, &lrs, &logs, 0.0);
             row.values.push(("nonfinite".into(), Some(1.0)));
@@ -910,6 +946,7 @@ fn train_set(ds: &Dataset, cfg: &TrainConfig) -> Result<TrainSet> {
 /// is recognised.
 fn manifest_plan(
     opts: &TrainOptions,
+    cfg: &TrainConfig,
     cfg_json: &serde_json::Value,
     device: &str,
     images: &Fingerprint,
@@ -924,6 +961,16 @@ fn manifest_plan(
     let mut m = ManifestBuilder::new("train", params);
     m.input("dataset", &opts.dataset)?;
     m.input("config", &opts.config)?;
+    // The starting weights are an input like any other: a changed init model makes the run
+    // stale, and an --out that is the init folder is refused before anything is touched.
+    if let Some(init) = &cfg.model.init {
+        let dir = init_dir(init)?;
+        refuse_same_folder("model.init", &dir, &opts.out)?;
+        let spec = model::ModelSpec::read(&dir)
+            .map_err(|e| Error::input(format!("config key 'model.init': {e}")))?;
+        m.input("init", &dir.join(model::MODEL_JSON))?;
+        m.input("init_weights", &dir.join(&spec.weights))?;
+    }
     m.input_record(
         "images",
         crate::manifest::InputRecord {
@@ -978,6 +1025,58 @@ fn start_over(opts: &TrainOptions, m: &mut ManifestBuilder, has_last: bool) -> R
         }
     }
     Ok(())
+}
+
+/// What to do after a non-finite loss at step index `step` (0-based): resume from the last
+/// checkpoint with a lower rate when it is older than the weights that gave the loss; when it
+/// holds exactly those weights (written right before this step), resuming would compute the
+/// same loss again, so start over.
+fn nonfinite_advice(ckpt_root: &Path, step: usize) -> String {
+    let Some(dir) = checkpoint::find(ckpt_root, "last") else {
+        return "no checkpoint had been written yet; start over with a lower learning rate (--force --set optimizer.lr=...)".into();
+    };
+    let ck_step = std::fs::read(dir.join(checkpoint::STATE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.get("step")?.as_u64());
+    match ck_step {
+        Some(s) if s as usize == step => format!(
+            "the last checkpoint, {}, holds the weights that gave this loss (it was written after the step that diverged), so resuming from it would meet the same loss: start over with a lower learning rate (--force --set optimizer.lr=...), or checkpoint less often",
+            dir.display()
+        ),
+        _ => format!(
+            "the last good checkpoint, {} (after step {}), is kept: resume from it with a lower learning rate (--resume --set optimizer.lr=...)",
+            dir.display(),
+            ck_step.unwrap_or(0)
+        ),
+    }
+}
+
+/// The config keys `--resume` lets change: the epoch count, and the learning rates (the
+/// advice after a diverging loss is to resume from the last good checkpoint with a lower one).
+const RESUMABLE_KEYS: [&str; 5] = [
+    "epochs",
+    "optimizer.lr",
+    "optimizer.lr_backbone",
+    "optimizer.lr_head",
+    "optimizer.lr_loss",
+];
+
+/// A config without the keys `--resume` lets change.
+fn strip_resumable(v: &serde_json::Value) -> serde_json::Value {
+    let mut v = v.clone();
+    for k in RESUMABLE_KEYS {
+        let mut parts: Vec<&str> = k.split('.').collect();
+        let last = parts.pop().unwrap_or(k);
+        let mut o = Some(&mut v);
+        for p in parts {
+            o = o.and_then(|x| x.get_mut(p));
+        }
+        if let Some(obj) = o.and_then(|x| x.as_object_mut()) {
+            obj.remove(last);
+        }
+    }
+    v
 }
 
 /// Dotted keys where two JSON values differ.
@@ -1068,6 +1167,22 @@ pub(crate) fn init_dir(init: &str) -> Result<std::path::PathBuf> {
             model::zoo::KEYS.join(", ")
         )))
     }
+}
+
+/// Refuses (exit 2) an `--out` folder that is a model folder the run reads (`model.init`,
+/// `pairwise.extractor`): training would replace the model it starts from.
+pub(crate) fn refuse_same_folder(key: &str, input: &Path, out: &Path) -> Result<()> {
+    let same = match (input.canonicalize(), out.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same {
+        return Err(Error::input(format!(
+            "config key '{key}': {} is also the --out folder; training would overwrite the model it reads. Train into another folder (and rename it afterwards if you want it in place)",
+            input.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Lists the variables that kept their random initialisation after `model.init`.

@@ -20,25 +20,25 @@ const UP_TO_DATE: &str = "is up to date";
 const STALE: &str = "cannot be trusted";
 
 /// A temp folder with a small striped image dataset; stages run with their caches inside it.
-struct Fx {
-    dir: tempfile::TempDir,
-    ds: PathBuf,
+pub(crate) struct Fx {
+    pub dir: tempfile::TempDir,
+    pub ds: PathBuf,
 }
 
-fn fx() -> Fx {
+pub(crate) fn fx() -> Fx {
     let dir = tempfile::tempdir().unwrap();
     let ds = common::striped_dataset(dir.path(), 4, 4, 5, false, 7);
     Fx { dir, ds }
 }
 
 impl Fx {
-    fn p(&self, name: &str) -> PathBuf {
+    pub fn p(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
     /// Runs a stage with the zoo and image caches in the folder, and `fault` (if any) as
     /// `SIMILE_TEST_FAULT`.
-    fn run(&self, bin: &str, args: &[&str], fault: Option<&str>) -> Run {
+    pub fn run(&self, bin: &str, args: &[&str], fault: Option<&str>) -> Run {
         let cache = self.p("cache");
         let mut env: Vec<(&str, &OsStr)> = vec![("SIMILE_CACHE", cache.as_os_str())];
         if let Some(f) = fault {
@@ -47,13 +47,13 @@ impl Fx {
         run_with(bin, args, &env)
     }
 
-    fn ok(&self, bin: &str, args: &[&str]) -> Run {
+    pub fn ok(&self, bin: &str, args: &[&str]) -> Run {
         let r = self.run(bin, args, None);
         assert_eq!(r.code, 0, "{bin} {args:?}: {}", r.stderr);
         r
     }
 
-    fn embed(&self, out: &Path, split: &str, fault: Option<&str>) -> Run {
+    pub fn embed(&self, out: &Path, split: &str, fault: Option<&str>) -> Run {
         self.run(
             EMBED,
             &[
@@ -72,7 +72,7 @@ impl Fx {
         )
     }
 
-    fn distance(&self, emb: &Path, out: &Path, k: &str, fault: Option<&str>) -> Run {
+    pub fn distance(&self, emb: &Path, out: &Path, k: &str, fault: Option<&str>) -> Run {
         self.run(
             DISTANCE,
             &[
@@ -101,7 +101,7 @@ impl Fx {
     }
 }
 
-fn s(p: &Path) -> &str {
+pub(crate) fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
@@ -518,7 +518,12 @@ fn content_changes_are_seen_by_the_up_to_date_check() {
     assert!(!d.stderr.contains(UP_TO_DATE), "{}", d.stderr);
 }
 
-fn train_args<'a>(f: &'a Fx, out: &'a str, cfg: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+pub(crate) fn train_args<'a>(
+    f: &'a Fx,
+    out: &'a str,
+    cfg: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
     let mut v = vec![
         "--dataset",
         s(&f.ds),

@@ -8,6 +8,7 @@ mod embed;
 mod integrity;
 mod pairwise;
 mod prepare;
+mod reliability;
 mod report;
 mod rerank;
 mod score;

@@ -108,7 +108,8 @@ impl Fx {
     }
 
     /// A neighbours file with every kind of list: a hit at rank 1, at rank 2, none. Its k is
-    /// the gallery size (so @5 metrics are allowed); the lists hold 3 rows each.
+    /// the gallery size (so @5 metrics are allowed); the lists hold 3 rows each, as OML's
+    /// thresholding leaves them (recorded as such: score refuses lists cut otherwise).
     fn neighbors(&self) -> PathBuf {
         let lists: [(i64, [(i64, f32); 3]); 6] = [
             (0, [(1, 0.1), (2, 0.5), (3, 0.9)]),
@@ -128,6 +129,9 @@ impl Fx {
             n_gallery: 6,
             exclusions: "self,sequence".into(),
             complete: true,
+            extra: [("simile.rerank.method".to_string(), "threshold".to_string())]
+                .into_iter()
+                .collect(),
             ..Default::default()
         };
         let lists: Vec<(i64, Vec<(i64, f32)>)> =

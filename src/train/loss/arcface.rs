@@ -202,9 +202,13 @@ impl ArcFaceWithMlp {
         class_categories: Option<&[String]>,
         reduction: Reduction,
     ) -> Result<ArcFaceWithMlp> {
-        if mlp_features.is_empty() || mlp_features.iter().any(|&f| f < 1) {
+        if mlp_features.is_empty()
+            || mlp_features
+                .iter()
+                .any(|f| !(1..=crate::model::arch::MAX_WIDTH).contains(f))
+        {
             return Err(Error::input(format!(
-                "mlp_arcface: mlp_features must be a non-empty list of sizes >= 1, got {mlp_features:?}"
+                "mlp_arcface: mlp_features must be a non-empty list of sizes 1 to 65536, got {mlp_features:?}"
             )));
         }
         let mlp = path / "mlp";
