@@ -8,7 +8,9 @@
 # stage 2 keeps the binaries and torch's shared libraries, at the same path, since the
 # binaries carry an rpath to them.
 FROM rust:1.89-bookworm AS build
+# libgloo-dev: the gloo headers build.rs compiles cpp/ against (build stage only).
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
+        libgloo-dev \
     && rm -rf /var/lib/apt/lists/*
 ENV SIMILE_CACHE=/opt/simile-cache
 WORKDIR /src

@@ -11,8 +11,10 @@ $(error installing torch==2.13.0 failed; see the messages above)
 endif
 export PATH := $(TORCH_VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
-# Debian packages the demo and the tests need (chromium: tests/it/report.rs renders the report).
-APT_PACKAGES := fonts-aenigma chromium
+# Debian packages the build, the demo and the tests need (libgloo-dev: the gloo headers that
+# cpp/, simile's C++ shim over libtorch's c10d, compiles against; chromium: tests/it/report.rs
+# renders the report). scripts/env.sh installs libgloo-dev too, for plain cargo builds.
+APT_PACKAGES := libgloo-dev fonts-aenigma chromium
 
 .PHONY: help build test cluster-test demo bench deps fmt clean large-gallery large-gallery-smoke
 
@@ -26,7 +28,7 @@ help:
 deps:
 	@scripts/bootstrap-apt.sh $(APT_PACKAGES)
 
-build:
+build: deps
 	cargo build --release --bins
 
 test: deps

@@ -12,7 +12,8 @@ const DEVICE_BINS: [&str; 4] = [
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
+    let torch_lib = std::env::var("DEP_TCH_LIBTORCH_LIB").ok();
+    if let Some(lib) = &torch_lib {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
         for bin in DEVICE_BINS {
             println!("cargo:rustc-link-arg-bin={bin}=-Wl,--no-as-needed");
@@ -25,6 +26,7 @@ fn main() {
         println!("cargo:rustc-link-arg-tests=-ltorch");
         println!("cargo:rustc-env=SIMILE_LIBTORCH_LIB={lib}");
     }
+    build_shim(torch_lib.as_deref());
     // The commit recorded in manifests; empty outside a git checkout.
     let commit = std::process::Command::new("git")
         .args(["rev-parse", "--short=12", "HEAD"])
@@ -41,4 +43,56 @@ fn main() {
             println!("cargo:rerun-if-changed={p}");
         }
     }
+}
+
+/// Where Debian's libgloo-dev puts the gloo headers (the torch wheel has none, and
+/// ProcessGroupGloo.hpp includes them). Both folders are on the compiler's default include path,
+/// so only their presence is checked: adding `-I/usr/include` would break libstdc++'s
+/// `#include_next`.
+const GLOO_HEADER_DIRS: [&str; 2] = ["/usr/include", "/usr/local/include"];
+
+/// Compiles `cpp/` (the C++ shim over libtorch's c10d and autocast, used only by
+/// `src/torch_ext/`) into a static library linked into simile, against torch's own headers.
+fn build_shim(torch_lib: Option<&str>) {
+    println!("cargo:rerun-if-changed=cpp");
+    let Some(lib) = torch_lib else {
+        panic!(
+            "simile: torch-sys gave no libtorch lib folder (DEP_TCH_LIBTORCH_LIB); \
+             build with the torch wheel (`. scripts/env.sh`, or through make)"
+        );
+    };
+    let Some(gloo) = GLOO_HEADER_DIRS
+        .iter()
+        .map(|d| std::path::Path::new(d).join("gloo/algorithm.h"))
+        .find(|h| h.exists())
+    else {
+        panic!(
+            "simile needs the gloo headers: install Debian's libgloo-dev (`make deps` does); \
+             looked for gloo/algorithm.h in {}",
+            GLOO_HEADER_DIRS.join(", ")
+        );
+    };
+    println!("cargo:rerun-if-changed={}", gloo.display());
+    let include = std::path::Path::new(lib).join("../include");
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .file("cpp/simile_ext.cpp")
+        .include("cpp")
+        // Torch's headers as system headers: their warnings are not ours.
+        .flag("-isystem")
+        .flag(include.display().to_string())
+        .flag("-isystem")
+        .flag(include.join("torch/csrc/api/include").display().to_string())
+        // As libtorch 2.13.0 was built (share/cmake/Caffe2/Caffe2Targets.cmake, TorchConfig.cmake).
+        .flag("-std=c++20")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .define("USE_DISTRIBUTED", None)
+        .define("USE_C10D_GLOO", None)
+        .compile("simile_ext");
+    // The shim calls into libtorch_cpu and c10 (torch-sys links them too; named here so the
+    // shim does not depend on that).
+    println!("cargo:rustc-link-search=native={lib}");
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
 }

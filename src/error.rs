@@ -26,6 +26,12 @@ pub enum Error {
     /// Something simile did wrong: a bug or an environment failure.
     #[error("internal error: {0}")]
     Internal(String),
+    /// Distributed training failed between the processes (`torch_ext`): a peer that died, never
+    /// came, or did not answer within the timeout; a collective that failed on the wire. Not
+    /// the user's input (their mistakes there, a port in use or an address that is not this
+    /// machine's, are `Input`), so simile's: exit 1, and re-running may well succeed.
+    #[error("distributed: {0}")]
+    Distributed(String),
     #[error(transparent)]
     Torch(#[from] tch::TchError),
     /// Not a failure: the stage's output is already up to date, nothing was done (raised only
@@ -43,7 +49,7 @@ impl Error {
             | Error::Io { .. }
             | Error::Format { .. }
             | Error::Device(_) => 2,
-            Error::Internal(_) | Error::Torch(_) => 1,
+            Error::Internal(_) | Error::Distributed(_) | Error::Torch(_) => 1,
             Error::UpToDate(_) => 0,
         }
     }

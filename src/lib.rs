@@ -22,4 +22,5 @@ pub mod rerank;
 pub mod retrieval;
 pub mod shard;
 pub mod table;
+pub mod torch_ext;
 pub mod train;

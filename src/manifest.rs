@@ -642,7 +642,9 @@ impl ManifestBuilder {
 /// `SIMILE_TEST_FAULT=kill-after:<point>` the process kills itself (SIGKILL, as a crash or an
 /// OOM kill would) at that point of every commit; with `sleep-at:<point>:<ms>` it pauses there.
 /// Points: `before-commit`, `manifest`, `companion` (after each), `output`.
-fn fault(point: &str) {
+/// Test hook (`SIMILE_TEST_FAULT`): `kill-after:<point>` kills this process at `point`,
+/// `sleep-at:<point>:<ms>` pauses there.
+pub(crate) fn fault(point: &str) {
     let Some(spec) = std::env::var_os("SIMILE_TEST_FAULT") else {
         return;
     };

@@ -17,12 +17,18 @@ use std::path::PathBuf;
   simile-train --dataset d.parquet --config c.toml --out m --resume      # after a kill
   simile-train --dataset d.parquet --config c.toml --out m --compute bf16
   simile-train --dataset d.parquet --config c.toml --out m --log-every 100 --tensorboard runs/m
+  simile-train --dataset d.parquet --config c.toml --out m --nproc 2     # 2 data-parallel ranks
+  RANK=1 WORLD_SIZE=4 MASTER_ADDR=node0 MASTER_PORT=29500 simile-train ...   # one rank of a job
 
 Writes into OUT: model.json + model.safetensors (the best weights by metric_for_checkpointing),
 config.toml (the resolved config), train_log.parquet (one row per step), val_metrics.parquet (one
 row per validation), checkpoints/last and checkpoints/best, and a manifest. Decoded images are
 cached once per dataset and input size in ${SIMILE_CACHE:-~/.cache/simile}/images (--cache-dir).
-Training runs on one device (no multi-GPU). Exit codes: 0 ok, 2 bad input, 1 internal failure."
+Data-parallel training: --nproc N starts N ranks here (as torchrun --nproc-per-node N); with
+torchrun's RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set (torchrun, a Kubernetes PyTorchJob,
+Slurm's srun), this process is one rank of a job: Gloo on the CPU (docs/training.md, 'Several
+processes and machines'). Rank 0 writes the outputs. Exit codes: 0 ok, 2 bad input, 1 internal
+failure (a rank that died or stopped answering included)."
 )]
 struct Cli {
     /// The dataset (`dataset.parquet` from simile-prepare): trains on split 'train',
@@ -62,6 +68,12 @@ struct Cli {
     /// step, and the validation metrics under their names): `tensorboard --logdir DIR`.
     #[arg(long, value_name = "DIR")]
     tensorboard: Option<PathBuf>,
+    /// Start N data-parallel ranks on this machine (as torchrun --nproc-per-node N), the
+    /// --threads (default: the cores) split between them; exits with the first failing
+    /// rank's code.
+    #[arg(long, value_name = "N",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
+    nproc: Option<usize>,
     /// Testing: checkpoint after this many steps and stop (as a kill would).
     #[arg(long, hide = true)]
     stop_after_steps: Option<usize>,
@@ -72,6 +84,34 @@ fn main() {
     simile::device::reexec_with_passive_openmp();
     simile::cli::run(|| {
         let c = simile::cli::parse::<Cli>();
+        let launch = simile::train::distributed::Launch::from_env()?;
+        if let (Some(n), None) = (c.nproc.filter(|&n| n > 1), &launch) {
+            let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+            let timeout = simile::train::distributed::Launch::timeout_from_env()?;
+            let ended = simile::train::launch::run_local(
+                n,
+                &simile::train::launch::rank_args(&args),
+                c.dev.threads,
+                timeout,
+            )?;
+            if let Some(e) = ended {
+                let how = match e.signal {
+                    Some(s) => format!("was killed by signal {s}"),
+                    None => format!("exited with code {}", e.code),
+                };
+                eprintln!("simile-train: rank {} {how}; the job failed", e.rank);
+                std::process::exit(e.code);
+            }
+            return Ok(());
+        }
+        if let (Some(n), Some(l)) = (c.nproc, &launch) {
+            if n != l.world_size {
+                return Err(simile::cli::user_error(format!(
+                    "--nproc {n} inside a job of WORLD_SIZE={}: a rank started by a launcher takes no --nproc",
+                    l.world_size
+                )));
+            }
+        }
         c.dev.start(true);
         simile::manifest::reuse_up_to_date(!c.force);
         let opts = TrainOptions {
@@ -87,8 +127,20 @@ fn main() {
             force: c.force,
             log_every: c.log_every,
             tensorboard: c.tensorboard,
+            launch: launch.filter(|l| l.world_size > 1),
         };
-        let s = train::run(&opts, |d| eprintln!("simile-train: device {d}"))?;
+        let rank = opts.launch.as_ref().map(|l| l.rank);
+        let s = train::run(&opts, |d| match rank {
+            Some(r) if r > 0 => {}
+            Some(_) => eprintln!(
+                "simile-train: device {d}, {} data-parallel ranks",
+                opts.launch.as_ref().map_or(1, |l| l.world_size)
+            ),
+            None => eprintln!("simile-train: device {d}"),
+        })?;
+        if rank.is_some_and(|r| r > 0) {
+            return Ok(());
+        }
         if s.stopped {
             println!(
                 "simile-train: stopped after step {} (checkpoint in {})",

@@ -492,6 +492,7 @@ pub fn batch(
     rows: &[usize],
     pre: &Preprocess,
     aug: Option<(&AugmentConfig, u64, usize)>,
+    first: usize,
 ) -> Vec<f32> {
     let n3 = 3 * cache.size * cache.size;
     let lut = luts(pre);
@@ -501,7 +502,9 @@ pub fn batch(
         .enumerate()
         .for_each(|(i, (out, &r))| match aug {
             Some((a, seed, step)) if !a.is_off() => {
-                let mut g = image_rng(seed, step, i);
+                // Seeded by the position in the whole batch (`first`: a rank's share's start),
+                // so a data-parallel run augments as one process would.
+                let mut g = image_rng(seed, step, first + i);
                 render(cache, r, pre, &lut, Some((a, &mut g)), out)
             }
             _ => render(cache, r, pre, &lut, None, out),
@@ -530,7 +533,7 @@ mod tests {
     fn plain_render_matches_batch_tensor() {
         let c = fake(4, 3);
         let pre = Preprocess::imagenet(4, image::ResizeMode::Pad);
-        let got = batch(&c, &[1], &pre, None);
+        let got = batch(&c, &[1], &pre, None, 0);
         let want = image::batch_tensor(&[c.get(1)], &pre);
         let want: Vec<f32> = Vec::try_from(want.flatten(0, -1)).unwrap();
         assert_eq!(got, want);
@@ -548,9 +551,9 @@ mod tests {
             saturation: 0.3,
             ..Default::default()
         };
-        let x = batch(&c, &[0, 1], &pre, Some((&a, 7, 3)));
-        let y = batch(&c, &[0, 1], &pre, Some((&a, 7, 3)));
-        let z = batch(&c, &[0, 1], &pre, Some((&a, 7, 4)));
+        let x = batch(&c, &[0, 1], &pre, Some((&a, 7, 3)), 0);
+        let y = batch(&c, &[0, 1], &pre, Some((&a, 7, 3)), 0);
+        let z = batch(&c, &[0, 1], &pre, Some((&a, 7, 4)), 0);
         assert_eq!(x, y);
         assert_ne!(x, z);
         let lo = (0.0 - 0.485) / 0.229 - 1e-4;
@@ -566,8 +569,8 @@ mod tests {
             hflip: 1.0,
             ..Default::default()
         };
-        let plain = batch(&c, &[0], &pre, None);
-        let f = batch(&c, &[0], &pre, Some((&a, 1, 0)));
+        let plain = batch(&c, &[0], &pre, None, 0);
+        let f = batch(&c, &[0], &pre, Some((&a, 1, 0)), 0);
         for y in 0..4 {
             for x in 0..4 {
                 assert_eq!(f[y * 4 + x], plain[y * 4 + 3 - x]);

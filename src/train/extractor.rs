@@ -2,6 +2,7 @@
 //! criterion (`loss`, with its miner) on the sampler's batches; validation through the stages'
 //! search and metrics ([`validate`](super::validate)); the model folder `simile-embed` reads.
 use super::checkpoint::Checkpoint;
+use super::distributed::Dist;
 use super::loss::{Criterion, Logs};
 use super::miner::MinerState;
 use super::optim::Param;
@@ -175,7 +176,13 @@ impl Task for Extractor<'_> {
         &self.work
     }
 
-    fn loss(&mut self, x: &Tensor, batch: &[usize], step: usize) -> Result<(Tensor, Logs)> {
+    fn loss(
+        &mut self,
+        x: &Tensor,
+        batch: &[usize],
+        step: usize,
+        dist: Option<&Dist>,
+    ) -> Result<(Tensor, Logs)> {
         let x = x.f_to_kind(self.nets.compute_kind())?;
         self.nets.sync_down()?;
         let emb = self
@@ -183,10 +190,28 @@ impl Task for Extractor<'_> {
             .compute_net()
             .forward_t(&x, true)
             .f_to_kind(Kind::Float)?;
+        // The miner and the loss see the whole batch: every rank's rows, gathered (as
+        // pytorch-metric-learning's DistributedLossWrapper), this rank's with their gradient.
+        let emb = match dist {
+            Some(d) => d.gather_rows(&emb)?,
+            None => emb,
+        };
         let labels: Vec<i64> = batch.iter().map(|&p| self.s.ts.classes[p]).collect();
         let mut mrng = rng::seeded(self.s.cfg.seed, (1u64 << 32) + step as u64);
         let out = self.criterion.forward(&emb, &labels, &mut mrng)?;
         Ok((out.loss, out.logs))
+    }
+
+    fn sync_tensors(&self) -> Vec<Tensor> {
+        trainer::sorted_vars(&self.nets.vs)
+            .into_iter()
+            .chain(trainer::sorted_vars(&self.crit_vs))
+            .map(|(_, t)| t)
+            .collect()
+    }
+
+    fn buffers(&self) -> Vec<Tensor> {
+        trainer::buffers(&self.nets.vs)
     }
 
     fn after_step(&self) -> Result<()> {
@@ -198,7 +223,7 @@ impl Task for Extractor<'_> {
     }
 
     /// Validates the master weights (fp32, the weights the model folder gets).
-    fn validate(&mut self) -> Result<Scores> {
+    fn validate(&mut self, dist: Option<&Dist>) -> Result<Scores> {
         let v = self
             .validator
             .as_ref()
@@ -210,6 +235,7 @@ impl Task for Extractor<'_> {
             self.s.dev,
             Kind::Float,
             self.s.cfg.batch_size_val,
+            dist,
         )
     }
 

@@ -19,7 +19,9 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod distributed;
 pub mod extractor;
+pub mod launch;
 pub mod log;
 pub mod loss;
 pub mod miner;
@@ -62,6 +64,8 @@ pub struct TrainOptions {
     pub log_every: Option<monitor::LogEvery>,
     /// `--tensorboard DIR`: event files with the step and validation scalars.
     pub tensorboard: Option<PathBuf>,
+    /// This process's place in a data-parallel job (torchrun's environment), if any.
+    pub launch: Option<distributed::Launch>,
 }
 
 /// What a run did.

@@ -116,6 +116,11 @@ impl Monitor {
         })
     }
 
+    /// No progress bar (a data-parallel job's ranks other than 0: rank 0 shows it).
+    pub fn hide_bar(&mut self) {
+        self.pb = indicatif::ProgressBar::hidden();
+    }
+
     /// One finished training step: its log row (`epoch` 0-based, `step` counted from 1,
     /// `loss`, `lr`, ...), its batch size and the seconds it took.
     pub fn step(&mut self, row: &log::Row, images: usize, seconds: f64) -> Result<()> {

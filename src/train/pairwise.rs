@@ -37,6 +37,7 @@ use crate::npy::{self, DType, Npy};
 use crate::rerank::pairwise::{merge, MERGE_EPS};
 use crate::retrieval::{QueryGallery, SequenceRule};
 use std::collections::BTreeSet;
+use super::distributed::Dist;
 use std::path::Path;
 use std::time::Instant;
 use tch::{nn, Device, Reduction, Tensor};
@@ -156,7 +157,7 @@ fn embed_rows(
     let s = pre.size as i64;
     let pb = crate::progress::bar(rows.len() as u64, "embed");
     for chunk in rows.chunks(bs) {
-        let buf = data::batch(cache, chunk, pre, None);
+        let buf = data::batch(cache, chunk, pre, None, 0);
         let x = Tensor::f_from_slice(&buf)?.f_view([chunk.len() as i64, 3, s, s])?;
         let y = ext.embed(&x)?.f_contiguous()?;
         out.extend(Vec::<f32>::try_from(y.f_flatten(0, -1)?)?);
@@ -253,7 +254,7 @@ fn validate(
     let images = |idx: &[usize]| -> Result<Tensor> {
         let rows: Vec<usize> = idx.iter().map(|&i| items[i]).collect();
         Ok(
-            Tensor::f_from_slice(&data::batch(cache, &rows, &pre, None))?.f_view([
+            Tensor::f_from_slice(&data::batch(cache, &rows, &pre, None, 0))?.f_view([
                 rows.len() as i64,
                 3,
                 s,
@@ -452,7 +453,16 @@ impl Task for Pairwise<'_> {
         &self.work
     }
 
-    fn loss(&mut self, x: &Tensor, batch: &[usize], step: usize) -> Result<(Tensor, Logs)> {
+    fn loss(
+        &mut self,
+        x: &Tensor,
+        batch: &[usize],
+        step: usize,
+        dist: Option<&Dist>,
+    ) -> Result<(Tensor, Logs)> {
+        if dist.is_some() {
+            return Err(Error::internal("pairwise training runs in one process"));
+        }
         let (cfg, d) = (self.s.cfg, self.dim);
         let mining = cfg.pairwise.as_ref().map(|p| p.mining).unwrap_or_default();
         let labels: Vec<i64> = batch
@@ -530,7 +540,18 @@ impl Task for Pairwise<'_> {
         self.val.is_some()
     }
 
-    fn validate(&mut self) -> Result<Scores> {
+    fn sync_tensors(&self) -> Vec<Tensor> {
+        trainer::sorted_vars(&self.vs)
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect()
+    }
+
+    fn buffers(&self) -> Vec<Tensor> {
+        trainer::buffers(&self.vs)
+    }
+
+    fn validate(&mut self, _dist: Option<&Dist>) -> Result<Scores> {
         let v = self
             .val
             .as_ref()

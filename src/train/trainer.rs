@@ -10,6 +10,7 @@ use super::loss::Logs;
 use super::monitor::Monitor;
 use super::optim::{self, Optimizer, Param, Schedule};
 use super::sampler::{rng, BatchSampler};
+use super::distributed::Dist;
 use super::{extractor, pairwise, TrainOptions, TrainSummary};
 use crate::dataset::{Dataset, Split};
 use crate::device;
@@ -36,16 +37,30 @@ pub(crate) trait Task {
     /// copy, or the parameters themselves.
     fn work(&self) -> &[Tensor];
     /// The loss of one batch (`x`: its images `[B, 3, S, S]` on the device, float32; `batch`:
-    /// positions in the train set), with what the log records beside it.
-    fn loss(&mut self, x: &Tensor, batch: &[usize], step: usize) -> Result<(Tensor, Logs)>;
+    /// positions in the train set), with what the log records beside it. In a data-parallel
+    /// job (`dist`), `x` holds this rank's share of the batch (rank r: positions
+    /// `r * B/W ..`), `batch` the whole batch, and the loss is the whole batch's.
+    fn loss(
+        &mut self,
+        x: &Tensor,
+        batch: &[usize],
+        step: usize,
+        dist: Option<&Dist>,
+    ) -> Result<(Tensor, Logs)>;
+    /// Every tensor of the task's state that all ranks must hold equal (parameters and
+    /// buffers of the network and of the loss), in a fixed order.
+    fn sync_tensors(&self) -> Vec<Tensor>;
+    /// The network's buffers (BatchNorm's running statistics), in a fixed order.
+    fn buffers(&self) -> Vec<Tensor>;
     /// After the optimiser's step.
     fn after_step(&self) -> Result<()> {
         Ok(())
     }
     /// Whether the dataset has a validation split.
     fn can_validate(&self) -> bool;
-    /// Validation scores of the weights now (eval mode).
-    fn validate(&mut self) -> Result<Scores>;
+    /// Validation scores of the weights now (eval mode); in a data-parallel job every rank
+    /// embeds its share of the rows and every rank gets the scores.
+    fn validate(&mut self, dist: Option<&Dist>) -> Result<Scores>;
     /// What a checkpoint holds beyond the trainer's own state.
     fn save(&self) -> Result<TaskState>;
     fn restore(&mut self, ck: &Checkpoint) -> Result<()>;
@@ -128,6 +143,13 @@ struct Progress {
 /// Runs the stage; `on_device` gets the chosen device's description first.
 pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSummary> {
     let t0 = Instant::now();
+    // A rank of a data-parallel job joins the others first (bounded by the job's timeout).
+    let dist = match &opts.launch {
+        Some(l) if l.world_size > 1 => Some(Dist::connect(l)?),
+        _ => None,
+    };
+    let dist = dist.as_ref();
+    let main = dist.is_none_or(|d| d.is_main());
     let cfg = TrainConfig::load(&opts.config, &opts.sets)?;
     let is_pairwise = cfg.pairwise.is_some();
     if is_pairwise && opts.compute != Compute::Fp32 {
@@ -157,6 +179,7 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         )));
     }
     let ds = Dataset::read(&opts.dataset)?;
+    let ds_fp = Fingerprint::of(&opts.dataset)?;
     let ts = train_set(&ds, &cfg)?;
     let mut sampler = cfg
         .sampler
@@ -168,6 +191,29 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
             ts.rows.len(),
             ts.labels.len()
         )));
+    }
+    if let Some(d) = dist {
+        if is_pairwise {
+            return Err(Error::input(
+                "a [pairwise] config trains in one process: data-parallel training (several ranks) is for extractors",
+            ));
+        }
+        d.agree(&[
+            ("simile versions", format!("{} {}", crate::manifest::VERSION, crate::manifest::COMMIT)),
+            ("world sizes", d.world_size.to_string()),
+            ("configs (--config and --set)", cfg.to_json().to_string()),
+            ("datasets", format!("{} ({} bytes)", ds_fp.hash, ds_fp.size)),
+            ("--compute", opts.compute.to_string()),
+            ("--resume", opts.resume.to_string()),
+        ])?;
+        let bs = sampler.batch_size();
+        if bs % d.world_size != 0 {
+            return Err(Error::input(format!(
+                "the {} sampler's batch of {bs} does not split over {} ranks: make the batch a multiple of the world size",
+                cfg.sampler.name(),
+                d.world_size
+            )));
+        }
     }
     let dev = device::resolve(opts.device)?;
     // What the task reads besides the dataset, known before anything is built, so that a
@@ -195,13 +241,19 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         &cache_rows,
     )?;
     plan.manifest(&mut finish, &opts.out)?;
-    let last_dir = if opts.resume {
-        finish.lock(&opts.out.join(model::WEIGHTS))?;
-        last_dir
+    // Only rank 0 touches the output; the others follow its word (train, up to date, refused).
+    let prepared = if !main {
+        Ok(())
+    } else if opts.resume {
+        finish.lock(&opts.out.join(model::WEIGHTS))
     } else {
-        start_over(opts, &mut finish, last_dir.is_some())?;
-        None
+        start_over(opts, &mut finish, last_dir.is_some())
     };
+    if let Some(d) = dist {
+        follow_main(d, "start", &prepared)?;
+    }
+    prepared?;
+    let last_dir = if opts.resume { last_dir } else { None };
     on_device(&device::describe(dev));
 
     // Images.
@@ -211,15 +263,25 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         .clone()
         .unwrap_or_else(data::default_cache_dir);
     let tc = Instant::now();
-    let cache = ImageCache::open(
-        &ds,
-        &cache_rows,
-        &pre,
-        cfg.data.cache.then_some(cache_dir.as_path()),
-        &images_fp,
-    )?;
+    // Rank 0 prepares the image cache; the others then read it (one machine) or prepare their
+    // own (another machine's cache folder).
+    let open_cache = || {
+        ImageCache::open(
+            &ds,
+            &cache_rows,
+            &pre,
+            cfg.data.cache.then_some(cache_dir.as_path()),
+            &images_fp,
+        )
+    };
+    let cache = if main { open_cache() } else { Err(Error::internal("not yet")) };
+    if let Some(d) = dist {
+        follow_main(d, "images", &cache.as_ref().map(|_| ()).map_err(clone_error))?;
+    }
+    let cache = if main { cache? } else { open_cache()? };
     let cache_seconds = tc.elapsed().as_secs_f64();
-    eprintln!(
+    if main {
+        eprintln!(
         "simile-train: {} images {} ({:.1} s){}",
         cache_rows.len(),
         if cache.built {
@@ -233,10 +295,10 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
             .as_ref()
             .map(|f| format!(", {}", f.display()))
             .unwrap_or_default()
-    );
-    std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
-    crate::io::atomic_write_bytes(opts.out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
-    let ds_fp = Fingerprint::of(&opts.dataset)?;
+        );
+        std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
+        crate::io::atomic_write_bytes(opts.out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+    }
 
     // The task: its network (seeded), loss and validation.
     tch::manual_seed(cfg.seed as i64);
@@ -264,6 +326,7 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         ckpt_root: &ckpt_root,
         train_rows: &ts.rows,
         dev,
+        dist,
     };
 
     // Resume.
@@ -364,13 +427,26 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         );
     }
 
-    let mon = Monitor::new(
-        opts.log_every,
-        opts.tensorboard.as_deref(),
+    // Every rank starts from rank 0's weights and buffers (equal by the seed, and by the
+    // checkpoint on resume: this makes sure).
+    if let Some(d) = dist {
+        d.broadcast(&task.sync_tensors())?;
+    }
+    // Only rank 0 reports (log lines, bar, TensorBoard).
+    let mut mon = Monitor::new(
+        if main {
+            opts.log_every
+        } else {
+            Some(super::monitor::LogEvery::Off)
+        },
+        opts.tensorboard.as_deref().filter(|_| main),
         cfg.epochs,
         cfg.epochs.saturating_mul(steps_per_epoch),
         prog.step,
     )?;
+    if !main {
+        mon.hide_bar();
+    }
     let outcome = {
         let mut run = Run {
             ctx: &ctx,
@@ -386,7 +462,7 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         o
     };
 
-    if !outcome.stopped {
+    if !outcome.stopped && main {
         write_logs(&ctx, &prog)?;
         let mut m = finish;
         m.rows("train_rows", ts.rows.len() as u64)
@@ -457,6 +533,8 @@ pub(crate) trait Plan {
 
 /// What the helpers below need that does not change during a run.
 struct Ctx<'a> {
+    /// This rank's job (data-parallel training); `None` for one process.
+    dist: Option<&'a Dist>,
     cfg: &'a TrainConfig,
     cfg_json: &'a serde_json::Value,
     opts: &'a TrainOptions,
@@ -465,6 +543,13 @@ struct Ctx<'a> {
     /// Dataset row of each train-set position.
     train_rows: &'a [usize],
     dev: Device,
+}
+
+impl Ctx<'_> {
+    /// Whether this process writes the outputs (one process, or rank 0).
+    fn is_main(&self) -> bool {
+        self.dist.is_none_or(|d| d.is_main())
+    }
 }
 
 /// The loop's state.
@@ -519,10 +604,27 @@ impl Run<'_, '_> {
                 let _ = w.set_requires_grad(!(frozen && p.group == 0));
             }
             let skip = self.prog.batch_in_epoch.min(batches.len());
-            let todo: Vec<Vec<usize>> = batches[skip..]
+            // Each rank decodes and forwards its slice of the batch (position `first` on).
+            let (rank, world) = self.ctx.dist.map_or((0, 1), |d| (d.rank, d.world_size));
+            let todo: Vec<(usize, Vec<usize>)> = batches[skip..]
                 .iter()
-                .map(|b| b.iter().map(|&i| rows_of_train[i]).collect())
+                .map(|b| {
+                    let share = b.len() / world;
+                    let first = rank * share;
+                    let rows = b[first..first + share]
+                        .iter()
+                        .map(|&i| rows_of_train[i])
+                        .collect();
+                    (first, rows)
+                })
                 .collect();
+            if let Some(b) = batches.iter().find(|b| b.len() % world != 0) {
+                return Err(Error::input(format!(
+                    "a batch of {} does not split over {world} ranks (the {} sampler's last batch?): use a batch size and drop_last that give whole shares",
+                    b.len(),
+                    cfg.sampler.name()
+                )));
+            }
             let first_step = self.prog.step;
             let aug = (!cfg.augment.is_off()).then_some(&cfg.augment);
             let stopped: Result<bool> = std::thread::scope(|scope| {
@@ -530,19 +632,20 @@ impl Run<'_, '_> {
                 let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<f32>>(cfg.data.prefetch);
                 let todo_ref = &todo;
                 scope.spawn(move || {
-                    for (i, rows) in todo_ref.iter().enumerate() {
+                    for (i, (first, rows)) in todo_ref.iter().enumerate() {
                         let buf = data::batch(
                             cache,
                             rows,
                             pre,
                             aug.map(|a| (a, cfg.seed, first_step + i)),
+                            *first,
                         );
                         if tx.send(buf).is_err() {
                             return;
                         }
                     }
                 });
-                for (i, rows) in todo.iter().enumerate() {
+                for (i, (_, rows)) in todo.iter().enumerate() {
                     let buf = rx
                         .recv()
                         .map_err(|_| Error::internal("the batch thread stopped"))?;
@@ -633,7 +736,11 @@ impl Run<'_, '_> {
         let x = Tensor::f_from_slice(buf)?
             .f_view([n as i64, 3, s, s])?
             .f_to_device(self.ctx.dev)?;
-        let (loss_t, logs) = self.task.loss(&x, batch, step)?;
+        if let Some(d) = self.ctx.dist {
+            // BatchNorm's running statistics are rank 0's before each forward (DDP's default).
+            d.broadcast(&self.task.buffers())?;
+        }
+        let (loss_t, logs) = self.task.loss(&x, batch, step, self.ctx.dist)?;
         let loss_t = if loss_t.dim() == 0 {
             loss_t
         } else {
@@ -671,6 +778,14 @@ impl Run<'_, '_> {
                 })
             })
             .collect();
+        if let Some(d) = self.ctx.dist {
+            // Each rank's gradients flow through its own rows of the gathered batch: their sum
+            // is the whole batch's. A loss's own parameters see the whole gathered batch on
+            // every rank, so theirs are equal everywhere: averaged.
+            let average: Vec<bool> = self.task.params().iter().map(|p| p.group == 2).collect();
+            d.all_reduce_grads(&mut grads, &average)?;
+            mark("all_reduce");
+        }
         let gnorm = optim::clip(&mut grads, cfg.grad_clip_norm, cfg.grad_clip_value)?;
         self.optimizer.step(self.task.params(), &grads, &lrs)?;
         drop(grads);
@@ -689,24 +804,27 @@ impl Run<'_, '_> {
         self.prog.batch_in_epoch += 1;
         let dt = ts0.elapsed().as_secs_f64();
         out.train_seconds += dt;
-        out.images += n as u64;
+        // The whole batch, over every rank.
+        out.images += batch.len() as u64;
         let mut row = step_row(
             epoch,
             self.prog.step,
             loss,
             &lrs,
             &logs,
-            n as f64 / dt.max(1e-9),
+            batch.len() as f64 / dt.max(1e-9),
         );
         row.values.push(("grad_norm".into(), Some(gnorm)));
-        self.mon.step(&row, n, dt)?;
+        self.mon.step(&row, batch.len(), dt)?;
+        // Test hook: SIMILE_TEST_FAULT=kill-after:step-N kills this process after step N.
+        crate::manifest::fault(&format!("step-{}", self.prog.step));
         self.prog.train_rows.push(row);
         Ok(())
     }
 
     /// Validates, records the scores and keeps the best checkpoint.
     fn validate(&mut self) -> Result<Scores> {
-        let s = self.task.validate()?;
+        let s = self.task.validate(self.ctx.dist)?;
         let key = &self.ctx.cfg.metric_for_checkpointing;
         let Some(value) = s.get(key) else {
             return Err(Error::input(format!(
@@ -741,6 +859,9 @@ impl Run<'_, '_> {
 
     fn save_ckpt(&self, name: &str) -> Result<()> {
         let ctx = self.ctx;
+        if !ctx.is_main() {
+            return Ok(());
+        }
         let prog = &*self.prog;
         let params = self.task.params();
         let (opt_tensors, opt_steps) = self.optimizer.state(params);
@@ -789,6 +910,9 @@ pub(crate) const TRAIN_LOG: &str = "train_log.parquet";
 pub(crate) const VAL_METRICS: &str = "val_metrics.parquet";
 
 fn write_logs(ctx: &Ctx, prog: &Progress) -> Result<()> {
+    if !ctx.is_main() {
+        return Ok(());
+    }
     log::write(
         &ctx.opts.out.join(TRAIN_LOG),
         &prog.train_rows,
@@ -1114,6 +1238,16 @@ pub(crate) fn sorted_vars(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
     v
 }
 
+/// A var store's buffers (tensors without gradient: BatchNorm's running statistics), sorted
+/// by name.
+pub(crate) fn buffers(vs: &nn::VarStore) -> Vec<Tensor> {
+    sorted_vars(vs)
+        .into_iter()
+        .filter(|(_, t)| !t.requires_grad())
+        .map(|(_, t)| t)
+        .collect()
+}
+
 /// The trainable tensors of a var store, sorted by name.
 pub(crate) fn trainable_sorted(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
     sorted_vars(vs)
@@ -1195,5 +1329,39 @@ pub(crate) fn report_missing(what: &str, missing: &mut [String], dir: &Path) {
             dir.display(),
             missing.join(", ")
         );
+    }
+}
+
+/// Rank 0's outcome of a step every rank must take together (`what`), followed by the
+/// others: an up-to-date output or a refusal on rank 0 ends every rank the same way.
+fn follow_main(d: &Dist, what: &str, outcome: &Result<()>) -> Result<()> {
+    let word = d.is_main().then(|| match outcome {
+        Ok(()) => serde_json::json!({ "go": true }),
+        Err(Error::UpToDate(m)) => serde_json::json!({ "up_to_date": m }),
+        Err(e) => serde_json::json!({ "error": e.to_string(), "code": e.exit_code() }),
+    });
+    let w = d.from_main(what, word.as_ref(), true)?;
+    if d.is_main() {
+        return Ok(());
+    }
+    if let Some(m) = w.get("up_to_date").and_then(|v| v.as_str()) {
+        return Err(Error::UpToDate(m.to_string()));
+    }
+    if let Some(m) = w.get("error").and_then(|v| v.as_str()) {
+        let m = format!("rank {}: rank 0 stopped: {m}", d.rank);
+        return Err(match w.get("code").and_then(|v| v.as_i64()) {
+            Some(2) => Error::input(m),
+            _ => Error::Distributed(m),
+        });
+    }
+    Ok(())
+}
+
+/// An error's message and exit code, kept where the error itself must be kept too.
+fn clone_error(e: &Error) -> Error {
+    match e.exit_code() {
+        2 => Error::input(e.to_string()),
+        0 => Error::UpToDate(e.to_string()),
+        _ => Error::internal(e.to_string()),
     }
 }

@@ -4,6 +4,7 @@
 //! set (as `simile-score`), so a number in `val_metrics.parquet` is the number
 //! `simile-embed` + `simile-distance` + `simile-score` give for the same weights.
 use super::data::{self, ImageCache};
+use super::distributed::Dist;
 use crate::dataset::{Dataset, Split};
 use crate::error::{Error, Result};
 use crate::image::Preprocess;
@@ -53,12 +54,18 @@ impl Validator {
         device: Device,
         kind: Kind,
         batch_size: usize,
+        dist: Option<&Dist>,
     ) -> Result<Scores> {
         let dim = net.dim as usize;
-        let mut emb: Vec<f32> = Vec::with_capacity(self.rows.len() * dim);
+        // A rank embeds its share of the rows; the shares are gathered before the search.
+        let mine = match dist {
+            Some(d) => &self.rows[d.share(self.rows.len())],
+            None => &self.rows[..],
+        };
+        let mut emb: Vec<f32> = Vec::with_capacity(mine.len() * dim);
         let s = pre.size as i64;
-        for chunk in self.rows.chunks(batch_size) {
-            let buf = data::batch(cache, chunk, pre, None);
+        for chunk in mine.chunks(batch_size) {
+            let buf = data::batch(cache, chunk, pre, None, 0);
             let x = Tensor::f_from_slice(&buf)?
                 .f_view([chunk.len() as i64, 3, s, s])?
                 .f_to_device(device)?
@@ -74,6 +81,9 @@ impl Validator {
                 ));
             }
             emb.extend_from_slice(&v);
+        }
+        if let Some(d) = dist {
+            emb = d.gather_shares(&emb, self.rows.len(), dim)?;
         }
         let set = metrics::default_metric_set();
         let mut hits: Vec<Vec<bool>> = vec![Vec::new(); self.qg.queries.len()];

@@ -4,6 +4,7 @@ mod common;
 
 mod architecture;
 mod distance;
+mod distributed;
 mod embed;
 mod integrity;
 mod pairwise;

@@ -1,0 +1,106 @@
+// simile's C++ shim over libtorch: c10d (TCPStore, ProcessGroupGloo) and CPU/CUDA autocast.
+// Its only caller is src/torch_ext/ (Rust), which declares these same functions.
+//
+// Rules of the API:
+// - Every function that can fail returns a `simile_error*`: NULL on success, otherwise an error
+//   allocated here that the caller releases with simile_error_free. No C++ exception crosses
+//   this boundary.
+// - Tensors are `at::Tensor*`, i.e. tch's `C_tensor` (`Tensor::as_ptr()`); tensors returned
+//   through `at::Tensor**` are new heap objects that the caller owns (`Tensor::from_ptr`).
+// - Handles (`simile_store*`, `simile_pg*`) are released with their _free function.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+namespace at {
+class Tensor;
+}
+typedef at::Tensor simile_tensor;
+extern "C" {
+#else
+typedef void simile_tensor;
+#endif
+
+// What kind of failure: decides the exit code on the Rust side (src/error.rs).
+enum {
+  // Misuse of the API (a CPU-only collective given a CUDA tensor, a bad rank): simile's bug.
+  SIMILE_ERR_INTERNAL = 0,
+  // A peer that died, never came or did not answer within the timeout; a collective that
+  // failed on the wire.
+  SIMILE_ERR_PEER = 1,
+  // The user's configuration: an address that is not one of this machine's interfaces, a
+  // hostname that does not resolve.
+  SIMILE_ERR_USER = 2,
+};
+
+typedef struct simile_error {
+  int32_t kind;
+  char* message;
+} simile_error;
+
+void simile_error_free(simile_error* err);
+
+// ---- TCPStore ----------------------------------------------------------------------------
+typedef struct simile_store simile_store;
+
+// A TCPStore client of host:port; the server too when is_server. listen_fd >= 0 hands the
+// server an already bound and listening socket (the store takes it over and closes it);
+// -1 makes it bind `port` itself. world_size > 0 sets numWorkers (the server waits for that
+// many clients when wait_workers). timeout_ms bounds connecting and every blocking store call.
+simile_error* simile_store_new(const char* host, uint16_t port, int32_t listen_fd,
+                               int64_t world_size, bool is_server, bool wait_workers,
+                               int64_t timeout_ms, simile_store** out);
+uint16_t simile_store_port(const simile_store* store);
+simile_error* simile_store_set(simile_store* store, const char* key, const uint8_t* value,
+                               size_t len);
+// Waits up to timeout_ms for the key, then returns its value in a malloc'd buffer (release with
+// simile_buf_free; NULL when len is 0).
+simile_error* simile_store_get(simile_store* store, const char* key, int64_t timeout_ms,
+                               uint8_t** value, size_t* len);
+simile_error* simile_store_add(simile_store* store, const char* key, int64_t delta,
+                               int64_t* out);
+void simile_store_free(simile_store* store);
+void simile_buf_free(uint8_t* buf);
+
+// ---- Process groups ----------------------------------------------------------------------
+typedef struct simile_pg simile_pg;
+
+// A Gloo process group of world_size ranks on a PrefixStore(prefix, store), its transport bound
+// to hostname (an address or name of one of this machine's interfaces). Blocks until every rank
+// has joined, at most timeout_ms; timeout_ms also bounds every collective.
+simile_error* simile_pg_new_gloo(simile_store* store, const char* prefix, int32_t rank,
+                                 int32_t world_size, const char* hostname, int64_t timeout_ms,
+                                 simile_pg** out);
+int32_t simile_pg_rank(const simile_pg* pg);
+int32_t simile_pg_size(const simile_pg* pg);
+// Sums each tensor over the ranks, in place (each tensor on its own: tensors of different
+// shapes and dtypes may be mixed; one collective per dtype).
+simile_error* simile_pg_allreduce_sum(simile_pg* pg, simile_tensor* const* tensors, size_t n);
+// Gathers input from every rank: outputs[r] (world_size slots) receives rank r's tensor.
+simile_error* simile_pg_allgather(simile_pg* pg, const simile_tensor* input,
+                                  simile_tensor** outputs);
+// Copies root's tensors over every other rank's, in place.
+simile_error* simile_pg_broadcast(simile_pg* pg, simile_tensor* const* tensors, size_t n,
+                                  int32_t root);
+simile_error* simile_pg_barrier(simile_pg* pg);
+// Waits for the group's collectives in flight (each bounded by the timeout), then frees it.
+void simile_pg_free(simile_pg* pg);
+
+// ---- Autocast ----------------------------------------------------------------------------
+// The state a guard restores on exit (autocast state is thread-local).
+typedef struct simile_autocast_prev {
+  bool enabled;
+  int8_t dtype;  // c10::ScalarType
+} simile_autocast_prev;
+
+// torch.autocast(device_type, dtype).__enter__: records the previous state in *prev, enables
+// autocast for device_type (c10::DeviceType) with dtype (c10::ScalarType), nests once more.
+simile_error* simile_autocast_enter(int8_t device_type, int8_t dtype, simile_autocast_prev* prev);
+// __exit__: un-nests (clearing the cast cache when the outermost guard exits) and restores prev.
+simile_error* simile_autocast_exit(int8_t device_type, const simile_autocast_prev* prev);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,17 @@
+//! What tch does not wrap from libtorch, through simile's C++ shim (`cpp/`, compiled by
+//! `build.rs`): libtorch's own c10d for data-parallel training (a TCPStore rendezvous, Gloo
+//! process groups and their collectives on CPU tensors) and a CPU/CUDA autocast guard. This
+//! module is the shim's only face: everything else in simile uses these safe types.
+//!
+//! Errors: a C++ exception becomes a [`crate::Error`]: `Distributed` (exit 1) for a peer that
+//! died, never came or timed out; `Input` (exit 2) for the user's configuration (a port in use,
+//! an address that does not resolve or is not this machine's); `Internal` for misuse.
+mod autocast;
+mod dist;
+mod ffi;
+
+pub use autocast::AutocastGuard;
+pub use dist::{ProcessGroup, Store};
+
+#[cfg(test)]
+mod tests;
