@@ -44,7 +44,9 @@ impl Launch {
         };
         let num = |k: &str, v: &str| -> Result<usize> {
             v.trim().parse().map_err(|_| {
-                Error::input(format!("{k}={v:?}: expected a whole number (torchrun's {k})"))
+                Error::input(format!(
+                    "{k}={v:?}: expected a whole number (torchrun's {k})"
+                ))
             })
         };
         let world_size = num("WORLD_SIZE", &world)?;
@@ -70,12 +72,9 @@ impl Launch {
         };
         let master_addr = need("MASTER_ADDR")?;
         let port = need("MASTER_PORT")?;
-        let master_port: u16 = port
-            .trim()
-            .parse()
-            .ok()
-            .filter(|&p| p > 0)
-            .ok_or_else(|| Error::input(format!("MASTER_PORT={port:?}: expected a port, 1 to 65535")))?;
+        let master_port: u16 = port.trim().parse().ok().filter(|&p| p > 0).ok_or_else(|| {
+            Error::input(format!("MASTER_PORT={port:?}: expected a port, 1 to 65535"))
+        })?;
         let timeout = timeout_from(get("SIMILE_DIST_TIMEOUT"))?;
         let address = match get("SIMILE_DIST_ADDRESS") {
             Some(a) => a,
@@ -120,10 +119,18 @@ fn timeout_from(v: Option<String>) -> Result<Duration> {
 /// nothing); loopback when it cannot tell.
 fn local_address_towards(host: &str, port: u16) -> String {
     use std::net::{ToSocketAddrs, UdpSocket};
-    let Some(target) = (host, port).to_socket_addrs().ok().and_then(|mut a| a.next()) else {
+    let Some(target) = (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+    else {
         return "127.0.0.1".into();
     };
-    let bind = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let bind = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
     UdpSocket::bind(bind)
         .and_then(|s| s.connect(target).and_then(|_| s.local_addr()))
         .map(|a| a.ip().to_string())
@@ -155,7 +162,14 @@ impl Dist {
             false,
         )
         .map_err(|e| name_master(e, l))?;
-        let pg = ProcessGroup::gloo(&store, "simile", l.rank, l.world_size, &l.address, l.timeout)?;
+        let pg = ProcessGroup::gloo(
+            &store,
+            "simile",
+            l.rank,
+            l.world_size,
+            &l.address,
+            l.timeout,
+        )?;
         let beat = Heartbeat::start(l)?;
         Ok(Dist {
             rank: l.rank,
@@ -185,7 +199,10 @@ impl Dist {
             let theirs: Vec<(String, String)> = serde_json::from_slice(&theirs)
                 .map_err(|e| Error::internal(format!("rank {r}'s facts: {e}")))?;
             for (k, v) in facts {
-                let t = theirs.iter().find(|(tk, _)| tk == k).map(|(_, tv)| tv.as_str());
+                let t = theirs
+                    .iter()
+                    .find(|(tk, _)| tk == k)
+                    .map(|(_, tv)| tv.as_str());
                 if t != Some(v.as_str()) {
                     return Err(Error::input(format!(
                         "rank {r} and rank {} were started with different {k}: {} on rank {r}, {} on rank {}; every rank must get the same inputs",
@@ -202,7 +219,12 @@ impl Dist {
 
     /// Rank 0's `value` on every rank (rank 0 passes `Some`). `slow`: rank 0 may take long to
     /// get there (the image cache), so the others wait longer than a collective's timeout.
-    pub fn from_main(&self, key: &str, value: Option<&serde_json::Value>, slow: bool) -> Result<serde_json::Value> {
+    pub fn from_main(
+        &self,
+        key: &str,
+        value: Option<&serde_json::Value>,
+        slow: bool,
+    ) -> Result<serde_json::Value> {
         let key = format!("main/{key}");
         if self.is_main() {
             let v = value.ok_or_else(|| Error::internal("rank 0 must give the value"))?;
@@ -233,10 +255,12 @@ impl Dist {
 
     /// Sums the gradients over the ranks, in place. `average[i]`: grads[i] is the same on
     /// every rank (a parameter used on the gathered batch, like a loss's): averaged instead.
-    /// One flat buffer per dtype, so a step makes one collective (25 MiB buckets, as DDP's).
-    pub fn all_reduce_grads(&self, grads: &mut [Option<Tensor>], average: &[bool]) -> Result<()> {
+    /// Flat float32 buckets of 25 MiB (DDP's size), one collective each. Returns the bytes
+    /// reduced.
+    pub fn all_reduce_grads(&self, grads: &mut [Option<Tensor>], average: &[bool]) -> Result<u64> {
         const BUCKET: i64 = 25 << 20;
         let idx: Vec<usize> = (0..grads.len()).filter(|&i| grads[i].is_some()).collect();
+        let mut total = 0u64;
         let mut start = 0;
         while start < idx.len() {
             let mut end = start;
@@ -257,6 +281,7 @@ impl Dist {
                 })
                 .collect::<std::result::Result<_, _>>()?;
             let flat = Tensor::f_cat(&part, 0)?;
+            total += flat.numel() as u64 * 4;
             self.pg
                 .all_reduce_sum(std::slice::from_ref(&flat))
                 .map_err(|e| self.named(e, None))?;
@@ -273,7 +298,7 @@ impl Dist {
             }
             start = end;
         }
-        Ok(())
+        Ok(total)
     }
 
     /// The rows of every rank's `local` (same shape on every rank), in rank order, with this
@@ -286,7 +311,13 @@ impl Dist {
         let parts: Vec<Tensor> = parts
             .into_iter()
             .enumerate()
-            .map(|(r, t)| if r == self.rank { local.shallow_clone() } else { t })
+            .map(|(r, t)| {
+                if r == self.rank {
+                    local.shallow_clone()
+                } else {
+                    t
+                }
+            })
             .collect();
         Ok(Tensor::f_cat(&parts, 0)?)
     }
@@ -324,11 +355,17 @@ impl Dist {
     fn named(&self, e: Error, from: Option<usize>) -> Error {
         let gone = self.who_is_gone();
         let who = match (gone.as_slice(), from) {
-            ([], Some(r)) => format!("rank {r} did not answer within {:.0} s", self.timeout.as_secs_f64()),
+            ([], Some(r)) => format!(
+                "rank {r} did not answer within {:.0} s",
+                self.timeout.as_secs_f64()
+            ),
             ([], None) => "another rank failed or stopped answering".to_string(),
             (g, _) => format!(
                 "rank {} stopped (died, was killed, or failed)",
-                g.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", rank ")
+                g.iter()
+                    .map(|r| r.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", rank ")
             ),
         };
         Error::Distributed(format!("rank {}: {who}: {e}", self.rank))
@@ -355,7 +392,11 @@ impl Dist {
 
 fn short(s: &str) -> String {
     if s.len() > 200 {
-        format!("{}... ({} characters)", &s[..s.char_indices().nth(200).map_or(s.len(), |(i, _)| i)], s.len())
+        format!(
+            "{}... ({} characters)",
+            &s[..s.char_indices().nth(200).map_or(s.len(), |(i, _)| i)],
+            s.len()
+        )
     } else {
         s.to_string()
     }
@@ -439,16 +480,41 @@ mod tests {
         ]))
         .unwrap()
         .unwrap();
-        assert_eq!((l.rank, l.world_size, l.local_rank, l.master_port), (2, 4, 0, 29500));
+        assert_eq!(
+            (l.rank, l.world_size, l.local_rank, l.master_port),
+            (2, 4, 0, 29500)
+        );
         assert_eq!(l.address, "127.0.0.1");
         assert_eq!(l.timeout, DEFAULT_TIMEOUT);
         for (bad, want) in [
             (vec![("WORLD_SIZE", "2")], "RANK"),
-            (vec![("WORLD_SIZE", "2"), ("RANK", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")], "not below"),
-            (vec![("WORLD_SIZE", "two")], "whole number"),
-            (vec![("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "0")], "MASTER_PORT"),
             (
-                vec![("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "9"), ("SIMILE_DIST_TIMEOUT", "-1")],
+                vec![
+                    ("WORLD_SIZE", "2"),
+                    ("RANK", "2"),
+                    ("MASTER_ADDR", "h"),
+                    ("MASTER_PORT", "1"),
+                ],
+                "not below",
+            ),
+            (vec![("WORLD_SIZE", "two")], "whole number"),
+            (
+                vec![
+                    ("WORLD_SIZE", "2"),
+                    ("RANK", "0"),
+                    ("MASTER_ADDR", "h"),
+                    ("MASTER_PORT", "0"),
+                ],
+                "MASTER_PORT",
+            ),
+            (
+                vec![
+                    ("WORLD_SIZE", "2"),
+                    ("RANK", "0"),
+                    ("MASTER_ADDR", "h"),
+                    ("MASTER_PORT", "9"),
+                    ("SIMILE_DIST_TIMEOUT", "-1"),
+                ],
                 "SIMILE_DIST_TIMEOUT",
             ),
         ] {

@@ -233,7 +233,6 @@ impl Task for Extractor<'_> {
             self.s.cache,
             &self.s.cfg.model.preprocess(),
             self.s.dev,
-            Kind::Float,
             self.s.cfg.batch_size_val,
             dist,
         )

@@ -56,11 +56,11 @@ pub fn run_local(
     threads: Option<u64>,
     timeout: Duration,
 ) -> Result<Option<Ended>> {
-    let exe = std::env::current_exe()
-        .map_err(|e| Error::internal(format!("cannot find this program to start its ranks: {e}")))?;
-    let total = threads.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
-    });
+    let exe = std::env::current_exe().map_err(|e| {
+        Error::internal(format!("cannot find this program to start its ranks: {e}"))
+    })?;
+    let total = threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u64));
     let per = (total / nproc as u64).max(1);
     let port = free_port()?;
     eprintln!(
@@ -149,13 +149,24 @@ mod tests {
     #[test]
     fn the_launchers_flags_are_left_out_of_the_ranks() {
         let a: Vec<OsString> = [
-            "--dataset", "d", "--nproc", "2", "--threads=4", "--out", "m", "--nproc=3", "--threads",
+            "--dataset",
+            "d",
+            "--nproc",
+            "2",
+            "--threads=4",
+            "--out",
+            "m",
+            "--nproc=3",
+            "--threads",
             "2",
         ]
         .iter()
         .map(OsString::from)
         .collect();
-        let want: Vec<OsString> = ["--dataset", "d", "--out", "m"].iter().map(OsString::from).collect();
+        let want: Vec<OsString> = ["--dataset", "d", "--out", "m"]
+            .iter()
+            .map(OsString::from)
+            .collect();
         assert_eq!(rank_args(&a), want);
     }
 }

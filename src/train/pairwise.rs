@@ -21,6 +21,7 @@
 use super::checkpoint::Checkpoint;
 use super::config::{PairMining, TrainConfig};
 use super::data::{self, ImageCache};
+use super::distributed::Dist;
 use super::loss::Logs;
 use super::miner::{AllTriplets, HardTriplets};
 use super::optim::Param;
@@ -37,7 +38,6 @@ use crate::npy::{self, DType, Npy};
 use crate::rerank::pairwise::{merge, MERGE_EPS};
 use crate::retrieval::{QueryGallery, SequenceRule};
 use std::collections::BTreeSet;
-use super::distributed::Dist;
 use std::path::Path;
 use std::time::Instant;
 use tch::{nn, Device, Reduction, Tensor};

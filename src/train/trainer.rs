@@ -5,12 +5,12 @@
 use super::checkpoint::{self, Checkpoint};
 use super::config::TrainConfig;
 use super::data::{self, ImageCache};
+use super::distributed::Dist;
 use super::log;
 use super::loss::Logs;
 use super::monitor::Monitor;
 use super::optim::{self, Optimizer, Param, Schedule};
 use super::sampler::{rng, BatchSampler};
-use super::distributed::Dist;
 use super::{extractor, pairwise, TrainOptions, TrainSummary};
 use crate::dataset::{Dataset, Split};
 use crate::device;
@@ -199,7 +199,10 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
             ));
         }
         d.agree(&[
-            ("simile versions", format!("{} {}", crate::manifest::VERSION, crate::manifest::COMMIT)),
+            (
+                "simile versions",
+                format!("{} {}", crate::manifest::VERSION, crate::manifest::COMMIT),
+            ),
             ("world sizes", d.world_size.to_string()),
             ("configs (--config and --set)", cfg.to_json().to_string()),
             ("datasets", format!("{} ({} bytes)", ds_fp.hash, ds_fp.size)),
@@ -216,6 +219,12 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         }
     }
     let dev = device::resolve(opts.device)?;
+    if dist.is_some() && dev != Device::Cpu {
+        return Err(Error::input(format!(
+            "--device {}: data-parallel training runs on the CPU (Gloo) for now; NCCL for CUDA ranks is not built yet: use --device cpu",
+            device::describe(dev)
+        )));
+    }
     // What the task reads besides the dataset, known before anything is built, so that a
     // finished run is recognised at once.
     let plan: Box<dyn Plan> = if is_pairwise {
@@ -274,27 +283,35 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
             &images_fp,
         )
     };
-    let cache = if main { open_cache() } else { Err(Error::internal("not yet")) };
+    let cache = if main {
+        open_cache()
+    } else {
+        Err(Error::internal("not yet"))
+    };
     if let Some(d) = dist {
-        follow_main(d, "images", &cache.as_ref().map(|_| ()).map_err(clone_error))?;
+        follow_main(
+            d,
+            "images",
+            &cache.as_ref().map(|_| ()).map_err(clone_error),
+        )?;
     }
     let cache = if main { cache? } else { open_cache()? };
     let cache_seconds = tc.elapsed().as_secs_f64();
     if main {
         eprintln!(
-        "simile-train: {} images {} ({:.1} s){}",
-        cache_rows.len(),
-        if cache.built {
-            "prepared"
-        } else {
-            "from the cache"
-        },
-        cache_seconds,
-        cache
-            .file
-            .as_ref()
-            .map(|f| format!(", {}", f.display()))
-            .unwrap_or_default()
+            "simile-train: {} images {} ({:.1} s){}",
+            cache_rows.len(),
+            if cache.built {
+                "prepared"
+            } else {
+                "from the cache"
+            },
+            cache_seconds,
+            cache
+                .file
+                .as_ref()
+                .map(|f| format!(", {}", f.display()))
+                .unwrap_or_default()
         );
         std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
         crate::io::atomic_write_bytes(opts.out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
@@ -475,6 +492,19 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         }
         m.timing("train", outcome.train_seconds)
             .timing("total", t0.elapsed().as_secs_f64());
+        if let Some(d) = dist {
+            let n = outcome.reduce_steps.max(1) as f64;
+            m.note(
+                "data_parallel",
+                serde_json::json!({
+                    "world_size": d.world_size,
+                    "backend": "gloo",
+                    "allreduce_mib_per_step": outcome.reduced_bytes as f64 / n / (1 << 20) as f64,
+                    "allreduce_s_per_step": outcome.reduced_seconds / n,
+                }),
+            );
+            m.timing("allreduce", outcome.reduced_seconds);
+        }
         // The model folder appears only now, with its manifest: the best validated weights
         // (kept in checkpoints/best while training), or the last ones without validation.
         let best_net = match prog.best {
@@ -570,6 +600,10 @@ struct Outcome {
     last_scores: Option<Scores>,
     /// Stopped by `stop_after_steps`.
     stopped: bool,
+    /// Data-parallel: gradient bytes all-reduced, the seconds it took, over `reduce_steps`.
+    reduced_bytes: u64,
+    reduced_seconds: f64,
+    reduce_steps: u64,
 }
 
 impl Run<'_, '_> {
@@ -581,6 +615,9 @@ impl Run<'_, '_> {
             train_seconds: 0.0,
             last_scores: None,
             stopped: false,
+            reduced_bytes: 0,
+            reduced_seconds: 0.0,
+            reduce_steps: 0,
         };
         // Validation before training, if asked (the learning curve's first point).
         if cfg.valid_at_start
@@ -778,12 +815,15 @@ impl Run<'_, '_> {
                 })
             })
             .collect();
+        let mut reduced = None;
         if let Some(d) = self.ctx.dist {
             // Each rank's gradients flow through its own rows of the gathered batch: their sum
             // is the whole batch's. A loss's own parameters see the whole gathered batch on
             // every rank, so theirs are equal everywhere: averaged.
             let average: Vec<bool> = self.task.params().iter().map(|p| p.group == 2).collect();
-            d.all_reduce_grads(&mut grads, &average)?;
+            let t = Instant::now();
+            let bytes = d.all_reduce_grads(&mut grads, &average)?;
+            reduced = Some((bytes, t.elapsed().as_secs_f64()));
             mark("all_reduce");
         }
         let gnorm = optim::clip(&mut grads, cfg.grad_clip_norm, cfg.grad_clip_value)?;
@@ -815,6 +855,16 @@ impl Run<'_, '_> {
             batch.len() as f64 / dt.max(1e-9),
         );
         row.values.push(("grad_norm".into(), Some(gnorm)));
+        if let Some((bytes, secs)) = reduced {
+            out.reduced_bytes += bytes;
+            out.reduced_seconds += secs;
+            out.reduce_steps += 1;
+            row.values.push((
+                "allreduce_mib".into(),
+                Some(bytes as f64 / (1 << 20) as f64),
+            ));
+            row.values.push(("allreduce_s".into(), Some(secs)));
+        }
         self.mon.step(&row, batch.len(), dt)?;
         // Test hook: SIMILE_TEST_FAULT=kill-after:step-N kills this process after step N.
         crate::manifest::fault(&format!("step-{}", self.prog.step));

@@ -45,14 +45,14 @@ impl Validator {
         }))
     }
 
-    /// Embeds the validation images with `forward` (eval mode, no gradients) and scores them.
+    /// Embeds the validation images with `forward` (eval mode, no gradients, float32: the
+    /// master weights) and scores them.
     pub fn run(
         &self,
         net: &Net,
         cache: &ImageCache,
         pre: &Preprocess,
         device: Device,
-        kind: Kind,
         batch_size: usize,
         dist: Option<&Dist>,
     ) -> Result<Scores> {
@@ -69,7 +69,7 @@ impl Validator {
             let x = Tensor::f_from_slice(&buf)?
                 .f_view([chunk.len() as i64, 3, s, s])?
                 .f_to_device(device)?
-                .f_to_kind(kind)?;
+                .f_to_kind(Kind::Float)?;
             let y = tch::no_grad(|| net.forward_t(&x, false))
                 .f_to_kind(Kind::Float)?
                 .f_to_device(Device::Cpu)?

@@ -27,7 +27,8 @@ fn config(f: &Fx, name: &str, arch: &str, loss: &str, epochs: usize) -> PathBuf 
     };
     let loss = match loss {
         "arcface" => "[loss]\nname = \"arcface\"\nm = 0.3\ns = 16.0\n".to_string(),
-        _ => "[loss]\nname = \"triplet\"\nmargin = 0.2\n\n[loss.miner]\nname = \"hard_triplets\"\n".to_string(),
+        _ => "[loss]\nname = \"triplet\"\nmargin = 0.2\n\n[loss.miner]\nname = \"hard_triplets\"\n"
+            .to_string(),
     };
     let text = format!(
         "seed = 3\nepochs = {epochs}\nvalid_period = 0\nvalid_at_start = false\nbatch_size_val = 64\ncheckpoint_every_steps = 1\n\n[model]\n{model}\n[sampler]\nname = \"balance\"\nn_labels = 2\nn_instances = 4\n\n{loss}\n{optimizer}\n[schedule]\nname = \"constant\"\n"
@@ -102,7 +103,10 @@ fn wait_all(children: Vec<Child>, code: i32) -> Vec<Run> {
         .enumerate()
         .map(|(r, o)| format!("--- rank {r} (exit {}):\n{}", o.code, o.stderr))
         .collect();
-    assert!(runs.iter().all(|o| o.code == code), "wanted exit {code}:\n{all}");
+    assert!(
+        runs.iter().all(|o| o.code == code),
+        "wanted exit {code}:\n{all}"
+    );
     runs
 }
 
@@ -151,7 +155,10 @@ fn two_ranks_train_as_one_process() {
         let one = f.p(&format!("one-{loss}"));
         let two = f.p(&format!("two-{loss}"));
         ok(&f, &args(&f, &cfg, &one, &["--threads", "1"]));
-        let r = ok(&f, &args(&f, &cfg, &two, &["--nproc", "2", "--threads", "2"]));
+        let r = ok(
+            &f,
+            &args(&f, &cfg, &two, &["--nproc", "2", "--threads", "2"]),
+        );
         assert!(r.stderr.contains("2 data-parallel ranks"), "{}", r.stderr);
         let (a, b) = (losses(&one), losses(&two));
         assert_eq!(a.len(), 20, "{loss}");
@@ -178,14 +185,20 @@ fn two_ranks_with_batchnorm_train_and_validate() {
     let one = f.p("one");
     let two = f.p("two");
     ok(&f, &args(&f, &cfg, &one, &["--threads", "1"]));
-    ok(&f, &args(&f, &cfg, &two, &["--nproc", "2", "--threads", "2"]));
+    ok(
+        &f,
+        &args(&f, &cfg, &two, &["--nproc", "2", "--threads", "2"]),
+    );
     let cmc = |dir: &Path| -> f64 {
         let v: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join("model.json")).unwrap()).unwrap();
         v["provenance"]["weights"]["value"].as_f64().unwrap()
     };
     let (ca, cb) = (cmc(&one), cmc(&two));
-    assert!((ca - cb).abs() <= 0.25, "CMC@1 one process {ca}, two ranks {cb}");
+    assert!(
+        (ca - cb).abs() <= 0.25,
+        "CMC@1 one process {ca}, two ranks {cb}"
+    );
     assert!(cb > 0.3, "two ranks did not learn: {cb}");
     // One writer: no rank's temporaries or second log are left.
     let files = common::listing(&two);
@@ -213,7 +226,14 @@ fn a_killed_rank_stops_the_job_and_resume_ends_as_the_uninterrupted_job() {
     let a = args(&f, &cfg, &out, &["--threads", "1"]);
     let t0 = Instant::now();
     let r0 = rank(&f, &a, 0, 2, port, &[]);
-    let r1 = rank(&f, &a, 1, 2, port, &[("SIMILE_TEST_FAULT", "kill-after:step-3")]);
+    let r1 = rank(
+        &f,
+        &a,
+        1,
+        2,
+        port,
+        &[("SIMILE_TEST_FAULT", "kill-after:step-3")],
+    );
     let o1: Run = r1.wait_with_output().unwrap().into();
     assert_eq!(o1.code, 137, "{}", o1.stderr);
     let o0: Run = r0.wait_with_output().unwrap().into();
@@ -258,19 +278,29 @@ fn ranks_with_different_inputs_are_refused_and_write_nothing() {
     let r0 = rank(&f, &a0, 0, 2, port, &[]);
     let r1 = rank(&f, &a1, 1, 2, port, &[]);
     for o in wait_all(vec![r0, r1], 2) {
-        assert!(o.stderr.contains("were started with different configs"), "{}", o.stderr);
+        assert!(
+            o.stderr.contains("were started with different configs"),
+            "{}",
+            o.stderr
+        );
     }
     assert!(!out.exists(), "{:?}", common::listing(&out));
     // A batch that does not split over the ranks.
     let odd = config(&f, "odd.toml", "smallcnn", "triplet", 2);
-    let text = std::fs::read_to_string(&odd).unwrap().replace("n_instances = 4", "n_instances = 3");
+    let text = std::fs::read_to_string(&odd)
+        .unwrap()
+        .replace("n_instances = 4", "n_instances = 3");
     std::fs::write(&odd, text).unwrap();
     let r: Run = cmd(&f, &args(&f, &odd, &out, &["--nproc", "4"]))
         .output()
         .unwrap()
         .into();
     assert_eq!(r.code, 2, "{}", r.stderr);
-    assert!(r.stderr.contains("does not split over 4 ranks"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("does not split over 4 ranks"),
+        "{}",
+        r.stderr
+    );
     // A rendezvous no one serves: a bounded wait and a clear error.
     let t0 = Instant::now();
     let c = rank(&f, &a0, 1, 2, free_port(), &[("SIMILE_DIST_TIMEOUT", "2")]);
