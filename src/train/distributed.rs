@@ -301,6 +301,13 @@ impl Dist {
         Ok(total)
     }
 
+    /// Sums `t` over the ranks, in place (a loss value for the log).
+    pub fn sum(&self, t: &Tensor) -> Result<()> {
+        self.pg
+            .all_reduce_sum(std::slice::from_ref(t))
+            .map_err(|e| self.named(e, None))
+    }
+
     /// The rows of every rank's `local` (same shape on every rank), in rank order, with this
     /// rank's own rows as given (their gradient flows back; the others' are constants).
     pub fn gather_rows(&self, local: &Tensor) -> Result<Tensor> {

@@ -460,9 +460,6 @@ impl Task for Pairwise<'_> {
         step: usize,
         dist: Option<&Dist>,
     ) -> Result<(Tensor, Logs)> {
-        if dist.is_some() {
-            return Err(Error::internal("pairwise training runs in one process"));
-        }
         let (cfg, d) = (self.s.cfg, self.dim);
         let mining = cfg.pairwise.as_ref().map(|p| p.mining).unwrap_or_default();
         let labels: Vec<i64> = batch
@@ -475,8 +472,8 @@ impl Task for Pairwise<'_> {
             e.extend_from_slice(&self.train_emb[i * d..(i + 1) * d]);
         }
         let et = Tensor::f_from_slice(&e)?.f_view([batch.len() as i64, d as i64])?;
-        let dist = Vec::<f32>::try_from(super::miner::pairwise_dist(&et, &et)?.f_flatten(0, -1)?)?;
-        let pairs = mine_pairs(&dist, &labels, mining);
+        let dmat = Vec::<f32>::try_from(super::miner::pairwise_dist(&et, &et)?.f_flatten(0, -1)?)?;
+        let pairs = mine_pairs(&dmat, &labels, mining);
         let n_neg = pairs.iter().filter(|p| p.2).count();
         if pairs.is_empty() || n_neg == 0 || n_neg == pairs.len() {
             return Err(Error::input(format!(
@@ -485,6 +482,14 @@ impl Task for Pairwise<'_> {
                 pairs.len() - n_neg
             )));
         }
+        // Data-parallel: every rank has the whole batch and mines the same pairs; rank r scores
+        // its share of them, and its loss is its share's sum over all pairs' count, so the
+        // ranks' gradients add up to the whole batch's mean.
+        let n_pairs = pairs.len();
+        let pairs = match dist {
+            Some(dd) => pairs[dd.share(n_pairs)].to_vec(),
+            None => pairs,
+        };
         let dev = self.s.dev;
         let i1 = Tensor::f_from_slice(&pairs.iter().map(|p| p.0 as i64).collect::<Vec<_>>())?
             .f_to_device(dev)?;
@@ -506,12 +511,14 @@ impl Task for Pairwise<'_> {
                 net.logits_t(&x.f_index_select(0, &i1)?, &x.f_index_select(0, &i2)?, true)
             }
         };
-        let loss = logits.f_binary_cross_entropy_with_logits(
-            &y,
-            None::<&Tensor>,
-            None::<&Tensor>,
-            Reduction::Mean,
-        )?;
+        let loss = logits
+            .f_binary_cross_entropy_with_logits(
+                &y,
+                None::<&Tensor>,
+                None::<&Tensor>,
+                Reduction::Sum,
+            )?
+            .f_div_scalar(n_pairs as f64)?;
         let lv = Vec::<f32>::try_from(&logits.detach().to_device(Device::Cpu))?;
         let mut logs = Logs::new();
         let correct = lv
@@ -520,7 +527,7 @@ impl Task for Pairwise<'_> {
             .filter(|(l, t)| (**l > 0.0) == (**t > 0.5))
             .count();
         logs.insert("pair_accuracy".into(), correct as f64 / lv.len() as f64);
-        logs.insert("n_pos_pairs".into(), (pairs.len() - n_neg) as f64);
+        logs.insert("n_pos_pairs".into(), (n_pairs - n_neg) as f64);
         logs.insert("n_neg_pairs".into(), n_neg as f64);
         let mean_p = |neg: bool| {
             let v: Vec<f64> = lv
@@ -534,6 +541,14 @@ impl Task for Pairwise<'_> {
         logs.insert("pos_prob".into(), mean_p(false));
         logs.insert("neg_prob".into(), mean_p(true));
         Ok((loss, logs))
+    }
+
+    fn shards_rows(&self) -> bool {
+        false
+    }
+
+    fn loss_is_partial(&self) -> bool {
+        true
     }
 
     fn can_validate(&self) -> bool {

@@ -47,6 +47,16 @@ pub(crate) trait Task {
         step: usize,
         dist: Option<&Dist>,
     ) -> Result<(Tensor, Logs)>;
+    /// Data-parallel: whether each rank gets its share of the batch's rows (`loss`'s `x`), or
+    /// the whole batch (a task that shares out other work, the pairwise re-ranker its pairs).
+    fn shards_rows(&self) -> bool {
+        true
+    }
+    /// Data-parallel: whether `loss` returns this rank's part of the batch's loss (the
+    /// parts add up to it), rather than the whole batch's loss on every rank.
+    fn loss_is_partial(&self) -> bool {
+        false
+    }
     /// Every tensor of the task's state that all ranks must hold equal (parameters and
     /// buffers of the network and of the loss), in a fixed order.
     fn sync_tensors(&self) -> Vec<Tensor>;
@@ -193,11 +203,6 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         )));
     }
     if let Some(d) = dist {
-        if is_pairwise {
-            return Err(Error::input(
-                "a [pairwise] config trains in one process: data-parallel training (several ranks) is for extractors",
-            ));
-        }
         d.agree(&[
             (
                 "simile versions",
@@ -210,7 +215,7 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
             ("--resume", opts.resume.to_string()),
         ])?;
         let bs = sampler.batch_size();
-        if bs % d.world_size != 0 {
+        if !is_pairwise && bs % d.world_size != 0 {
             return Err(Error::input(format!(
                 "the {} sampler's batch of {bs} does not split over {} ranks: make the batch a multiple of the world size",
                 cfg.sampler.name(),
@@ -642,7 +647,10 @@ impl Run<'_, '_> {
             }
             let skip = self.prog.batch_in_epoch.min(batches.len());
             // Each rank decodes and forwards its slice of the batch (position `first` on).
-            let (rank, world) = self.ctx.dist.map_or((0, 1), |d| (d.rank, d.world_size));
+            let (rank, world) = match self.ctx.dist {
+                Some(d) if self.task.shards_rows() => (d.rank, d.world_size),
+                _ => (0, 1),
+            };
             let todo: Vec<(usize, Vec<usize>)> = batches[skip..]
                 .iter()
                 .map(|b| {
@@ -783,7 +791,15 @@ impl Run<'_, '_> {
         } else {
             loss_t.f_mean(Kind::Float)?
         };
-        let loss = loss_t.f_double_value(&[])?;
+        let loss = match self.ctx.dist {
+            // Each rank holds its part of the loss: the log and the NaN check need the sum.
+            Some(d) if self.task.loss_is_partial() => {
+                let total = loss_t.f_detach()?.f_to_kind(Kind::Float)?.f_view([1])?;
+                d.sum(&total)?;
+                total.f_double_value(&[0])?
+            }
+            _ => loss_t.f_double_value(&[])?,
+        };
         mark("loss");
         if !loss.is_finite() {
             let kept = nonfinite_advice(self.ctx.ckpt_root, step);

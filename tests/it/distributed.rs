@@ -323,3 +323,39 @@ fn ranks_on_two_addresses_meet() {
     wait_all(vec![r0, r1], 0);
     assert!(out.join("model.json").exists());
 }
+
+/// The pairwise re-ranker: every rank takes the whole batch (the siamese backbone's features,
+/// so BatchNorm sees what one process sees), mines the same pairs and scores its share of
+/// them; the parts of the loss add up to the whole batch's. With dropout off, two ranks train
+/// as one process.
+#[test]
+fn the_pairwise_reranker_trains_on_two_ranks_as_in_one_process() {
+    let f = fx();
+    let ext = f.p("extractor");
+    let ecfg = config(&f, "e.toml", "smallcnn", "triplet", 1);
+    ok(&f, &args(&f, &ecfg, &ext, &["--threads", "1"]));
+    let e = s(&ext);
+    let text = format!(
+        "seed = 1\nepochs = 2\nvalid_period = 0\nvalid_at_start = false\nbatch_size_val = 64\n\n[model]\narch = \"smallcnn\"\nwidth = 8\ndim = 16\nsize = 32\nnormalise = true\ninit = \"{e}\"\n\n[sampler]\nname = \"balance\"\nn_labels = 2\nn_instances = 4\n\n[optimizer]\nname = \"sgd\"\nlr = 0.01\nmomentum = 0.9\n\n[schedule]\nname = \"constant\"\n\n[pairwise]\nextractor = \"{e}\"\nmlp_hidden = [16]\ndropout = 0.0\nmining = \"hard\"\ntop_n = 3\n"
+    );
+    let cfg = f.p("pw.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let one = f.p("pw-one");
+    let two = f.p("pw-two");
+    ok(&f, &args(&f, &cfg, &one, &["--threads", "1"]));
+    ok(
+        &f,
+        &args(&f, &cfg, &two, &["--nproc", "2", "--threads", "2"]),
+    );
+    let (a, b) = (losses(&one), losses(&two));
+    assert_eq!(a.len(), 4);
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() < 1e-5, "step {}: {x} vs {y}", i + 1);
+    }
+    let d = max_diff(
+        &weights(&one.join("model.safetensors")),
+        &weights(&two.join("model.safetensors")),
+    );
+    assert!(d < 1e-5, "weights differ by {d}");
+}
