@@ -93,6 +93,21 @@ impl Fx {
         )
     }
 
+    /// simile-score of `nb` on the fixture's dataset into `m.json`, with `extra` flags.
+    pub fn score(&self, nb: &Path, extra: &[&str]) -> Run {
+        let out = self.p("m.json");
+        let mut a = vec![
+            "--dataset",
+            s(&self.ds),
+            "--neighbors",
+            s(nb),
+            "--out",
+            s(&out),
+        ];
+        a.extend_from_slice(extra);
+        self.run(SCORE, &a, None)
+    }
+
     fn temps(&self) -> Vec<String> {
         common::listing(self.dir.path())
             .into_iter()
@@ -128,20 +143,7 @@ fn a_kill_at_any_commit_point_leaves_nothing_a_reader_accepts() {
         let r = f.embed(&emb, "all", Some(&format!("kill-after:{point}")));
         assert_eq!(r.code, 137, "{point}: not killed: {}", r.stderr);
         let d = f.distance(&emb, &f.p("nb2.parquet"), "5", None);
-        let sc = f.run(
-            SCORE,
-            &[
-                "--dataset",
-                s(&f.ds),
-                "--neighbors",
-                s(&nb),
-                "--embeddings",
-                s(&emb),
-                "--out",
-                s(&f.p("m.json")),
-            ],
-            None,
-        );
+        let sc = f.score(&nb, &["--embeddings", s(&emb)]);
         if readable {
             assert_eq!(d.code, 0, "{point}: {}", d.stderr);
             assert_eq!(std::fs::read(f.p("nb2.parquet")).unwrap(), want, "{point}");
@@ -167,18 +169,7 @@ fn a_kill_at_any_commit_point_leaves_nothing_a_reader_accepts() {
     // The same for a single-file set: distance killed after its manifest is in place.
     let r = f.distance(&emb, &nb, "7", Some("kill-after:manifest"));
     assert_eq!(r.code, 137);
-    let sc = f.run(
-        SCORE,
-        &[
-            "--dataset",
-            s(&f.ds),
-            "--neighbors",
-            s(&nb),
-            "--out",
-            s(&f.p("m.json")),
-        ],
-        None,
-    );
+    let sc = f.score(&nb, &[]);
     assert_eq!(sc.code, 2, "{}", sc.stderr);
     assert!(
         sc.stderr.contains("nb.parquet does not match"),

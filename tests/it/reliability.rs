@@ -230,26 +230,10 @@ fn per_query_in_another_folder_is_refused_as_the_users_error() {
     let f = fx();
     let (_, nb) = searched(&f);
     std::fs::create_dir(f.p("other")).unwrap();
-    let score = |out: &Path, pq: &Path| {
-        f.run(
-            SCORE,
-            &[
-                "--dataset",
-                s(&f.ds),
-                "--neighbors",
-                s(&nb),
-                "--out",
-                s(out),
-                "--per-query",
-                s(pq),
-            ],
-            None,
-        )
-    };
-    let r = score(&f.p("m.json"), &f.p("other/pq.parquet"));
+    let r = f.score(&nb, &["--per-query", s(&f.p("other/pq.parquet"))]);
     refused(&r, "must be in the folder of --out");
     assert!(!f.p("m.json").exists());
-    let r = score(&f.p("m.json"), &f.p("./pq.parquet"));
+    let r = f.score(&nb, &["--per-query", s(&f.p("./pq.parquet"))]);
     assert_eq!(r.code, 0, "{}", r.stderr);
 }
 
@@ -438,38 +422,10 @@ fn outputs_named_like_another_sets_files_are_refused() {
         None,
     );
     refused(&r, "names a manifest");
-    let r = f.run(
-        EMBED,
-        &[
-            "--dataset",
-            s(&f.ds),
-            "--model",
-            "smallcnn",
-            "--split",
-            "validation",
-            "--device",
-            "cpu",
-            "--out",
-            s(&f.p("emb.ids.npy")),
-        ],
-        None,
-    );
+    let r = f.embed(&f.p("emb.ids.npy"), "validation", None);
     refused(&r, "is a companion of");
     // A score whose --per-query would overwrite another set's companion.
-    let r = f.run(
-        SCORE,
-        &[
-            "--dataset",
-            s(&f.ds),
-            "--neighbors",
-            s(&nb),
-            "--out",
-            s(&f.p("m.json")),
-            "--per-query",
-            s(&f.p("emb.skipped.tsv")),
-        ],
-        None,
-    );
+    let r = f.score(&nb, &["--per-query", s(&f.p("emb.skipped.tsv"))]);
     refused(&r, "is a companion of");
     assert_eq!(f.distance(&emb, &f.p("nb2.parquet"), "5", None).code, 0);
 }
@@ -496,18 +452,7 @@ fn lists_cut_after_the_search_are_refused() {
     }
     let cut = f.p("cut.parquet");
     common::write_neighbors(&cut, &full.meta, &lists);
-    let r = f.run(
-        SCORE,
-        &[
-            "--dataset",
-            s(&f.ds),
-            "--neighbors",
-            s(&cut),
-            "--out",
-            s(&f.p("m.json")),
-        ],
-        None,
-    );
+    let r = f.score(&cut, &[]);
     refused(&r, "shorter than min(k = 5");
 }
 
