@@ -31,6 +31,7 @@ as SIMILE_TRAIN_PROFILE=1 does for simile.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -229,6 +230,15 @@ def main():
     ap.add_argument("--contrast", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fused", action="store_true", help="torch.optim's fused=True optimiser (one kernel per step)")
+    ap.add_argument(
+        "--autocast",
+        choices=["none", "bf16"],
+        default="none",
+        help="bf16: forward and loss under torch.autocast('cpu', torch.bfloat16), as Lightning's precision='bf16-mixed'",
+    )
+    ap.add_argument("--max-steps", type=int, default=0, help="stop after N steps (throughput only; 0: every epoch)")
+    ap.add_argument("--skip-first-step", action="store_true", help="leave the first step (warm-up) out of images/s")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--simile-config", help="a resolved simile config.toml whose values replace the defaults above")
     ap.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="copied into the JSON line")
@@ -241,7 +251,7 @@ def main():
     if args.summarise:
         return summarise(args.summarise)
     if args.simile_run:
-        return simile_run(args.simile_run, args.load_before, tags)
+        return simile_run(args.simile_run, args.load_before, tags, args.skip_first_step)
     if args.simile_config:
         from_simile_config(args)
     if args.profile:
@@ -280,7 +290,7 @@ def main():
         groups.append({"params": crit.parameters(), "lr": args.lr_loss or args.lr})
     # OML's pipeline: every parameter of the extractor (and the loss) decayed alike.
     make = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    opt = make(groups, weight_decay=args.weight_decay)
+    opt = make(groups, weight_decay=args.weight_decay, **({"fused": True} if args.fused else {}))
     base = [g["lr"] for g in opt.param_groups]
     steps_per_epoch = len(sampler)
     total = args.epochs * steps_per_epoch
@@ -295,9 +305,12 @@ def main():
 
     untrained = evaluate(model, img_val, df_val, root, 512, args.mean, args.std) if args.valid_at_start else None
     step, n_img, train_s, losses = 0, 0, 0.0, []
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if args.autocast == "bf16" else contextlib.nullcontext()
     for _ in range(args.epochs):
+        if args.max_steps and step >= args.max_steps:
+            break
         it = iter(loader)
-        while True:
+        while not (args.max_steps and step >= args.max_steps):
             ts = time.time()
             try:
                 x, idx = next(it)
@@ -305,20 +318,22 @@ def main():
                 break
             for g, b in zip(opt.param_groups, base):
                 g["lr"] = b * factor(step)
-            loss = crit(model(x), labels[idx])
+            with amp:
+                loss = crit(model(x), labels[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(loss.item())
-            train_s += time.time() - ts
-            n_img += len(idx)
+            if not (args.skip_first_step and step == 0):
+                train_s += time.time() - ts
+                n_img += len(idx)
             step += 1
     load_after = loadavg()
-    metrics = evaluate(model, img_val, df_val, root, 512, args.mean, args.std)
+    metrics = None if args.max_steps else evaluate(model, img_val, df_val, root, 512, args.mean, args.std)
     print(
         json.dumps(
             {
-                "framework": "oml-4.0.0",
+                "framework": f"oml-4.0.0 torch-{torch.__version__.split('+')[0]}",
                 **tags,
                 "args": vars(args),
                 "steps": step,
@@ -388,20 +403,29 @@ def loadavg():
 KEYS = ["OVERALL/cmc/1", "OVERALL/cmc/5", "OVERALL/precision/5", "OVERALL/map/5"]
 
 
-def simile_run(out, load_before, tags):
-    """The JSON line of a finished simile-train run: images/s over its logged training steps."""
+def simile_run(out, load_before, tags, skip_first=False):
+    """The JSON line of a finished (or stopped) simile-train run: images/s over its logged
+    training steps (but the first, with skip_first)."""
     import pyarrow.parquet as pq
 
     log = pq.read_table(f"{out}/train_log.parquet").to_pydict()
-    val = pq.read_table(f"{out}/val_metrics.parquet").to_pydict()
+    # A run stopped after some steps (throughput only) has no final validation.
+    val = pq.read_table(f"{out}/val_metrics.parquet").to_pydict() if os.path.exists(f"{out}/val_metrics.parquet") else None
+    if val is not None and len(val["step"]) < 2:
+        val = None
+    util = {}
+    if os.path.exists(f"{out}/model.safetensors.manifest.json"):
+        with open(f"{out}/model.safetensors.manifest.json") as f:
+            util = json.load(f).get("notes", {}).get("utilisation", {})
     with open(f"{out}/config.toml", "rb") as f:
         import tomllib
 
         bs = tomllib.load(f)["sampler"]
     bs = bs["n_labels"] * bs["n_instances"]
     # Each row's images_per_s is batch / (that step's seconds, batch wait to optimiser step).
-    secs = sum(bs / x for x in log["images_per_s"] if x)
-    n = len(log["images_per_s"])
+    per_step = log["images_per_s"][1:] if skip_first else log["images_per_s"]
+    secs = sum(bs / x for x in per_step if x)
+    n = len(per_step)
     print(
         json.dumps(
             {
@@ -413,44 +437,61 @@ def simile_run(out, load_before, tags):
                 "images_per_s": round(n * bs / secs, 1),
                 "load_before": load_before,
                 "load_after": loadavg(),
-                "metrics": {k: val[k][-1] for k in KEYS},
-                "metrics_untrained": {k: val[k][0] for k in KEYS} if val["step"][0] == 0 and len(val["step"]) > 1 else None,
+                "metrics": {k: val[k][-1] for k in KEYS} if val else None,
+                "metrics_untrained": {k: val[k][0] for k in KEYS} if val and val["step"][0] == 0 else None,
+                # A stopped run has no manifest: the shell script passes them as tags.
+                "flops_per_image": util.get("flops_per_image") or tags.get("flops_per_image"),
+                "peak_gflop_s": util.get("peak_gflop_s") or tags.get("peak_gflop_s"),
             }
         )
     )
 
 
 def summarise(path):
-    """Per-seed rows and means per framework (and compute), Markdown; ratios against OML."""
+    """Per-seed rows and means per framework (and compute, and variant), Markdown; ratios
+    against OML's fastest variant. GFLOP/s and the share of the peak where the line carries
+    flops_per_image and peak_gflop_s (simile's manifest; the OML lines get simile's counts for
+    the same network from bench/train_speed.sh)."""
     rows = [json.loads(line) for line in open(path) if line.startswith("{")]
-    name = lambda r: r["framework"] + (f" {r['compute']}" if r.get("compute") else "")
+    name = lambda r: r["framework"] + "".join(f" {r[k]}" for k in ("compute", "variant") if r.get(k))
     u = lambda r: f"{r['metrics_untrained']['OVERALL/cmc/1']:.4f}" if r.get("metrics_untrained") else "-"
-    print("| run | seed | steps | train s | images/s | CMC@1 untrained | CMC@1 | MAP@5 | load before / after (1, 5, 15 min) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    cmc = lambda r: r["metrics"]["OVERALL/cmc/1"] if r.get("metrics") else None
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"
+    gflops = lambda r: float(r["flops_per_image"]) * r["images_per_s"] / 1e9 if r.get("flops_per_image") else None
+    share = lambda r: gflops(r) / float(r["peak_gflop_s"]) if gflops(r) and r.get("peak_gflop_s") else None
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"
+    print("| run | seed | steps | train s | images/s | GFLOP/s | of peak | CMC@1 untrained | CMC@1 | MAP@5 | load before / after (1, 5, 15 min) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        m = r["metrics"]
+        m = r.get("metrics") or {}
+        g = gflops(r)
         print(
             f"| {name(r)} | {r.get('seed', '')} | {r['steps']} | {r['train_seconds']:.1f} | {r['images_per_s']:.1f} "
-            f"| {u(r)} | {m['OVERALL/cmc/1']:.4f} | {m['OVERALL/map/5']:.4f} | {r.get('load_before', '')} / {r.get('load_after', '')} |"
+            f"| {'-' if g is None else f'{g:.1f}'} | {pct(share(r))} "
+            f"| {u(r)} | {fmt(m.get('OVERALL/cmc/1'))} | {fmt(m.get('OVERALL/map/5'))} | {r.get('load_before', '')} / {r.get('load_after', '')} |"
         )
     means = {}
     for r in rows:
         means.setdefault(name(r), []).append(r)
     print()
-    print("| run | seeds | images/s (mean) | CMC@1 untrained (mean) | CMC@1 (mean) | CMC@1 min-max | MAP@5 (mean) | images/s vs OML | CMC@1 vs OML |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    ref = next((v for k, v in means.items() if k.startswith("oml")), None)
-    mean = lambda v, f: sum(f(r) for r in v) / len(v)
+    print("| run | seeds | images/s (mean) | of peak | CMC@1 untrained (mean) | CMC@1 (mean) | CMC@1 min-max | MAP@5 (mean) | images/s vs OML's fastest | CMC@1 vs it |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    mean = lambda v, f: (lambda xs: sum(xs) / len(xs) if xs else None)([f(r) for r in v if f(r) is not None])
     ips = lambda r: r["images_per_s"]
-    cmc = lambda r: r["metrics"]["OVERALL/cmc/1"]
+    omls = {k: v for k, v in means.items() if k.startswith("oml")}
+    ref = max(omls.values(), key=lambda v: mean(v, ips)) if omls else None
     for k, v in means.items():
         ratio = f"{mean(v, ips) / mean(ref, ips):.2f}x" if ref else ""
-        diff = f"{mean(v, cmc) - mean(ref, cmc):+.4f}" if ref else ""
+        c, rc = mean(v, cmc), mean(ref, cmc) if ref else None
+        diff = f"{c - rc:+.4f}" if c is not None and rc is not None else ""
         un = [r["metrics_untrained"]["OVERALL/cmc/1"] for r in v if r.get("metrics_untrained")]
         un = f"{sum(un) / len(un):.4f}" if un else "-"
+        cs = [cmc(r) for r in v if cmc(r) is not None]
+        spread = f"{min(cs):.4f}-{max(cs):.4f}" if cs else "-"
+        m5 = mean(v, lambda r: r["metrics"]["OVERALL/map/5"] if r.get("metrics") else None)
         print(
-            f"| {k} | {len(v)} | {mean(v, ips):.1f} | {un} | {mean(v, cmc):.4f} | {min(map(cmc, v)):.4f}-{max(map(cmc, v)):.4f} "
-            f"| {mean(v, lambda r: r['metrics']['OVERALL/map/5']):.4f} | {ratio} | {diff} |"
+            f"| {k} | {len(v)} | {mean(v, ips):.1f} | {pct(mean(v, share))} | {un} | {fmt(c)} | {spread} "
+            f"| {fmt(m5)} | {ratio} | {diff} |"
         )
 
 

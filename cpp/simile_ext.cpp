@@ -15,10 +15,12 @@
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/autograd/profiler_legacy.h>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #ifndef USE_C10D_GLOO
@@ -463,6 +465,107 @@ simile_error* simile_autocast_exit(int8_t device_type, const simile_autocast_pre
     }
     at::autocast::set_autocast_enabled(dev, prev->enabled);
     at::autocast::set_autocast_dtype(dev, static_cast<c10::ScalarType>(prev->dtype));
+  });
+}
+
+// ---- Fused optimisers -----------------------------------------------------------------
+
+namespace {
+
+std::vector<at::Tensor> list_of(simile_tensor* const* ts, size_t n) {
+  std::vector<at::Tensor> v;
+  v.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    v.push_back(*ts[i]);
+  }
+  return v;
+}
+
+}  // namespace
+
+simile_error* simile_fused_adam(simile_tensor* const* params, simile_tensor* const* grads,
+                                simile_tensor* const* exp_avgs, simile_tensor* const* exp_avg_sqs,
+                                simile_tensor* const* steps, size_t n, double lr, double beta1,
+                                double beta2, double weight_decay, double eps, bool decoupled) {
+  return protect(SIMILE_ERR_INTERNAL, "fused Adam step", [&] {
+    at::NoGradGuard no_grad;
+    auto p = list_of(params, n);
+    auto g = list_of(grads, n);
+    auto m = list_of(exp_avgs, n);
+    auto v = list_of(exp_avg_sqs, n);
+    auto s = list_of(steps, n);
+    at::_foreach_add_(s, 1);
+    // No amsgrad: its max_exp_avg_sqs list stays empty, as torch.optim passes it.
+    std::vector<at::Tensor> none;
+    if (decoupled) {
+      at::_fused_adamw_(p, g, m, v, none, s, lr, beta1, beta2, weight_decay, eps,
+                        /*amsgrad=*/false, /*maximize=*/false, std::nullopt, std::nullopt);
+    } else {
+      at::_fused_adam_(p, g, m, v, none, s, lr, beta1, beta2, weight_decay, eps,
+                       /*amsgrad=*/false, /*maximize=*/false, std::nullopt, std::nullopt);
+    }
+  });
+}
+
+simile_error* simile_fused_sgd(simile_tensor* const* params, simile_tensor* const* grads,
+                               simile_tensor* const* bufs, size_t n, double weight_decay,
+                               double momentum, double lr, double dampening, bool nesterov,
+                               bool is_first_step) {
+  return protect(SIMILE_ERR_INTERNAL, "fused SGD step", [&] {
+    at::NoGradGuard no_grad;
+    auto p = list_of(params, n);
+    auto g = list_of(grads, n);
+    auto b = momentum != 0.0 ? list_of(bufs, n) : std::vector<at::Tensor>{};
+    at::_fused_sgd_(p, g, b, weight_decay, momentum, lr, dampening, nesterov,
+                    /*maximize=*/false, is_first_step, std::nullopt, std::nullopt);
+  });
+}
+
+// ---- Mixed precision ---------------------------------------------------------------------
+
+simile_error* simile_amp_unscale(simile_tensor* const* grads, size_t n, simile_tensor* found_inf,
+                                 const simile_tensor* inv_scale) {
+  return protect(SIMILE_ERR_INTERNAL, "unscaling gradients", [&] {
+    at::NoGradGuard no_grad;
+    auto g = list_of(grads, n);
+    at::_amp_foreach_non_finite_check_and_unscale_(g, *found_inf, *inv_scale);
+  });
+}
+
+simile_error* simile_cpu_has_bf16_kernels(bool* out) {
+  return protect(SIMILE_ERR_INTERNAL, "bf16 support", [&] {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("mkldnn::_is_mkldnn_bf16_supported", "")
+                         .typed<bool()>();
+    *out = op.call();
+  });
+}
+
+// ---- FLOPs ---------------------------------------------------------------------------------
+
+simile_error* simile_flops_begin(void) {
+  return protect(SIMILE_ERR_INTERNAL, "counting FLOPs", [&] {
+    using torch::profiler::impl::ProfilerConfig;
+    using torch::profiler::impl::ProfilerState;
+    torch::autograd::profiler::enableProfilerLegacy(
+        ProfilerConfig(ProfilerState::CPU, /*report_input_shapes=*/true,
+                       /*profile_memory=*/false, /*with_stack=*/false, /*with_flops=*/true));
+  });
+}
+
+simile_error* simile_flops_end(double* flops) {
+  return protect(SIMILE_ERR_INTERNAL, "counting FLOPs", [&] {
+    auto lists = torch::autograd::profiler::disableProfilerLegacy();
+    double total = 0;
+    for (auto& events : lists) {
+      for (auto& e : events) {
+        // The count sits on the op's opening event.
+        if (e.kind() == torch::autograd::profiler::EventKind::PushRange) {
+          total += static_cast<double>(e.flops());
+        }
+      }
+    }
+    *flops = total;
   });
 }
 

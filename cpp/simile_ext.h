@@ -1,4 +1,6 @@
-// simile's C++ shim over libtorch: c10d (TCPStore, ProcessGroupGloo) and CPU/CUDA autocast.
+// simile's C++ shim over libtorch: c10d (TCPStore, ProcessGroupGloo), CPU/CUDA autocast, and
+// the ATen ops and facilities tch does not reach (fused optimiser steps, GradScaler's unscale,
+// oneDNN's bf16 check, the profiler's FLOP count).
 // Its only caller is src/torch_ext/ (Rust), which declares these same functions.
 //
 // Rules of the API:
@@ -100,6 +102,37 @@ typedef struct simile_autocast_prev {
 simile_error* simile_autocast_enter(int8_t device_type, int8_t dtype, simile_autocast_prev* prev);
 // __exit__: un-nests (clearing the cast cache when the outermost guard exits) and restores prev.
 simile_error* simile_autocast_exit(int8_t device_type, const simile_autocast_prev* prev);
+
+// ---- Fused optimisers -----------------------------------------------------------------
+// torch.optim's fused=True steps (ATen's _fused_adam_ / _fused_adamw_ / _fused_sgd_: one pass
+// over each parameter, CPU and CUDA kernels). Lists of n tensors each, one parameter per
+// index, all on one device. steps: float32 scalar tensors, each parameter's step count,
+// incremented here before the update (as torch.optim does). decoupled: AdamW's weight decay.
+simile_error* simile_fused_adam(simile_tensor* const* params, simile_tensor* const* grads,
+                                simile_tensor* const* exp_avgs, simile_tensor* const* exp_avg_sqs,
+                                simile_tensor* const* steps, size_t n, double lr, double beta1,
+                                double beta2, double weight_decay, double eps, bool decoupled);
+// bufs: momentum buffers (when momentum != 0); is_first_step fills them with the gradients.
+simile_error* simile_fused_sgd(simile_tensor* const* params, simile_tensor* const* grads,
+                               simile_tensor* const* bufs, size_t n, double weight_decay,
+                               double momentum, double lr, double dampening, bool nesterov,
+                               bool is_first_step);
+
+// ---- Mixed precision ---------------------------------------------------------------------
+// torch.amp.GradScaler's unscale: multiplies every gradient by inv_scale (a float32 scalar
+// tensor), in place, and sets found_inf (a float32 scalar tensor) to 1 if any is inf or NaN.
+simile_error* simile_amp_unscale(simile_tensor* const* grads, size_t n, simile_tensor* found_inf,
+                                 const simile_tensor* inv_scale);
+// Whether this CPU has oneDNN's bf16 kernels (torch.ops.mkldnn._is_mkldnn_bf16_supported:
+// AVX512 or AMX); without them libtorch runs bf16 convolutions through slow reference code.
+simile_error* simile_cpu_has_bf16_kernels(bool* out);
+
+// ---- FLOPs ---------------------------------------------------------------------------------
+// Counts the floating-point operations of the ops run on this thread between begin and end,
+// with libtorch's profiler (its with_flops counters: conv2d, mm, addmm, bmm, baddbmm, mul,
+// add).
+simile_error* simile_flops_begin(void);
+simile_error* simile_flops_end(double* flops);
 
 #ifdef __cplusplus
 }

@@ -6,11 +6,42 @@
 # first by scripts/bootstrap-pyextras.sh) instead of downloading another, and installs OML
 # without its dependency resolver (it pins numpy < 2; the modules used import and run with
 # numpy 2), plus the modules they import. OML_VENV=DIR uses another (already complete) one.
+# OML_TORCH=latest: instead, a virtualenv with what `pip install open-metric-learning==4.0.0`
+# brings today, its own dependency resolution included (torch 2.15.0 on 2026-12-06), for the
+# benchmarks that compare with OML at its newest (bench/train_speed.sh):
+# ${SIMILE_CACHE:-~/.cache/simile}/oml-4.0.0-pip.
 # Safe to run from parallel tests (flock); quick when done.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 CACHE="${SIMILE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/simile}"
-VENV="${OML_VENV:-$CACHE/oml-4.0.0}"
+LATEST="${OML_TORCH:-}"
+case "$LATEST" in
+"" | latest) ;;
+*) echo "OML_TORCH: 'latest' or unset, not '$LATEST'" >&2; exit 2 ;;
+esac
+VENV="${OML_VENV:-$CACHE/oml-4.0.0${LATEST:+-pip}}"
+if [ -n "$LATEST" ] && [ ! -f "$VENV/.simile-complete" ]; then
+    mkdir -p "$CACHE"
+    exec 9>"$VENV.lock"
+    flock 9
+    if [ ! -f "$VENV/.simile-complete" ]; then
+        echo "simile: installing open-metric-learning==4.0.0 as pip resolves it into $VENV (once; about 5 GB)" >&2
+        TMP="$VENV.tmp.$$"
+        rm -rf "$TMP"
+        python3 -m venv "$TMP"
+        "$TMP/bin/python" -m pip install --quiet --upgrade pip >&2
+        # OML imports modules its package metadata does not list (omegaconf and others).
+        "$TMP/bin/python" -m pip install --quiet "open-metric-learning==4.0.0" pyarrow omegaconf \
+            validators gdown matplotlib albumentations opencv-python-headless >&2
+        "$TMP/bin/python" -c "import oml.models, oml.losses.triplet, oml.miners.inbatch_hard_tri, torchvision" >&2
+        rm -rf "$VENV"
+        mv "$TMP" "$VENV"
+        grep -rl "$TMP" "$VENV/bin" 2>/dev/null | xargs -r sed -i "s#$TMP#$VENV#g"
+        touch "$VENV/.simile-complete"
+    fi
+    echo "$VENV"
+    exit 0
+fi
 if [ ! -f "$VENV/.simile-complete" ]; then
     PY="$(scripts/bootstrap-pyextras.sh)"
     TORCH_VENV="$(dirname "$(dirname "$PY")")"

@@ -437,6 +437,16 @@ where
     f.seal()
 }
 
+/// simile's cache folder (the zoo, decoded images, the GEMM probe):
+/// `${SIMILE_CACHE:-${XDG_CACHE_HOME:-~/.cache}/simile}`.
+pub fn cache_root() -> PathBuf {
+    std::env::var_os("SIMILE_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("simile")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/simile")))
+        .unwrap_or_else(|| std::env::temp_dir().join("simile"))
+}
+
 /// Writes bytes atomically.
 pub fn atomic_write_bytes(dest: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
     seal_bytes(dest, bytes)?.persist()

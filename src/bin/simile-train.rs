@@ -27,7 +27,9 @@ cached once per dataset and input size in ${SIMILE_CACHE:-~/.cache/simile}/image
 Data-parallel training: --nproc N starts N ranks here (as torchrun --nproc-per-node N); with
 torchrun's RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set (torchrun, a Kubernetes PyTorchJob,
 Slurm's srun), this process is one rank of a job: Gloo on the CPU (docs/training.md, 'Several
-processes and machines'). Rank 0 writes the outputs. Exit codes: 0 ok, 2 bad input, 1 internal
+processes and machines'). The summary line states the run's GFLOP/s and their share of the
+machine's peak for the compute mode (a matrix-multiply probe, measured once and cached in
+${SIMILE_CACHE:-~/.cache/simile}/peak.json). Rank 0 writes the outputs. Exit codes: 0 ok, 2 bad input, 1 internal
 failure (a rank that died or stopped answering included)."
 )]
 struct Cli {
@@ -53,7 +55,9 @@ struct Cli {
     force: bool,
     #[command(flatten)]
     dev: simile::cli::DeviceArgs,
-    /// fp32, or bf16 (bf16 forward/backward with fp32 master weights; fast on CPUs with AMX).
+    /// fp32; bf16 (autocast: convolutions and linear layers in bf16, fp32 weights; fast on
+    /// GPUs and on CPUs with AVX512-BF16 or AMX, slow on others, which get a warning); fp16
+    /// (CUDA only: autocast with a dynamic loss scale, as torch.amp.GradScaler).
     #[arg(long, default_value = "fp32")]
     compute: Compute,
     /// Folder of the decoded-image cache.
@@ -153,8 +157,20 @@ fn main() {
             Some((k, v, e)) => format!("best {k} = {v:.4} (epoch {e})"),
             None => "no validation split: the model is the last weights".into(),
         };
+        let util = match &s.utilisation {
+            Some(u) => match (u.share(), u.peak_gflop_s) {
+                (Some(share), Some(peak)) => format!(
+                    " ({:.1} GFLOP/s, {:.0}% of the machine's {} peak {peak:.0} GFLOP/s)",
+                    u.gflop_s,
+                    share * 100.0,
+                    opts.compute
+                ),
+                _ => format!(" ({:.1} GFLOP/s)", u.gflop_s),
+            },
+            None => String::new(),
+        };
         println!(
-            "simile-train: {} epochs, {} steps, {:.0} images/s, {:.1} s; {best} -> {}",
+            "simile-train: {} epochs, {} steps, {:.0} images/s{util}, {:.1} s; {best} -> {}",
             s.epochs,
             s.steps,
             s.images_per_s,

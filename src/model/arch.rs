@@ -200,8 +200,6 @@ impl Net {
         })
     }
 
-    /// Backbone features after pooling and projection, before normalisation: `[B, dim]`
-    /// (what a classification head sits on).
     /// Width of the backbone's features (the projection's input, or the embedding).
     pub fn feature_dim(&self) -> i64 {
         self.proj
@@ -210,6 +208,8 @@ impl Net {
             .unwrap_or(self.dim)
     }
 
+    /// Backbone features after pooling and projection, before normalisation: `[B, dim]`
+    /// (what a classification head sits on).
     pub fn features_t(&self, xs: &Tensor, train: bool) -> Tensor {
         let f = match &self.body {
             Body::SmallCnn(b) => self.pooled(&b.forward_t(xs, train)),
@@ -232,6 +232,24 @@ impl Net {
         } else {
             f
         }
+    }
+
+    /// `forward_t` in a compute mode: the backbone and projection under autocast, the
+    /// embedding back in fp32 before normalisation (autocast has no CPU rule for it), so the
+    /// miner, the loss and the search see fp32. `xs` is float32.
+    pub fn forward_in(
+        &self,
+        xs: &Tensor,
+        train: bool,
+        compute: super::Compute,
+        device: tch::Device,
+    ) -> Result<Tensor> {
+        let f = {
+            let _amp = compute.autocast(device)?;
+            self.features_t(xs, train)
+        };
+        let f = f.f_to_kind(Kind::Float)?;
+        Ok(if self.normalise { l2_normalise(&f) } else { f })
     }
 
     fn pooled(&self, fmap: &Tensor) -> Tensor {

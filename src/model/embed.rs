@@ -104,6 +104,9 @@ pub fn run(opts: &EmbedOptions, on_device: impl FnOnce(&str)) -> Result<EmbedSum
         )));
     }
     model.set_compute(opts.compute)?;
+    if let Some(w) = opts.compute.slow_on(dev) {
+        eprintln!("simile-embed: {w}");
+    }
     let pre = model.spec.input.clone();
 
     let out = match opts.shard {

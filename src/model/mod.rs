@@ -13,6 +13,7 @@ pub mod zoo;
 use crate::error::{Error, IoContext, Result};
 use crate::image::Preprocess;
 use crate::io::{seal_bytes, AtomicFile, Sealed};
+use crate::torch_ext::AutocastGuard;
 pub use arch::{ArchSpec, Net, Pool};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -224,10 +225,35 @@ impl Compute {
             Compute::Bf16 => Kind::BFloat16,
         }
     }
+
+    /// Autocast to this precision on `device` while the guard lives (`torch.autocast`:
+    /// convolutions, linear layers and matrix products run in it; the weights stay fp32).
+    /// None for fp32. fp16 needs CUDA: libtorch's CPU has no fast fp16 convolutions.
+    pub fn autocast(self, device: Device) -> Result<Option<AutocastGuard>> {
+        match self {
+            Compute::Fp32 => Ok(None),
+            Compute::Fp16 if device == Device::Cpu => Err(Error::input(
+                "--compute fp16 needs a CUDA device (libtorch's CPU kernels lack fp16 convolutions); use bf16 on the CPU",
+            )),
+            _ => AutocastGuard::new(device, self.kind()).map(Some),
+        }
+    }
+
+    /// A warning for a mode this device runs slowly: bf16 on a CPU without oneDNN's bf16
+    /// kernels (AVX512 or AMX), where libtorch falls back to reference convolutions.
+    pub fn slow_on(self, device: Device) -> Option<String> {
+        (self == Compute::Bf16
+            && device == Device::Cpu
+            && !crate::torch_ext::cpu_has_bf16_kernels().unwrap_or(true))
+        .then(|| {
+            "warning: --compute bf16 on a CPU without AVX512 or AMX: libtorch has no fast bf16 convolutions here and runs its reference code, many times slower than fp32 (resnet18: 30x, docs/benchmarks.md); use --compute fp32".to_string()
+        })
+    }
 }
 
 enum Runner {
-    Native { vs: nn::VarStore, net: Box<Net> },
+    // The store owns the weights the network uses.
+    Native { _vs: nn::VarStore, net: Box<Net> },
     Script(tch::CModule),
 }
 
@@ -314,7 +340,7 @@ impl Model {
             })?;
             vs.freeze();
             Runner::Native {
-                vs,
+                _vs: vs,
                 net: Box::new(net),
             }
         };
@@ -328,20 +354,15 @@ impl Model {
         })
     }
 
-    /// Runs the forward pass in `c` from now on (weights converted once).
+    /// Runs the forward pass in `c` from now on: a native network under autocast (its
+    /// weights stay fp32, as in training and validation), a TorchScript module converted once.
     pub fn set_compute(&mut self, c: Compute) -> Result<()> {
         if c == Compute::Fp16 && self.device == Device::Cpu {
-            return Err(Error::input(
-                "--compute fp16 needs a CUDA device (libtorch's CPU kernels lack fp16 convolutions); use bf16 on the CPU",
-            ));
+            // The same refusal as autocast's.
+            c.autocast(self.device)?;
         }
-        match &mut self.runner {
-            Runner::Native { vs, .. } => match c {
-                Compute::Fp32 => vs.float(),
-                Compute::Fp16 => vs.half(),
-                Compute::Bf16 => vs.bfloat16(),
-            },
-            Runner::Script(m) => m.to(self.device, c.kind(), false),
+        if let Runner::Script(m) = &mut self.runner {
+            m.to(self.device, c.kind(), false);
         }
         self.compute = c;
         Ok(())
@@ -353,11 +374,16 @@ impl Model {
 
     /// Embeddings `[B, D]` (float32, on the CPU) of a normalised `[B, 3, S, S]` float batch.
     pub fn embed(&self, batch: &Tensor) -> Result<Tensor> {
-        let x = batch.to_device(self.device).to_kind(self.compute.kind());
         let y = tch::no_grad(|| -> Result<Tensor> {
             Ok(match &self.runner {
-                Runner::Native { net, .. } => net.forward_t(&x, false),
+                Runner::Native { net, .. } => net.forward_in(
+                    &batch.to_device(self.device),
+                    false,
+                    self.compute,
+                    self.device,
+                )?,
                 Runner::Script(m) => {
+                    let x = batch.to_device(self.device).to_kind(self.compute.kind());
                     let y = m.forward_ts(&[x])?;
                     if self.spec.normalise {
                         arch::l2_normalise(&y.to_kind(Kind::Float))
@@ -411,9 +437,11 @@ impl Model {
         }
         let x = batch.to_device(self.device);
         let p = tch::no_grad(|| -> Result<Tensor> {
-            Ok(net
-                .features_t(&x.to_kind(self.compute.kind()), false)
-                .f_to_kind(Kind::Float)?
+            let f = {
+                let _amp = self.compute.autocast(self.device)?;
+                net.features_t(&x, false)
+            };
+            Ok(f.f_to_kind(Kind::Float)?
                 .f_linear(&w.f_to_kind(Kind::Float)?, Some(&b.f_to_kind(Kind::Float)?))?
                 .f_softmax(-1, Kind::Float)?)
         })?;

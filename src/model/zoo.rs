@@ -20,12 +20,7 @@ pub fn is_key(s: &str) -> bool {
 
 /// The zoo's cache folder.
 pub fn cache_dir() -> PathBuf {
-    let base = std::env::var_os("SIMILE_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("simile")))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/simile")))
-        .unwrap_or_else(|| std::env::temp_dir().join("simile"));
-    base.join("zoo")
+    crate::io::cache_root().join("zoo")
 }
 
 /// The folder of a zoo key, built first when it is not in the cache yet.

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tch::Tensor;
 use torch_sys::C_tensor;
 
-use super::ffi::{self, check, cstring, millis};
+use super::ffi::{self, check, cstring, millis, pointers};
 use crate::{Error, Result};
 
 /// A TCPStore client (and on one rank, the server): the key-value store the ranks meet at.
@@ -322,10 +322,4 @@ impl Drop for ProcessGroup {
         // SAFETY: live and freed once. Waits for collectives in flight (bounded by the timeout).
         unsafe { ffi::simile_pg_free(self.raw) }
     }
-}
-
-/// The C header's `simile_tensor* const*`: the shim changes the tensors' data, never the
-/// handles.
-fn pointers(tensors: &[Tensor]) -> Vec<*const C_tensor> {
-    tensors.iter().map(|t| t.as_ptr()).collect()
 }

@@ -106,6 +106,42 @@ extern "C" {
         device_type: i8,
         prev: *const AutocastPrev,
     ) -> *mut SimileError;
+
+    pub(super) fn simile_fused_adam(
+        params: *const *const C_tensor,
+        grads: *const *const C_tensor,
+        exp_avgs: *const *const C_tensor,
+        exp_avg_sqs: *const *const C_tensor,
+        steps: *const *const C_tensor,
+        n: usize,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        decoupled: bool,
+    ) -> *mut SimileError;
+    pub(super) fn simile_fused_sgd(
+        params: *const *const C_tensor,
+        grads: *const *const C_tensor,
+        bufs: *const *const C_tensor,
+        n: usize,
+        weight_decay: f64,
+        momentum: f64,
+        lr: f64,
+        dampening: f64,
+        nesterov: bool,
+        is_first_step: bool,
+    ) -> *mut SimileError;
+    pub(super) fn simile_amp_unscale(
+        grads: *const *const C_tensor,
+        n: usize,
+        found_inf: *const C_tensor,
+        inv_scale: *const C_tensor,
+    ) -> *mut SimileError;
+    pub(super) fn simile_cpu_has_bf16_kernels(out: *mut bool) -> *mut SimileError;
+    pub(super) fn simile_flops_begin() -> *mut SimileError;
+    pub(super) fn simile_flops_end(flops: *mut f64) -> *mut SimileError;
 }
 
 /// Turns the shim's returned error (null: success) into a `Result`, freeing it.
@@ -143,4 +179,10 @@ pub(super) fn millis(timeout: Duration) -> i64 {
     i64::try_from(timeout.as_millis())
         .unwrap_or(i64::MAX)
         .max(1)
+}
+
+/// The C header's `simile_tensor* const*`: the shim changes the tensors' data, never the
+/// handles.
+pub(super) fn pointers<T: std::borrow::Borrow<tch::Tensor>>(tensors: &[T]) -> Vec<*const C_tensor> {
+    tensors.iter().map(|t| t.borrow().as_ptr()).collect()
 }

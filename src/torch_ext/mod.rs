@@ -1,6 +1,7 @@
 //! What tch does not wrap from libtorch, through simile's C++ shim (`cpp/`, compiled by
 //! `build.rs`): libtorch's own c10d for data-parallel training (a TCPStore rendezvous, Gloo
-//! process groups and their collectives on CPU tensors) and a CPU/CUDA autocast guard. This
+//! process groups and their collectives on CPU tensors), a CPU/CUDA autocast guard, and
+//! ATen's fused optimiser steps, GradScaler's unscale and the profiler's FLOP counter. This
 //! module is the shim's only face: everything else in simile uses these safe types.
 //!
 //! Errors: a C++ exception becomes a [`crate::Error`]: `Distributed` (exit 1) for a peer that
@@ -9,9 +10,13 @@
 mod autocast;
 mod dist;
 mod ffi;
+mod kernels;
 
 pub use autocast::AutocastGuard;
 pub use dist::{ProcessGroup, Store};
+pub use kernels::{
+    amp_unscale, count_flops, cpu_has_bf16_kernels, fused_adam, fused_sgd, AdamStep, SgdStep,
+};
 
 #[cfg(test)]
 mod tests;

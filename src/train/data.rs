@@ -60,10 +60,7 @@ struct CacheMeta {
 
 /// `${SIMILE_CACHE:-${XDG_CACHE_HOME:-~/.cache}/simile}/images`.
 pub fn default_cache_dir() -> PathBuf {
-    crate::model::zoo::cache_dir()
-        .parent()
-        .map(|p| p.join("images"))
-        .unwrap_or_else(|| std::env::temp_dir().join("simile-images"))
+    crate::io::cache_root().join("images")
 }
 
 impl ImageCache {

@@ -12,65 +12,8 @@ use super::validate::Validator;
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::metrics::Scores;
-use crate::model::{self, Compute, ModelSpec, Net};
-use tch::{nn, Device, Kind, Tensor};
-
-/// The network being trained, and in bf16 mode its low-precision working copy.
-struct Nets {
-    vs: nn::VarStore,
-    net: Net,
-    /// bf16 copy: forward and backward run here; the fp32 master weights (above) are updated.
-    low: Option<(nn::VarStore, Net)>,
-}
-
-impl Nets {
-    fn compute_net(&self) -> &Net {
-        self.low.as_ref().map(|(_, n)| n).unwrap_or(&self.net)
-    }
-
-    fn compute_kind(&self) -> Kind {
-        if self.low.is_some() {
-            Kind::BFloat16
-        } else {
-            Kind::Float
-        }
-    }
-
-    /// Master weights -> working copy (before a step).
-    fn sync_down(&self) -> Result<()> {
-        let Some((low, _)) = &self.low else {
-            return Ok(());
-        };
-        let master = self.vs.variables();
-        tch::no_grad(|| -> Result<()> {
-            for (name, mut t) in low.variables() {
-                let src = master
-                    .get(&name)
-                    .ok_or_else(|| Error::internal(format!("no master variable {name}")))?;
-                t.f_copy_(src)?;
-            }
-            Ok(())
-        })
-    }
-
-    /// Working copy's running statistics (BatchNorm) -> master (after a step).
-    fn sync_buffers_up(&self) -> Result<()> {
-        let Some((low, _)) = &self.low else {
-            return Ok(());
-        };
-        let master = self.vs.variables();
-        tch::no_grad(|| -> Result<()> {
-            for (name, t) in low.variables() {
-                if !t.requires_grad() {
-                    if let Some(m) = master.get(&name) {
-                        m.shallow_clone().f_copy_(&t)?;
-                    }
-                }
-            }
-            Ok(())
-        })
-    }
-}
+use crate::model::{self, ModelSpec, Net};
+use tch::{nn, Device, Tensor};
 
 /// Extractor training before its network exists.
 pub(crate) struct ExtractorPlan {
@@ -110,26 +53,8 @@ impl Plan for ExtractorPlan {
             s.ts.labels.len() as i64,
             s.ts.class_categories.as_deref(),
         )?;
-        let low = if s.opts.compute == Compute::Bf16 {
-            let mut lvs = nn::VarStore::new(s.dev);
-            let lnet = Net::new(&lvs.root(), &arch, cfg.model.normalise)?;
-            lvs.bfloat16();
-            Some((lvs, lnet))
-        } else {
-            None
-        };
-        let nets = Nets { vs, net, low };
-        nets.sync_down()?;
         // Groups: backbone 0, projection head 1, the loss's parameters 2.
-        let master = trainer::trainable_sorted(&nets.vs);
-        let mut work: Vec<Tensor> = match &nets.low {
-            Some((lvs, _)) => trainer::trainable_sorted(lvs)
-                .into_iter()
-                .map(|(_, t)| t)
-                .collect(),
-            None => master.iter().map(|(_, t)| t.shallow_clone()).collect(),
-        };
-        let mut params: Vec<Param> = master
+        let mut params: Vec<Param> = trainer::trainable_sorted(&vs)
             .into_iter()
             .map(|(n, t)| Param {
                 group: if n.starts_with("proj.") { 1 } else { 0 },
@@ -141,18 +66,17 @@ impl Plan for ExtractorPlan {
             params.push(Param {
                 name: format!("criterion.{n}"),
                 group: 2,
-                tensor: t.shallow_clone(),
+                tensor: t,
             });
-            work.push(t);
         }
         Ok(Box::new(Extractor {
             s: *s,
             validator: self.validator,
-            nets,
+            vs,
+            net,
             crit_vs,
             criterion,
             params,
-            work,
         }))
     }
 }
@@ -160,20 +84,16 @@ impl Plan for ExtractorPlan {
 struct Extractor<'a> {
     s: Setup<'a>,
     validator: Option<Validator>,
-    nets: Nets,
+    vs: nn::VarStore,
+    net: Net,
     crit_vs: nn::VarStore,
     criterion: Box<dyn Criterion>,
     params: Vec<Param>,
-    work: Vec<Tensor>,
 }
 
 impl Task for Extractor<'_> {
     fn params(&self) -> &[Param] {
         &self.params
-    }
-
-    fn work(&self) -> &[Tensor] {
-        &self.work
     }
 
     fn loss(
@@ -183,13 +103,9 @@ impl Task for Extractor<'_> {
         step: usize,
         dist: Option<&Dist>,
     ) -> Result<(Tensor, Logs)> {
-        let x = x.f_to_kind(self.nets.compute_kind())?;
-        self.nets.sync_down()?;
         let emb = self
-            .nets
-            .compute_net()
-            .forward_t(&x, true)
-            .f_to_kind(Kind::Float)?;
+            .net
+            .forward_in(x, true, self.s.opts.compute, self.s.dev)?;
         // The miner and the loss see the whole batch: every rank's rows, gathered (as
         // pytorch-metric-learning's DistributedLossWrapper), this rank's with their gradient.
         let emb = match dist {
@@ -203,7 +119,7 @@ impl Task for Extractor<'_> {
     }
 
     fn sync_tensors(&self) -> Vec<Tensor> {
-        trainer::sorted_vars(&self.nets.vs)
+        trainer::sorted_vars(&self.vs)
             .into_iter()
             .chain(trainer::sorted_vars(&self.crit_vs))
             .map(|(_, t)| t)
@@ -211,28 +127,34 @@ impl Task for Extractor<'_> {
     }
 
     fn buffers(&self) -> Vec<Tensor> {
-        trainer::buffers(&self.nets.vs)
+        trainer::buffers(&self.vs)
     }
 
-    fn after_step(&self) -> Result<()> {
-        self.nets.sync_buffers_up()
+    fn flops_per_image(&self) -> Result<Option<f64>> {
+        let f = super::utilisation::forward_flops(
+            &self.net,
+            self.s.cfg.model.preprocess().size as usize,
+            self.s.opts.compute,
+            self.s.dev,
+        )?;
+        Ok(Some(f * super::utilisation::TRAIN_FLOPS_PER_FORWARD))
     }
 
     fn can_validate(&self) -> bool {
         self.validator.is_some()
     }
 
-    /// Validates the master weights (fp32, the weights the model folder gets).
+    /// Validates the weights now, in the run's compute mode (as `simile-embed --compute`).
     fn validate(&mut self, dist: Option<&Dist>) -> Result<Scores> {
         let v = self
             .validator
             .as_ref()
             .ok_or_else(|| Error::internal("validation without a validation split"))?;
         v.run(
-            &self.nets.net,
+            &self.net,
             self.s.cache,
             &self.s.cfg.model.preprocess(),
-            self.s.dev,
+            (self.s.dev, self.s.opts.compute),
             self.s.cfg.batch_size_val,
             dist,
         )
@@ -245,7 +167,7 @@ impl Task for Extractor<'_> {
         let mut rng = serde_json::Map::new();
         rng.insert("miner".into(), "rng::seeded(seed, 2^32 + step)".into());
         Ok(TaskState {
-            net: trainer::cpu_copies(&trainer::sorted_vars(&self.nets.vs)),
+            net: trainer::cpu_copies(&trainer::sorted_vars(&self.vs)),
             criterion: trainer::cpu_copies(&trainer::sorted_vars(&self.crit_vs)),
             bank: trainer::cpu_copies(&bank.tensors),
             state,
@@ -254,9 +176,8 @@ impl Task for Extractor<'_> {
     }
 
     fn restore(&mut self, ck: &Checkpoint) -> Result<()> {
-        trainer::load_into(&self.nets.vs, &ck.net, "network")?;
+        trainer::load_into(&self.vs, &ck.net, "network")?;
         trainer::load_into(&self.crit_vs, &ck.criterion, "loss parameters")?;
-        self.nets.sync_down()?;
         self.criterion.load_state(MinerState {
             meta: ck.state.get("criterion").cloned().unwrap_or_default(),
             tensors: ck
@@ -302,7 +223,7 @@ impl Task for Extractor<'_> {
         Net::new(&cpu.root(), &spec.architecture, spec.normalise)?;
         match net {
             Some(t) => trainer::load_into(&cpu, t, "best checkpoint")?,
-            None => cpu.copy(&self.nets.vs)?,
+            None => cpu.copy(&self.vs)?,
         }
         model::seal_folder(&self.s.opts.out, &spec, &spec.weights, &cpu)
     }

@@ -31,6 +31,7 @@ pub mod pairwise;
 pub mod sampler;
 pub mod tensorboard;
 pub mod trainer;
+pub mod utilisation;
 pub mod validate;
 
 use crate::device::DeviceArg;
@@ -79,6 +80,8 @@ pub struct TrainSummary {
     pub seconds: f64,
     pub train_seconds: f64,
     pub images_per_s: f64,
+    /// Achieved FLOP/s and their share of the device's peak (extractor training).
+    pub utilisation: Option<utilisation::Utilisation>,
     /// (key, value, epoch) of the best validation.
     pub best: Option<(String, f64, usize)>,
     pub last_scores: Option<Scores>,

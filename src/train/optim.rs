@@ -2,10 +2,11 @@
 //! that their whole state can be checkpointed (tch's optimisers cannot save theirs).
 //!
 //! The update rules are PyTorch's (`torch.optim.Adam`, `AdamW`, `SGD`, default options:
-//! no amsgrad, not maximising); parameters are grouped (backbone, head, loss) with a base
+//! no amsgrad, not maximising), run by PyTorch's own fused kernels (`fused=True`); parameters are grouped (backbone, head, loss) with a base
 //! learning rate each, times the schedule's multiplier.
 use super::config::{Interval, Mode, OptimizerConfig, ScheduleConfig};
 use crate::error::{Error, Result};
+use crate::torch_ext;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -25,6 +26,9 @@ pub type NamedTensors = Vec<(String, Tensor)>;
 /// Per-parameter state.
 struct Slot {
     step: u64,
+    /// The step count as the fused kernels read it (a float32 scalar on the parameter's
+    /// device, as torch.optim keeps it); made from `step` when first needed.
+    step_t: Option<Tensor>,
     /// Adam: first moment; SGD: momentum buffer.
     m: Option<Tensor>,
     /// Adam: second moment.
@@ -43,6 +47,7 @@ impl Optimizer {
             slots: (0..n_params)
                 .map(|_| Slot {
                     step: 0,
+                    step_t: None,
                     m: None,
                     v: None,
                 })
@@ -52,6 +57,10 @@ impl Optimizer {
 
     /// One update of every parameter with a gradient. `lrs[g]` is group g's learning rate
     /// now; `grads[i]` is parameter i's gradient (None: not updated this step).
+    ///
+    /// PyTorch's fused kernels (`torch.optim.AdamW(fused=True)` and so on): one pass over
+    /// each parameter and its state, one call per group of parameters that share a
+    /// learning rate (and, for SGD, whether their momentum buffers exist yet).
     pub fn step(
         &mut self,
         params: &[Param],
@@ -59,11 +68,7 @@ impl Optimizer {
         lrs: &[f64; 3],
     ) -> Result<()> {
         tch::no_grad(|| -> Result<()> {
-            for ((p, g), slot) in params.iter().zip(grads).zip(self.slots.iter_mut()) {
-                let Some(g) = g else { continue };
-                let lr = lrs[p.group];
-                let mut w = p.tensor.shallow_clone();
-                slot.step += 1;
+            for (group, &lr) in lrs.iter().enumerate() {
                 match &self.cfg {
                     OptimizerConfig::Adam {
                         betas,
@@ -77,26 +82,31 @@ impl Optimizer {
                         weight_decay,
                         ..
                     } => {
-                        let decoupled = matches!(self.cfg, OptimizerConfig::Adamw { .. });
-                        let g = if !decoupled && *weight_decay != 0.0 {
-                            g.f_add(&w.f_mul_scalar(*weight_decay)?)?
-                        } else {
-                            g.shallow_clone()
+                        let h = torch_ext::AdamStep {
+                            lr,
+                            betas: *betas,
+                            weight_decay: *weight_decay,
+                            eps: *eps,
+                            decoupled: matches!(self.cfg, OptimizerConfig::Adamw { .. }),
                         };
-                        if decoupled && *weight_decay != 0.0 {
-                            let _ = w.f_mul_scalar_(1.0 - lr * weight_decay)?;
+                        let mut lists: [Vec<Tensor>; 5] = Default::default();
+                        for ((p, g), slot) in params.iter().zip(grads).zip(self.slots.iter_mut()) {
+                            let Some(g) = g.as_ref().filter(|_| p.group == group) else {
+                                continue;
+                            };
+                            let w = &p.tensor;
+                            let st = step_tensor(slot, w)?;
+                            let m = slot.m.get_or_insert_with(|| w.zeros_like());
+                            let v = slot.v.get_or_insert_with(|| w.zeros_like());
+                            slot.step += 1;
+                            for (l, t) in lists.iter_mut().zip([w, g, &*m, &*v, &st]) {
+                                l.push(t.shallow_clone());
+                            }
                         }
-                        let m = slot.m.get_or_insert_with(|| w.zeros_like());
-                        let v = slot.v.get_or_insert_with(|| w.zeros_like());
-                        let _ = m.f_lerp_(&g, 1.0 - betas[0])?;
-                        let _ = v.f_mul_scalar_(betas[1])?;
-                        let _ = v.f_add_(&g.f_mul(&g)?.f_mul_scalar(1.0 - betas[1])?)?;
-                        // In f64: the step count (from a checkpoint) may pass i32.
-                        let t = slot.step as f64;
-                        let bc1 = 1.0 - betas[0].powf(t);
-                        let bc2 = 1.0 - betas[1].powf(t);
-                        let denom = v.f_sqrt()?.f_div_scalar(bc2.sqrt())?.f_add_scalar(*eps)?;
-                        let _ = w.f_sub_(&m.f_div(&denom)?.f_mul_scalar(lr / bc1)?)?;
+                        if !lists[0].is_empty() {
+                            let [p, g, m, v, s] = &lists;
+                            torch_ext::fused_adam(p, g, m, v, s, h)?;
+                        }
                     }
                     OptimizerConfig::Sgd {
                         momentum,
@@ -105,27 +115,36 @@ impl Optimizer {
                         weight_decay,
                         ..
                     } => {
-                        let mut d = if *weight_decay != 0.0 {
-                            g.f_add(&w.f_mul_scalar(*weight_decay)?)?
-                        } else {
-                            g.shallow_clone()
+                        let h = torch_ext::SgdStep {
+                            lr,
+                            momentum: *momentum,
+                            dampening: *dampening,
+                            nesterov: *nesterov,
+                            weight_decay: *weight_decay,
                         };
-                        if *momentum != 0.0 {
-                            let buf = match &mut slot.m {
-                                None => slot.m.insert(d.detach().copy()),
-                                Some(b) => {
-                                    let _ = b.f_mul_scalar_(*momentum)?;
-                                    let _ = b.f_add_(&d.f_mul_scalar(1.0 - dampening)?)?;
-                                    b
-                                }
+                        // [params, grads, buffers] of parameters whose buffers exist, then of
+                        // those stepped for the first time (their buffers take the gradient).
+                        let mut lists: [[Vec<Tensor>; 3]; 2] = Default::default();
+                        for ((p, g), slot) in params.iter().zip(grads).zip(self.slots.iter_mut()) {
+                            let Some(g) = g.as_ref().filter(|_| p.group == group) else {
+                                continue;
                             };
-                            d = if *nesterov {
-                                d.f_add(&buf.f_mul_scalar(*momentum)?)?
-                            } else {
-                                buf.shallow_clone()
-                            };
+                            let w = &p.tensor;
+                            let first = slot.m.is_none();
+                            slot.step += 1;
+                            let l = &mut lists[usize::from(first)];
+                            if *momentum != 0.0 {
+                                let b = slot.m.get_or_insert_with(|| w.zeros_like());
+                                l[2].push(b.shallow_clone());
+                            }
+                            l[0].push(w.shallow_clone());
+                            l[1].push(g.shallow_clone());
                         }
-                        let _ = w.f_sub_(&d.f_mul_scalar(lr)?)?;
+                        for (first, [p, g, b]) in [false, true].into_iter().zip(&lists) {
+                            if !p.is_empty() {
+                                torch_ext::fused_sgd(p, g, b, h, first)?;
+                            }
+                        }
                     }
                 }
             }
@@ -168,10 +187,87 @@ impl Optimizer {
                     ))
                 })?;
             let dev = p.tensor.device();
+            s.step_t = None;
             s.m = find(&format!("m.{}", p.name)).map(|t| t.to_device(dev).to_kind(Kind::Float));
             s.v = find(&format!("v.{}", p.name)).map(|t| t.to_device(dev).to_kind(Kind::Float));
         }
         Ok(())
+    }
+}
+
+/// The slot's step count as a float32 scalar on `w`'s device (exact to 2^24 steps, as
+/// torch.optim's own).
+fn step_tensor(slot: &mut Slot, w: &Tensor) -> Result<Tensor> {
+    if let Some(t) = &slot.step_t {
+        return Ok(t.shallow_clone());
+    }
+    let t = Tensor::f_from_slice(&[slot.step as f32])?
+        .f_reshape([] as [i64; 0])?
+        .f_to_device(w.device())?;
+    slot.step_t = Some(t.shallow_clone());
+    Ok(t)
+}
+
+/// `torch.amp.GradScaler` for fp16 training (default options): the loss is multiplied by
+/// `scale` before backward, so small gradients do not underflow fp16; the gradients are divided
+/// back before clipping and the step. A step whose gradients hold an inf or NaN is skipped and
+/// the scale halved; after 2000 good steps in a row it doubles.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LossScaler {
+    pub scale: f64,
+    /// Good steps since the scale last changed.
+    pub growth_tracker: u64,
+    /// Steps skipped for non-finite gradients, in the whole run.
+    pub skipped: u64,
+}
+
+impl Default for LossScaler {
+    fn default() -> Self {
+        LossScaler {
+            scale: 65536.0,
+            growth_tracker: 0,
+            skipped: 0,
+        }
+    }
+}
+
+impl LossScaler {
+    const GROWTH: f64 = 2.0;
+    const BACKOFF: f64 = 0.5;
+    const INTERVAL: u64 = 2000;
+
+    /// Divides the gradients by the scale, in place, and updates the scale; false when they
+    /// hold an inf or NaN (skip this step).
+    pub fn unscale(&mut self, grads: &[Option<Tensor>]) -> Result<bool> {
+        let gs: Vec<Tensor> = grads.iter().flatten().map(|g| g.shallow_clone()).collect();
+        let Some(dev) = gs.first().map(|g| g.device()) else {
+            return Ok(true);
+        };
+        let scalar = |v: f32| -> Result<Tensor> {
+            Ok(Tensor::f_from_slice(&[v])?
+                .f_reshape([] as [i64; 0])?
+                .f_to_device(dev)?)
+        };
+        let found = scalar(0.0)?;
+        // As GradScaler: the reciprocal in f64, then rounded to f32.
+        torch_ext::amp_unscale(&gs, &found, &scalar((1.0 / self.scale) as f32)?)?;
+        let finite = found.f_double_value(&[])? == 0.0;
+        self.update(finite);
+        Ok(finite)
+    }
+
+    fn update(&mut self, finite: bool) {
+        if finite {
+            self.growth_tracker += 1;
+            if self.growth_tracker == Self::INTERVAL {
+                self.scale *= Self::GROWTH;
+                self.growth_tracker = 0;
+            }
+        } else {
+            self.scale *= Self::BACKOFF;
+            self.growth_tracker = 0;
+            self.skipped += 1;
+        }
     }
 }
 
@@ -389,6 +485,128 @@ mod tests {
     }
 
     #[test]
+    fn sgd_steps_parameters_whose_momentum_starts_later() {
+        // Two parameters in one group: b gets its first gradient at step 2 (a frozen backbone
+        // thawing), so one fused call has buffers and another starts them.
+        let (a, b) = (Tensor::from_slice(&[1.0f32]), Tensor::from_slice(&[1.0f32]));
+        let params = vec![
+            Param {
+                name: "a".into(),
+                group: 0,
+                tensor: a.shallow_clone(),
+            },
+            Param {
+                name: "b".into(),
+                group: 0,
+                tensor: b.shallow_clone(),
+            },
+        ];
+        let cfg = OptimizerConfig::Sgd {
+            lr: 0.1,
+            momentum: 0.9,
+            dampening: 0.0,
+            nesterov: true,
+            weight_decay: 0.5,
+            lr_backbone: None,
+            lr_head: None,
+            lr_loss: None,
+        };
+        let mut opt = Optimizer::new(&cfg, 2);
+        let g = |v: f32| Some(Tensor::from_slice(&[v]));
+        opt.step(&params, &[g(1.0), None], &[0.1; 3]).unwrap();
+        opt.step(&params, &[g(2.0), g(2.0)], &[0.1; 3]).unwrap();
+        // torch.optim.SGD written out: d = g + wd w; buf = d (first) or 0.9 buf + d;
+        // w -= lr (d + 0.9 buf).
+        let sgd = |w: &mut f64, buf: &mut Option<f64>, g: f64| {
+            let d = g + 0.5 * *w;
+            let nb = match *buf {
+                None => d,
+                Some(b) => 0.9 * b + d,
+            };
+            *buf = Some(nb);
+            *w -= 0.1 * (d + 0.9 * nb);
+        };
+        let (mut wa, mut ba, mut wb, mut bb) = (1.0, None, 1.0, None);
+        sgd(&mut wa, &mut ba, 1.0);
+        sgd(&mut wa, &mut ba, 2.0);
+        sgd(&mut wb, &mut bb, 2.0);
+        assert!((a.double_value(&[0]) - wa).abs() < 1e-6, "{a} vs {wa}");
+        assert!((b.double_value(&[0]) - wb).abs() < 1e-6, "{b} vs {wb}");
+        let (_, steps) = opt.state(&params);
+        assert_eq!(steps, [("a".to_string(), 2), ("b".to_string(), 1)]);
+    }
+
+    #[test]
+    fn adamw_groups_take_their_own_rates_and_resume() {
+        // AdamW with decoupled decay, two groups at different rates, 3 steps, then the state
+        // saved and loaded into a new optimizer for a 4th: equal to 4 uninterrupted steps.
+        let cfg = OptimizerConfig::Adamw {
+            lr: 1e-2,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            weight_decay: 0.1,
+            lr_backbone: None,
+            lr_head: None,
+            lr_loss: None,
+        };
+        let run = |split: bool| -> Vec<f64> {
+            let ts = [
+                Tensor::from_slice(&[1.0f32, -2.0]),
+                Tensor::from_slice(&[0.5f32]),
+            ];
+            let params: Vec<Param> = ts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| Param {
+                    name: format!("p{i}"),
+                    group: i,
+                    tensor: t.shallow_clone(),
+                })
+                .collect();
+            let mut opt = Optimizer::new(&cfg, 2);
+            let lrs = [1e-2, 1e-1, 0.0];
+            for k in 0..4 {
+                if split && k == 3 {
+                    let (t, s) = opt.state(&params);
+                    opt = Optimizer::new(&cfg, 2);
+                    opt.load_state(&params, &t, &s).unwrap();
+                }
+                let g0 = Tensor::from_slice(&[0.3f32 * (k as f32 + 1.0), -0.1]);
+                let g1 = Tensor::from_slice(&[-0.7f32]);
+                opt.step(&params, &[Some(g0), Some(g1)], &lrs).unwrap();
+            }
+            ts.iter()
+                .flat_map(|t| Vec::<f32>::try_from(t).unwrap())
+                .map(f64::from)
+                .collect()
+        };
+        // torch.optim.AdamW written out, per element.
+        let adamw = |w0: f64, gs: &[f64], lr: f64| {
+            let (b1, b2, eps, wd) = (0.9f64, 0.999f64, 1e-8, 0.1);
+            let (mut w, mut m, mut v) = (w0, 0.0, 0.0);
+            for (t, g) in gs.iter().enumerate() {
+                let t = (t + 1) as i32;
+                w *= 1.0 - lr * wd;
+                m = b1 * m + (1.0 - b1) * g;
+                v = b2 * v + (1.0 - b2) * g * g;
+                let mh = m / (1.0 - b1.powi(t));
+                w -= lr * mh / ((v / (1.0 - b2.powi(t))).sqrt() + eps);
+            }
+            w
+        };
+        let want = [
+            adamw(1.0, &[0.3, 0.6, 0.9, 1.2], 1e-2),
+            adamw(-2.0, &[-0.1; 4], 1e-2),
+            adamw(0.5, &[-0.7; 4], 1e-1),
+        ];
+        for got in [run(false), run(true)] {
+            for (g, w) in got.iter().zip(want) {
+                assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
+            }
+        }
+    }
+
+    #[test]
     fn schedules() {
         let c = ScheduleConfig::Cosine {
             warmup_epochs: 1.0,
@@ -423,6 +641,30 @@ mod tests {
             s.observe(Some(v), Mode::Max);
         }
         assert_eq!(s.factor(0, 0), 0.5);
+    }
+
+    #[test]
+    fn the_loss_scaler_unscales_skips_and_grows() {
+        let mut sc = LossScaler {
+            scale: 8.0,
+            ..LossScaler::default()
+        };
+        let g = Tensor::from_slice(&[8.0f32, -16.0]);
+        assert!(sc.unscale(&[Some(g.shallow_clone()), None]).unwrap());
+        assert_eq!(Vec::<f32>::try_from(&g).unwrap(), [1.0, -2.0]);
+        assert_eq!((sc.scale, sc.growth_tracker), (8.0, 1));
+        // An inf (or NaN) anywhere: skipped, the scale halved, the tracker reset.
+        let bad = Tensor::from_slice(&[1.0f32, f32::INFINITY]);
+        assert!(!sc.unscale(&[Some(g), Some(bad)]).unwrap());
+        assert_eq!((sc.scale, sc.growth_tracker, sc.skipped), (4.0, 0, 1));
+        let nan = Tensor::from_slice(&[f32::NAN]);
+        assert!(!sc.unscale(&[Some(nan)]).unwrap());
+        assert_eq!(sc.scale, 2.0);
+        // 2000 good steps in a row double it.
+        for _ in 0..LossScaler::INTERVAL {
+            sc.update(true);
+        }
+        assert_eq!((sc.scale, sc.growth_tracker), (4.0, 0));
     }
 
     #[test]

@@ -352,7 +352,6 @@ impl Plan for PairwisePlan {
                 tensor: t,
             })
             .collect();
-        let work = params.iter().map(|p| p.tensor.shallow_clone()).collect();
 
         // The extractor's embeddings: train rows (mining), validation lists. At the
         // extractor's own input, a second image cache when its geometry differs.
@@ -420,7 +419,6 @@ impl Plan for PairwisePlan {
             vs,
             net,
             params,
-            work,
             train_emb,
             dim: d,
             val,
@@ -436,7 +434,6 @@ struct Pairwise<'a> {
     vs: nn::VarStore,
     net: PairwiseNet,
     params: Vec<Param>,
-    work: Vec<Tensor>,
     /// The extractor's embeddings of the train rows, row-major `[rows, dim]`.
     train_emb: Vec<f32>,
     dim: usize,
@@ -447,10 +444,6 @@ struct Pairwise<'a> {
 impl Task for Pairwise<'_> {
     fn params(&self) -> &[Param] {
         &self.params
-    }
-
-    fn work(&self) -> &[Tensor] {
-        &self.work
     }
 
     fn loss(

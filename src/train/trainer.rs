@@ -9,9 +9,9 @@ use super::distributed::Dist;
 use super::log;
 use super::loss::Logs;
 use super::monitor::Monitor;
-use super::optim::{self, Optimizer, Param, Schedule};
+use super::optim::{self, LossScaler, Optimizer, Param, Schedule};
 use super::sampler::{rng, BatchSampler};
-use super::{extractor, pairwise, TrainOptions, TrainSummary};
+use super::{extractor, pairwise, utilisation, TrainOptions, TrainSummary};
 use crate::dataset::{Dataset, Split};
 use crate::device;
 use crate::error::{Error, Result};
@@ -33,9 +33,6 @@ pub(crate) trait Task {
     /// The parameters the optimiser updates (fp32 master weights), in a fixed order; group 0
     /// is the backbone (frozen for `freeze_n_epochs`).
     fn params(&self) -> &[Param];
-    /// The tensors backward fills with gradients, one per parameter: a low-precision working
-    /// copy, or the parameters themselves.
-    fn work(&self) -> &[Tensor];
     /// The loss of one batch (`x`: its images `[B, 3, S, S]` on the device, float32; `batch`:
     /// positions in the train set), with what the log records beside it. In a data-parallel
     /// job (`dist`), `x` holds this rank's share of the batch (rank r: positions
@@ -62,10 +59,6 @@ pub(crate) trait Task {
     fn sync_tensors(&self) -> Vec<Tensor>;
     /// The network's buffers (BatchNorm's running statistics), in a fixed order.
     fn buffers(&self) -> Vec<Tensor>;
-    /// After the optimiser's step.
-    fn after_step(&self) -> Result<()> {
-        Ok(())
-    }
     /// Whether the dataset has a validation split.
     fn can_validate(&self) -> bool;
     /// Validation scores of the weights now (eval mode); in a data-parallel job every rank
@@ -82,6 +75,10 @@ pub(crate) trait Task {
         best: Best,
         provenance: serde_json::Value,
     ) -> Result<model::SealedFolder>;
+    /// Forward + backward FLOPs per training image (None where it is not a fixed number).
+    fn flops_per_image(&self) -> Result<Option<f64>> {
+        Ok(None)
+    }
     /// Timings the manifest records beside `image_cache`, `train` and `total`.
     fn timings(&self) -> Vec<(&'static str, f64)> {
         Vec::new()
@@ -148,6 +145,8 @@ struct Progress {
     best: Best,
     train_rows: Vec<log::Row>,
     val_rows: Vec<log::Row>,
+    /// fp16 training's loss scale.
+    scaler: Option<LossScaler>,
 }
 
 /// Runs the stage; `on_device` gets the chosen device's description first.
@@ -167,11 +166,6 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
             "--compute {}: pairwise training runs in fp32",
             opts.compute
         )));
-    }
-    if opts.compute == Compute::Fp16 {
-        return Err(Error::input(
-            "--compute fp16 is not supported for training; use fp32 or bf16",
-        ));
     }
     if let Some(f) = opts.out.ancestors().find(|a| a.is_file()) {
         return Err(Error::input(format!(
@@ -224,6 +218,11 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         }
     }
     let dev = device::resolve(opts.device)?;
+    // fp16 on the CPU is refused as autocast refuses it.
+    drop(opts.compute.autocast(dev)?);
+    if let Some(w) = opts.compute.slow_on(dev).filter(|_| main) {
+        eprintln!("simile-train: {w}");
+    }
     if dist.is_some() && dev != Device::Cpu {
         return Err(Error::input(format!(
             "--device {}: data-parallel training runs on the CPU (Gloo) for now; NCCL for CUDA ranks is not built yet: use --device cpu",
@@ -338,6 +337,18 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
     };
     let mut task = plan.build(&setup)?;
     let mut optimizer = Optimizer::new(&cfg.optimizer, task.params().len());
+    // Utilisation: the network's FLOPs, and (rank 0, which reports it) the device's peak.
+    let flops_per_image = task.flops_per_image()?;
+    let peak = match flops_per_image {
+        Some(_) if main => match utilisation::peak(dev, opts.compute) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("simile-train: warning: no peak measurement, so no utilisation: {e}");
+                None
+            }
+        },
+        _ => None,
+    };
     let steps_per_epoch = sampler.len();
     let mut schedule = Schedule::new(&cfg.schedule, steps_per_epoch, cfg.epochs);
     let ctx = Ctx {
@@ -349,10 +360,14 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         train_rows: &ts.rows,
         dev,
         dist,
+        flops_per_image,
     };
 
     // Resume.
-    let mut prog = Progress::default();
+    let mut prog = Progress {
+        scaler: (opts.compute == Compute::Fp16).then(LossScaler::default),
+        ..Progress::default()
+    };
     let mut resumed_from = None;
     if let Some(dir) = &last_dir {
         let ck = checkpoint::load(dir)?;
@@ -408,6 +423,14 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
                 "warning: the checkpoint was trained with --compute {compute}, this run uses {}",
                 opts.compute
             );
+        }
+        if prog.scaler.is_some() {
+            if let Some(v) = st.get("loss_scaler").filter(|v| !v.is_null()) {
+                prog.scaler =
+                    Some(serde_json::from_value(v.clone()).map_err(|e| {
+                        Error::input(format!("{}: loss_scaler: {e}", dir.display()))
+                    })?);
+            }
         }
         task.restore(&ck)?;
         let steps: Vec<(String, u64)> =
@@ -484,6 +507,15 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         o
     };
 
+    let images_per_s = outcome.images as f64 / outcome.train_seconds.max(1e-9);
+    let world = dist.map_or(1, |d| d.world_size);
+    let util = flops_per_image.map(|f| {
+        utilisation::Utilisation::of(
+            f,
+            images_per_s,
+            peak.as_ref().map(|p| p.gflop_s * world as f64),
+        )
+    });
     if !outcome.stopped && main {
         write_logs(&ctx, &prog)?;
         let mut m = finish;
@@ -509,6 +541,20 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
                 }),
             );
             m.timing("allreduce", outcome.reduced_seconds);
+        }
+        if let Some(u) = &util {
+            m.note(
+                "utilisation",
+                serde_json::json!({
+                    "flops_per_image": u.flops_per_image,
+                    "flops_counted": "libtorch profiler (with_flops), one forward pass x 3 for forward + backward",
+                    "gflop_s": u.gflop_s,
+                    "peak_gflop_s": u.peak_gflop_s,
+                    "share_of_peak": u.share(),
+                    "peak_probe": peak,
+                    "ranks": world,
+                }),
+            );
         }
         // The model folder appears only now, with its manifest: the best validated weights
         // (kept in checkpoints/best while training), or the last ones without validation.
@@ -544,7 +590,8 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         images: outcome.images,
         seconds: t0.elapsed().as_secs_f64(),
         train_seconds: outcome.train_seconds,
-        images_per_s: outcome.images as f64 / outcome.train_seconds.max(1e-9),
+        images_per_s,
+        utilisation: util,
         best: prog
             .best
             .map(|(v, e, _)| (cfg.metric_for_checkpointing.clone(), v, e)),
@@ -578,6 +625,8 @@ struct Ctx<'a> {
     /// Dataset row of each train-set position.
     train_rows: &'a [usize],
     dev: Device,
+    /// Forward + backward FLOPs per image, when the task knows them.
+    flops_per_image: Option<f64>,
 }
 
 impl Ctx<'_> {
@@ -642,8 +691,8 @@ impl Run<'_, '_> {
             let epoch = self.prog.epoch;
             let batches = self.sampler.epoch(&mut rng::seeded(cfg.seed, epoch as u64));
             let frozen = epoch < cfg.freeze_n_epochs;
-            for (p, w) in self.task.params().iter().zip(self.task.work()) {
-                let _ = w.set_requires_grad(!(frozen && p.group == 0));
+            for p in self.task.params() {
+                let _ = p.tensor.set_requires_grad(!(frozen && p.group == 0));
             }
             let skip = self.prog.batch_in_epoch.min(batches.len());
             // Each rank decodes and forwards its slice of the batch (position `first` on).
@@ -814,21 +863,18 @@ impl Run<'_, '_> {
                 lrs[0]
             )));
         }
-        loss_t.f_backward()?;
+        match &self.prog.scaler {
+            Some(sc) => loss_t.f_mul_scalar(sc.scale)?.f_backward()?,
+            None => loss_t.f_backward()?,
+        }
         mark("backward");
         let mut grads: Vec<Option<Tensor>> = self
             .task
-            .work()
+            .params()
             .iter()
-            .map(|w| {
-                let g = w.grad();
-                (w.requires_grad() && g.defined()).then(|| {
-                    if g.kind() == Kind::Float {
-                        g
-                    } else {
-                        g.to_kind(Kind::Float)
-                    }
-                })
+            .map(|p| {
+                let g = p.tensor.grad();
+                (p.tensor.requires_grad() && g.defined()).then_some(g)
             })
             .collect();
         let mut reduced = None;
@@ -842,16 +888,25 @@ impl Run<'_, '_> {
             reduced = Some((bytes, t.elapsed().as_secs_f64()));
             mark("all_reduce");
         }
+        // fp16: the gradients of the scaled loss, back to the loss's scale (every rank holds
+        // the same sums, so every rank takes or skips the step alike).
+        let scale = self.prog.scaler.as_ref().map(|sc| sc.scale);
+        let finite = match &mut self.prog.scaler {
+            Some(sc) => sc.unscale(&grads)?,
+            None => true,
+        };
         let gnorm = optim::clip(&mut grads, cfg.grad_clip_norm, cfg.grad_clip_value)?;
-        self.optimizer.step(self.task.params(), &grads, &lrs)?;
+        mark("clip");
+        if finite {
+            self.optimizer.step(self.task.params(), &grads, &lrs)?;
+        }
         drop(grads);
-        for w in self.task.work() {
-            let mut g = w.grad();
+        for p in self.task.params() {
+            let mut g = p.tensor.grad();
             if g.defined() {
                 let _ = g.f_zero_()?;
             }
         }
-        self.task.after_step()?;
         mark("optim");
         if prof {
             eprintln!("step {step}: {marks:?}");
@@ -871,6 +926,15 @@ impl Run<'_, '_> {
             batch.len() as f64 / dt.max(1e-9),
         );
         row.values.push(("grad_norm".into(), Some(gnorm)));
+        if let Some(f) = self.ctx.flops_per_image {
+            let gflop_s = batch.len() as f64 * f / dt.max(1e-9) / 1e9;
+            row.values.push(("gflop_s".into(), Some(gflop_s)));
+        }
+        if let Some(scale) = scale {
+            row.values.push(("loss_scale".into(), Some(scale)));
+            row.values
+                .push(("skipped".into(), Some(f64::from(u8::from(!finite)))));
+        }
         if let Some((bytes, secs)) = reduced {
             out.reduced_bytes += bytes;
             out.reduced_seconds += secs;
@@ -953,6 +1017,7 @@ impl Run<'_, '_> {
             "sampler": self.sampler.state(),
             "rng": rng,
             "compute": ctx.opts.compute.to_string(),
+            "loss_scaler": prog.scaler,
             "dataset": { "path": ctx.opts.dataset.display().to_string(), "fingerprint": ctx.ds_fp },
             "train_log_rows": prog.train_rows.len(),
             "val_rows": prog.val_rows.len(),

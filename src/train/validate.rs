@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::image::Preprocess;
 use crate::knn::search;
 use crate::metrics::{self, AggregateOptions, Relevance, Scores};
-use crate::model::Net;
+use crate::model::{Compute, Net};
 use crate::retrieval::{QueryGallery, SequenceRule};
 use tch::{Device, Kind, Tensor};
 
@@ -45,14 +45,14 @@ impl Validator {
         }))
     }
 
-    /// Embeds the validation images with `forward` (eval mode, no gradients, float32: the
-    /// master weights) and scores them.
+    /// Embeds the validation images with `net` (eval mode, no gradients, on `device` in the
+    /// run's `compute` mode, as `simile-embed --compute` would) and scores them.
     pub fn run(
         &self,
         net: &Net,
         cache: &ImageCache,
         pre: &Preprocess,
-        device: Device,
+        (device, compute): (Device, Compute),
         batch_size: usize,
         dist: Option<&Dist>,
     ) -> Result<Scores> {
@@ -70,8 +70,7 @@ impl Validator {
                 .f_view([chunk.len() as i64, 3, s, s])?
                 .f_to_device(device)?
                 .f_to_kind(Kind::Float)?;
-            let y = tch::no_grad(|| net.forward_t(&x, false))
-                .f_to_kind(Kind::Float)?
+            let y = tch::no_grad(|| net.forward_in(&x, false, compute, device))?
                 .f_to_device(Device::Cpu)?
                 .f_contiguous()?;
             let v: Vec<f32> = Vec::try_from(y.f_flatten(0, -1)?)?;

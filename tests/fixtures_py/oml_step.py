@@ -35,6 +35,10 @@ OPTIMISERS = {
     # simile's [optimizer] table for the same optimiser is in tests/it/train_parity.rs.
     "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01),
     "sgd": lambda p: torch.optim.SGD(p, lr=1.0),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=0.01),
+    "sgd_nesterov": lambda p: torch.optim.SGD(
+        p, lr=0.5, momentum=0.9, nesterov=True, weight_decay=0.01
+    ),
 }
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)

@@ -96,9 +96,35 @@ fn trains_and_the_folder_is_read_by_embed_with_the_same_metrics() {
     assert_eq!(tl[5].int("step"), Some(6));
     assert_eq!(tl[5].int("epoch"), Some(2));
     // The default loss (multi-similarity) logs its mean positive and negative similarity.
-    for k in ["loss", "lr", "pos_sim", "neg_sim"] {
+    for k in ["loss", "lr", "pos_sim", "neg_sim", "gflop_s"] {
         assert!(tl[0].value(k).is_some(), "train_log has no {k}");
     }
+    // Utilisation: the network's FLOPs as the profiler counts them (2 per multiply-add) for
+    // smallcnn width 8 at 32 px with a 64 -> 16 projection, x3 for forward + backward.
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.join("model.safetensors.manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let u = &manifest["notes"]["utilisation"];
+    let conv = |cin: f64, cout: f64, hw: f64| 2.0 * cin * cout * 9.0 * hw * hw;
+    let fwd = conv(3.0, 8.0, 32.0)
+        + conv(8.0, 16.0, 16.0)
+        + conv(16.0, 32.0, 8.0)
+        + conv(32.0, 64.0, 4.0)
+        + 2.0 * 64.0 * 16.0;
+    let f = u["flops_per_image"].as_f64().unwrap();
+    assert!(
+        (f / (3.0 * fwd) - 1.0).abs() < 0.05,
+        "flops_per_image {f}, want about {}",
+        3.0 * fwd
+    );
+    let (g, peak) = (
+        u["gflop_s"].as_f64().unwrap(),
+        u["peak_gflop_s"].as_f64().unwrap(),
+    );
+    assert!(g > 0.0 && peak > 0.0, "{u}");
+    assert!((u["share_of_peak"].as_f64().unwrap() - g / peak).abs() < 1e-9);
+    assert!(r.stdout.contains("GFLOP/s"), "{}", r.stdout);
     let vm = log::read(&out.join("val_metrics.parquet"), &["epoch", "step"]).unwrap();
     assert_eq!(vm.len(), 4);
     for k in [
@@ -206,6 +232,15 @@ fn tensors(p: &Path) -> Vec<(String, Vec<f32>)> {
 
 #[test]
 fn resume_after_a_stop_ends_like_an_uninterrupted_run() {
+    resume_ends_like_an_uninterrupted_run("fp32");
+}
+
+#[test]
+fn resume_under_bf16_autocast_ends_like_an_uninterrupted_run() {
+    resume_ends_like_an_uninterrupted_run("bf16");
+}
+
+fn resume_ends_like_an_uninterrupted_run(compute: &str) {
     let e = env();
     let ds = common::striped_dataset(e.dir.path(), 6, 3, 5, false, 12345);
     let cfg = configs().join("fontid.toml");
@@ -226,6 +261,8 @@ fn resume_after_a_stop_ends_like_an_uninterrupted_run() {
         "optimizer.momentum=0.9",
         "--set",
         "schedule={ name = \"multi_step\", milestones = [1] }",
+        "--compute",
+        compute,
     ];
     let a = e.dir.path().join("a");
     let mut args = fontid_args(s(&ds), s(&a), s(&cfg));
@@ -367,9 +404,42 @@ fn bf16_compute_trains() {
         serde_json::from_slice(&std::fs::read(out.join("checkpoints/last/state.json")).unwrap())
             .unwrap();
     assert_eq!(st["compute"], "bf16");
-    // The master weights stay fp32.
+    // Autocast: the weights stay fp32.
     let t = tch::Tensor::read_safetensors(out.join("model.safetensors")).unwrap();
     assert!(t.iter().all(|(_, t)| t.kind() == tch::Kind::Float));
+    // A CPU without bf16 kernels is named, one with them is not.
+    let slow = !simile::torch_ext::cpu_has_bf16_kernels().unwrap();
+    assert_eq!(
+        r.stderr.contains("without AVX512 or AMX"),
+        slow,
+        "{}",
+        r.stderr
+    );
+    // bf16 training differs from fp32 (the convolutions ran in bf16), but not by much.
+    let out32 = e.dir.path().join("m32");
+    let mut args = fontid_args(s(&ds), s(&out32), s(&cfg));
+    args.extend(["--set", "epochs=1"]);
+    let r = train(&e, &args);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let l16 = log::read(&out.join("train_log.parquet"), &["epoch", "step"]).unwrap();
+    let l32 = log::read(&out32.join("train_log.parquet"), &["epoch", "step"]).unwrap();
+    let (a, b) = (l16[0].value("loss").unwrap(), l32[0].value("loss").unwrap());
+    assert!(a != b, "bf16 and fp32 gave the same first loss {a}");
+    assert!((a - b).abs() < 0.05 * b.abs(), "bf16 {a} vs fp32 {b}");
+}
+
+#[test]
+fn fp16_is_refused_on_the_cpu() {
+    let e = env();
+    let ds = common::striped_dataset(e.dir.path(), 6, 3, 4, false, 12345);
+    let out = e.dir.path().join("m");
+    let cfg = configs().join("fontid.toml");
+    let mut args = fontid_args(s(&ds), s(&out), s(&cfg));
+    args.extend(["--compute", "fp16"]);
+    let r = train(&e, &args);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("needs a CUDA device"), "{}", r.stderr);
+    assert!(!out.exists(), "nothing written");
 }
 
 #[test]

@@ -127,6 +127,11 @@ fn one_step_equals_pytorch_and_oml() {
     for (name, optimizer) in [
         ("sgd", "name = \"sgd\"\nlr = 1.0"),
         ("adamw", "name = \"adamw\"\nlr = 1e-3\nweight_decay = 0.01"),
+        ("adam", "name = \"adam\"\nlr = 1e-3\nweight_decay = 0.01"),
+        (
+            "sgd_nesterov",
+            "name = \"sgd\"\nlr = 0.5\nmomentum = 0.9\nnesterov = true\nweight_decay = 0.01",
+        ),
     ] {
         let cfg = fx.join(format!("{name}.toml"));
         std::fs::write(
@@ -188,18 +193,23 @@ fn one_step_equals_pytorch_and_oml() {
                 // near eps (1e-8) the float noise of any two gradient computations (1e-8 here,
                 // see the SGD case) decides it, so those elements are held to the step's
                 // bound only, the rest to 1e-5.
-                ("adamw", Some(g)) => {
+                ("adamw" | "adam", Some(g)) => {
+                    // Adam (not AdamW) adds the weight decay to the gradient first.
+                    let g = match name {
+                        "adam" => g + &before[*n] * 0.01,
+                        _ => g.shallow_clone(),
+                    };
                     let sure = g.abs().gt(1e-6);
                     let d = (&after[*n] - &reference[*n]).abs();
                     let worst = f64::try_from(d.masked_select(&sure).max()).unwrap_or(0.0);
                     assert!(
                         worst <= 1e-5,
-                        "adamw {n}: max |simile - OML| = {worst:.3e} where |g| > 1e-6"
+                        "{name} {n}: max |simile - OML| = {worst:.3e} where |g| > 1e-6"
                     );
                     let any = f64::try_from(d.max()).unwrap();
                     assert!(
                         any <= 2.0 * 1e-3 + 1e-6,
-                        "adamw {n}: a step beyond lr: {any:.3e}"
+                        "{name} {n}: a step beyond lr: {any:.3e}"
                     );
                 }
                 _ => assert_close(name, n, &after[*n], &reference[*n], 1e-5),
