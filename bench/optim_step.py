@@ -21,7 +21,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="copied into the JSON lines")
     args = ap.parse_args()
+    tags = dict(t.split("=", 1) for t in args.tag)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     net = torchvision.models.resnet18()
@@ -47,6 +49,7 @@ def main():
             print(
                 json.dumps(
                     {
+                        **tags,
                         "framework": f"torch-{torch.__version__.split('+')[0]}",
                         "optimizer": name,
                         "impl": impl,

@@ -521,6 +521,14 @@ simile_error* simile_fused_sgd(simile_tensor* const* params, simile_tensor* cons
   });
 }
 
+simile_error* simile_clear_grads(simile_tensor* const* tensors, size_t n) {
+  return protect(SIMILE_ERR_INTERNAL, "clearing gradients", [&] {
+    for (size_t i = 0; i < n; ++i) {
+      tensors[i]->mutable_grad().reset();
+    }
+  });
+}
+
 // ---- Mixed precision ---------------------------------------------------------------------
 
 simile_error* simile_amp_unscale(simile_tensor* const* grads, size_t n, simile_tensor* found_inf,

@@ -118,6 +118,10 @@ simile_error* simile_fused_sgd(simile_tensor* const* params, simile_tensor* cons
                                double momentum, double lr, double dampening, bool nesterov,
                                bool is_first_step);
 
+// optimizer.zero_grad(set_to_none=True): drops each tensor's gradient (the next backward
+// allocates a new one), where zeroing would cost a pass over every gradient.
+simile_error* simile_clear_grads(simile_tensor* const* tensors, size_t n);
+
 // ---- Mixed precision ---------------------------------------------------------------------
 // torch.amp.GradScaler's unscale: multiplies every gradient by inv_scale (a float32 scalar
 // tensor), in place, and sets found_inf (a float32 scalar tensor) to 1 if any is inf or NaN.

@@ -133,6 +133,8 @@ extern "C" {
         nesterov: bool,
         is_first_step: bool,
     ) -> *mut SimileError;
+    pub(super) fn simile_clear_grads(tensors: *const *const C_tensor, n: usize)
+        -> *mut SimileError;
     pub(super) fn simile_amp_unscale(
         grads: *const *const C_tensor,
         n: usize,

@@ -112,6 +112,14 @@ pub fn fused_sgd(
     })
 }
 
+/// `optimizer.zero_grad(set_to_none=True)`: drops each tensor's gradient (undefined until the
+/// next backward allocates one), which costs nothing where zeroing is a pass over each.
+pub fn clear_grads(tensors: &[Tensor]) -> Result<()> {
+    let t = pointers(tensors);
+    // SAFETY: live tensors for the duration of the call.
+    check(unsafe { ffi::simile_clear_grads(t.as_ptr(), t.len()) })
+}
+
 /// GradScaler's unscale: every gradient times `inv_scale` (a float32 scalar tensor on their
 /// device), in place; `found_inf` (likewise) becomes 1 if any gradient holds an inf or NaN.
 pub fn amp_unscale(grads: &[Tensor], found_inf: &Tensor, inv_scale: &Tensor) -> Result<()> {

@@ -15,7 +15,8 @@ mod kernels;
 pub use autocast::AutocastGuard;
 pub use dist::{ProcessGroup, Store};
 pub use kernels::{
-    amp_unscale, count_flops, cpu_has_bf16_kernels, fused_adam, fused_sgd, AdamStep, SgdStep,
+    amp_unscale, clear_grads, count_flops, cpu_has_bf16_kernels, fused_adam, fused_sgd, AdamStep,
+    SgdStep,
 };
 
 #[cfg(test)]

@@ -900,13 +900,17 @@ impl Run<'_, '_> {
         if finite {
             self.optimizer.step(self.task.params(), &grads, &lrs)?;
         }
+        mark("step");
         drop(grads);
-        for p in self.task.params() {
-            let mut g = p.tensor.grad();
-            if g.defined() {
-                let _ = g.f_zero_()?;
-            }
-        }
+        // As PyTorch's zero_grad(set_to_none=True): a parameter without a gradient at the next
+        // step (unused by that batch's loss) is not stepped, rather than stepped with zeros.
+        let ts: Vec<Tensor> = self
+            .task
+            .params()
+            .iter()
+            .map(|p| p.tensor.shallow_clone())
+            .collect();
+        crate::torch_ext::clear_grads(&ts)?;
         mark("optim");
         if prof {
             eprintln!("step {step}: {marks:?}");
