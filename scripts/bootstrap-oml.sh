@@ -30,8 +30,9 @@ if [ -n "$LATEST" ] && [ ! -f "$VENV/.simile-complete" ]; then
         rm -rf "$TMP"
         python3 -m venv "$TMP"
         "$TMP/bin/python" -m pip install --quiet --upgrade pip >&2
-        # OML imports modules its package metadata does not list (omegaconf and others).
-        "$TMP/bin/python" -m pip install --quiet "open-metric-learning==4.0.0" pyarrow omegaconf \
+        # OML imports modules its package metadata does not list (omegaconf and others); it
+        # pins numpy < 2, which pyarrow 18 is the last to support.
+        "$TMP/bin/python" -m pip install --quiet "open-metric-learning==4.0.0" "pyarrow==18.1.0" omegaconf \
             validators gdown matplotlib albumentations opencv-python-headless >&2
         "$TMP/bin/python" -c "import oml.models, oml.losses.triplet, oml.miners.inbatch_hard_tri, torchvision" >&2
         rm -rf "$VENV"
