@@ -47,15 +47,17 @@ echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, flags: $
 echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo uncommitted); OML: $("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)')"
 load() { cut -d' ' -f1-3 /proc/loadavg; }
 # FLOPs per image of simile run $1 (its manifest), and the peak for compute mode $2 from the
-# GEMM probe's cache (simile-train measured it at the start of its runs), as --tag arguments.
+# GEMM probe's cache (simile-train measured it at the start of its runs; the faster of the
+# mode's precision and fp32, as simile-train takes it), as --tag arguments.
 util_tags() {
     python3 - "$1/model.safetensors.manifest.json" "$2" "${SIMILE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/simile}/peak.json" <<'PY'
 import json, sys
 u = json.load(open(sys.argv[1])).get("notes", {}).get("utilisation", {})
 peaks = json.load(open(sys.argv[3]))
 # The probe of this machine at the run's threads: keys are processor|device|threads|compute|libtorch.
-peak = [p["gflop_s"] for k, p in peaks.items() if k.split("|")[3] == sys.argv[2] and f"({p['threads']} threads)" in k.split("|")[1]]
-print(f"--tag flops_per_image={u.get('flops_per_image')} --tag peak_gflop_s={peak[-1] if peak else ''}")
+# As simile-train: the faster of the mode's precision and fp32.
+peak = [p["gflop_s"] for k, p in peaks.items() if k.split("|")[3] in (sys.argv[2], "fp32") and f"({p['threads']} threads)" in k.split("|")[1]]
+print(f"--tag flops_per_image={u.get('flops_per_image')} --tag peak_gflop_s={max(peak) if peak else ''}")
 PY
 }
 mkdir -p "$WORK/bench-speed"
@@ -99,6 +101,10 @@ for CONFIG in $CONFIGS; do
     if [ "$BF16_STEPS" -gt 0 ]; then
         # Throughput only: a few steps (the first is the warm-up, left out of both).
         seed="$(echo "$SEEDS" | cut -d' ' -f1)"
+        # The bf16 peak is cached by the first bf16 run: a 1-step run measures it first.
+        "$BIN/simile-train" --dataset "$WORK/dataset.parquet" --config "$CONFIG" \
+            --out "$WORK/bench-speed/$NAME-probe" --device cpu --compute bf16 --force \
+            --stop-after-steps 1 --set valid_at_start=false >/dev/null 2>&1
         # shellcheck disable=SC2207
         PYARGS=(--skip-first-step $(util_tags "$WORK/bench-speed/$NAME-simile-$seed-fp32" bf16))
         simile "$seed" bf16 --stop-after-steps "$((BF16_STEPS + 1))" --set valid_at_start=false

@@ -40,7 +40,7 @@ use crate::retrieval::{QueryGallery, SequenceRule};
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Instant;
-use tch::{nn, Device, Reduction, Tensor};
+use tch::{nn, Device, Kind, Reduction, Tensor};
 
 /// OML's `PairsMiner` on one batch: `(i, j, is_negative)` with `i < j`, positives first, each
 /// group sorted and unique. `hard`: pairs of the hard triplets mined on `dist` (row-major
@@ -494,6 +494,9 @@ impl Task for Pairwise<'_> {
         // them.
         tch::manual_seed((cfg.seed as i64) ^ ((step as i64 + 1) << 20));
         let net = &self.net;
+        // bf16/fp16: the backbone and the head under autocast, the logits back in fp32 for the
+        // loss (validation, as simile-rerank, scores in fp32).
+        let amp = self.s.opts.compute.autocast(dev)?;
         let logits = match net.fusion() {
             // One backbone pass per image of the batch, however many pairs it gives.
             Fusion::Siamese => {
@@ -504,6 +507,8 @@ impl Task for Pairwise<'_> {
                 net.logits_t(&x.f_index_select(0, &i1)?, &x.f_index_select(0, &i2)?, true)
             }
         };
+        drop(amp);
+        let logits = logits.f_to_kind(Kind::Float)?;
         let loss = logits
             .f_binary_cross_entropy_with_logits(
                 &y,

@@ -161,12 +161,6 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
     let main = dist.is_none_or(|d| d.is_main());
     let cfg = TrainConfig::load(&opts.config, &opts.sets)?;
     let is_pairwise = cfg.pairwise.is_some();
-    if is_pairwise && opts.compute != Compute::Fp32 {
-        return Err(Error::input(format!(
-            "--compute {}: pairwise training runs in fp32",
-            opts.compute
-        )));
-    }
     if let Some(f) = opts.out.ancestors().find(|a| a.is_file()) {
         return Err(Error::input(format!(
             "--out {}: {} is a file; simile-train writes a model folder there",

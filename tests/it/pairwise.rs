@@ -310,6 +310,36 @@ fn a_seed_and_a_resume_reproduce_the_weights() {
     assert_ne!(wa, tensors(&d.join("model.safetensors")));
 }
 
+/// bf16 under autocast: trains, differs from fp32 by rounding only, and resumes exactly.
+#[test]
+fn bf16_trains_and_resumes_under_autocast() {
+    let e = env();
+    let (a, c, f) = (
+        e.dir.path().join("a"),
+        e.dir.path().join("c"),
+        e.dir.path().join("f32"),
+    );
+    let r = train(&e, &a, &["--compute", "bf16"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = train(&e, &f, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let la = simile::train::log::read(&a.join("train_log.parquet"), &["epoch", "step"]).unwrap();
+    let lf = simile::train::log::read(&f.join("train_log.parquet"), &["epoch", "step"]).unwrap();
+    let (x, y) = (la[0].value("loss").unwrap(), lf[0].value("loss").unwrap());
+    assert!(
+        x != y && (x - y).abs() < 0.05 * y.abs(),
+        "bf16 {x} vs fp32 {y}"
+    );
+    let r = train(&e, &c, &["--compute", "bf16", "--stop-after-steps", "1"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = train(&e, &c, &["--compute", "bf16", "--resume"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        tensors(&a.join("model.safetensors")),
+        tensors(&c.join("model.safetensors"))
+    );
+}
+
 #[test]
 fn the_stacked_fusion_trains_and_rescores() {
     // OML's ConcatSiamese (`fusion = "stack"`), kept for ViTs, still works on a CNN.

@@ -28,11 +28,16 @@ fn env() -> Env {
 }
 
 fn train(e: &Env, args: &[&str]) -> common::Run {
+    train_env(e, args, &[])
+}
+
+fn train_env(e: &Env, args: &[&str], env: &[(&str, &str)]) -> common::Run {
     let out = std::process::Command::new(TRAIN)
         .args(args)
         .args(["--device", "cpu", "--cache-dir"])
         .arg(&e.cache)
         .env("SIMILE_CACHE", e.dir.path().join("zoo"))
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     common::Run::from(out)
@@ -240,8 +245,20 @@ fn resume_under_bf16_autocast_ends_like_an_uninterrupted_run() {
     resume_ends_like_an_uninterrupted_run("bf16");
 }
 
+/// fp16 with its loss scaler, on the CPU through the test hook (CUDA's path otherwise).
+#[test]
+fn resume_under_fp16_with_the_loss_scaler_ends_like_an_uninterrupted_run() {
+    resume_ends_like_an_uninterrupted_run("fp16");
+}
+
 fn resume_ends_like_an_uninterrupted_run(compute: &str) {
     let e = env();
+    let hook: &[(&str, &str)] = if compute == "fp16" {
+        &[("SIMILE_TEST_FP16_ON_CPU", "1")]
+    } else {
+        &[]
+    };
+    let train = |e: &Env, args: &[&str]| train_env(e, args, hook);
     let ds = common::striped_dataset(e.dir.path(), 6, 3, 5, false, 12345);
     let cfg = configs().join("fontid.toml");
     // A memory-bank miner and SGD with momentum: their state must survive the checkpoint.
@@ -294,6 +311,15 @@ fn resume_ends_like_an_uninterrupted_run(compute: &str) {
     let la = log::read(&a.join("train_log.parquet"), &["epoch", "step"]).unwrap();
     let lb = log::read(&b.join("train_log.parquet"), &["epoch", "step"]).unwrap();
     assert_eq!(la.len(), lb.len());
+    if compute == "fp16" {
+        // The scale went through the checkpoint: every step's equal in both runs.
+        for (x, y) in la.iter().zip(&lb) {
+            let s = x.value("loss_scale").expect("fp16 logs its loss scale");
+            assert_eq!(Some(s), y.value("loss_scale"));
+            assert_eq!(x.value("skipped"), y.value("skipped"));
+        }
+        assert!(st["loss_scaler"]["scale"].as_f64().unwrap() > 0.0, "{st}");
+    }
     for (x, y) in la.iter().zip(&lb) {
         let (p, q) = (x.value("loss").unwrap(), y.value("loss").unwrap());
         assert!((p - q).abs() <= 1e-6 * p.abs().max(1.0), "loss {p} vs {q}");
