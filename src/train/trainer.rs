@@ -333,6 +333,14 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
     let mut optimizer = Optimizer::new(&cfg.optimizer, task.params().len());
     // Utilisation: the network's FLOPs, and (rank 0, which reports it) the device's peak.
     let flops_per_image = task.flops_per_image()?;
+    if let Some(f) = flops_per_image.filter(|_| main) {
+        eprintln!(
+            "simile-train: {} at {} px: {:.3} GFLOP per image (forward + backward)",
+            cfg.model.arch,
+            pre.size,
+            f / 1e9
+        );
+    }
     let peak = match flops_per_image {
         Some(_) if main => match utilisation::peak(dev, opts.compute) {
             Ok(p) => Some(p),
