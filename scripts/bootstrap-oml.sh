@@ -20,45 +20,36 @@ case "$LATEST" in
 *) echo "OML_TORCH: 'latest' or unset, not '$LATEST'" >&2; exit 2 ;;
 esac
 VENV="${OML_VENV:-$CACHE/oml-4.0.0${LATEST:+-pip}}"
-if [ -n "$LATEST" ] && [ ! -f "$VENV/.simile-complete" ]; then
-    mkdir -p "$CACHE"
-    exec 9>"$VENV.lock"
-    flock 9
-    if [ ! -f "$VENV/.simile-complete" ]; then
-        echo "simile: installing open-metric-learning==4.0.0 as pip resolves it into $VENV (once; about 5 GB)" >&2
-        TMP="$VENV.tmp.$$"
-        rm -rf "$TMP"
-        python3 -m venv "$TMP"
-        "$TMP/bin/python" -m pip install --quiet --upgrade pip >&2
-        # OML imports modules its package metadata does not list (omegaconf and others); it
-        # pins numpy < 2, which pyarrow 18 is the last to support.
-        "$TMP/bin/python" -m pip install --quiet "open-metric-learning==4.0.0" "pyarrow==18.1.0" omegaconf \
-            validators gdown matplotlib albumentations opencv-python-headless >&2
-        "$TMP/bin/python" -c "import oml.models, oml.losses.triplet, oml.miners.inbatch_hard_tri, torchvision" >&2
-        rm -rf "$VENV"
-        mv "$TMP" "$VENV"
-        grep -rl "$TMP" "$VENV/bin" 2>/dev/null | xargs -r sed -i "s#$TMP#$VENV#g"
-        touch "$VENV/.simile-complete"
-    fi
-    echo "$VENV"
-    exit 0
-fi
+# The installs, into $TMP (a new virtualenv made here).
+install_latest() {
+    python3 -m venv "$TMP"
+    "$TMP/bin/python" -m pip install --quiet --upgrade pip >&2
+    # OML imports modules its package metadata does not list (omegaconf and others); it pins
+    # numpy < 2, which pyarrow 18 is the last to support.
+    "$TMP/bin/python" -m pip install --quiet "open-metric-learning==4.0.0" "pyarrow==18.1.0" \
+        omegaconf validators gdown matplotlib albumentations opencv-python-headless >&2
+}
+install_bundled() {
+    "$TORCH_VENV/bin/python" -m venv "$TMP"
+    py="$(ls -d "$TMP"/lib/python3*/site-packages)"
+    echo "$(ls -d "$TORCH_VENV"/lib/python3*/site-packages)" >"$py/simile-torch.pth"
+    "$TMP/bin/python" -m pip install --quiet --no-deps "open-metric-learning==4.0.0" >&2
+    "$TMP/bin/python" -m pip install --quiet pandas pyarrow gdown omegaconf validators \
+        matplotlib albumentations opencv-python-headless >&2
+}
 if [ ! -f "$VENV/.simile-complete" ]; then
-    PY="$(scripts/bootstrap-pyextras.sh)"
-    TORCH_VENV="$(dirname "$(dirname "$PY")")"
+    if [ -z "$LATEST" ]; then
+        PY="$(scripts/bootstrap-pyextras.sh)"
+        TORCH_VENV="$(dirname "$(dirname "$PY")")"
+    fi
     mkdir -p "$CACHE"
     exec 9>"$VENV.lock"
     flock 9
     if [ ! -f "$VENV/.simile-complete" ]; then
-        echo "simile: installing open-metric-learning==4.0.0 into $VENV (once)" >&2
+        echo "simile: installing open-metric-learning==4.0.0 into $VENV (once${LATEST:+, as pip resolves it: about 5 GB})" >&2
         TMP="$VENV.tmp.$$"
         rm -rf "$TMP"
-        "$TORCH_VENV/bin/python" -m venv "$TMP"
-        py="$(ls -d "$TMP"/lib/python3*/site-packages)"
-        echo "$(ls -d "$TORCH_VENV"/lib/python3*/site-packages)" >"$py/simile-torch.pth"
-        "$TMP/bin/python" -m pip install --quiet --no-deps "open-metric-learning==4.0.0" >&2
-        "$TMP/bin/python" -m pip install --quiet pandas pyarrow gdown omegaconf validators \
-            matplotlib albumentations opencv-python-headless >&2
+        if [ -n "$LATEST" ]; then install_latest; else install_bundled; fi
         "$TMP/bin/python" -c "import oml.models, oml.losses.triplet, oml.miners.inbatch_hard_tri, torchvision" >&2
         rm -rf "$VENV"
         mv "$TMP" "$VENV"
