@@ -303,7 +303,12 @@ def main():
         t = (step - warm) / (total - warm)
         return w * (args.min_factor + (1 - args.min_factor) * 0.5 * (1 + math.cos(math.pi * t)))
 
-    untrained = evaluate(model, img_val, df_val, root, 512, args.mean, args.std) if args.valid_at_start else None
+    # Throughput-only runs (--max-steps) skip validation on both ends.
+    untrained = (
+        evaluate(model, img_val, df_val, root, 512, args.mean, args.std)
+        if args.valid_at_start and not args.max_steps
+        else None
+    )
     step, n_img, train_s, losses = 0, 0, 0.0, []
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if args.autocast == "bf16" else contextlib.nullcontext()
     for _ in range(args.epochs):
