@@ -226,22 +226,29 @@ impl Compute {
         }
     }
 
+    /// Whether `device` runs this mode: fp16 needs CUDA (libtorch's CPU has no fast fp16
+    /// convolutions), a user's error otherwise.
+    pub fn check_device(self, device: Device) -> Result<()> {
+        // Test hook: CPU autocast does run fp16 (slowly), which lets the tests reach the fp16
+        // training path (its loss scaler, resume) without a GPU.
+        if self == Compute::Fp16
+            && device == Device::Cpu
+            && std::env::var_os("SIMILE_TEST_FP16_ON_CPU").is_none()
+        {
+            return Err(Error::input(
+                "--compute fp16 needs a CUDA device (libtorch's CPU kernels lack fp16 convolutions); use bf16 on the CPU",
+            ));
+        }
+        Ok(())
+    }
+
     /// Autocast to this precision on `device` while the guard lives (`torch.autocast`:
     /// convolutions, linear layers and matrix products run in it; the weights stay fp32).
-    /// None for fp32. fp16 needs CUDA: libtorch's CPU has no fast fp16 convolutions.
+    /// None for fp32.
     pub fn autocast(self, device: Device) -> Result<Option<AutocastGuard>> {
+        self.check_device(device)?;
         match self {
             Compute::Fp32 => Ok(None),
-            // Test hook: CPU autocast does run fp16 (slowly), which lets the tests reach the
-            // fp16 training path (its loss scaler, resume) without a GPU.
-            Compute::Fp16
-                if device == Device::Cpu
-                    && std::env::var_os("SIMILE_TEST_FP16_ON_CPU").is_none() =>
-            {
-                Err(Error::input(
-                "--compute fp16 needs a CUDA device (libtorch's CPU kernels lack fp16 convolutions); use bf16 on the CPU",
-                ))
-            }
             _ => AutocastGuard::new(device, self.kind()).map(Some),
         }
     }
@@ -253,7 +260,7 @@ impl Compute {
             && device == Device::Cpu
             && !crate::torch_ext::cpu_has_bf16_kernels().unwrap_or(true))
         .then(|| {
-            "warning: --compute bf16 on a CPU without AVX512 or AMX: libtorch has no fast bf16 convolutions here and runs its reference code, many times slower than fp32 (resnet18: 30x, docs/benchmarks.md); use --compute fp32".to_string()
+            "warning: --compute bf16 on a CPU without AVX512 or AMX: libtorch has no fast bf16 convolutions here and runs its reference code, 12-25x slower than fp32 for resnet18 and a small CNN (docs/benchmarks.md); use --compute fp32".to_string()
         })
     }
 }
@@ -364,8 +371,7 @@ impl Model {
     /// Runs the forward pass in `c` from now on: a native network under autocast (its
     /// weights stay fp32, as in training and validation), a TorchScript module converted once.
     pub fn set_compute(&mut self, c: Compute) -> Result<()> {
-        // The same refusal as autocast's (fp16 on the CPU).
-        drop(c.autocast(self.device)?);
+        c.check_device(self.device)?;
         if let Runner::Script(m) = &mut self.runner {
             m.to(self.device, c.kind(), false);
         }

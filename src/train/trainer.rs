@@ -30,7 +30,7 @@ pub(crate) type Best = Option<(f64, usize, usize)>;
 /// One kind of training, built on the trainer's [`Setup`]. Its randomness must be a function
 /// of the seed and the step, so that a resumed run repeats the uninterrupted one.
 pub(crate) trait Task {
-    /// The parameters the optimiser updates (fp32 master weights), in a fixed order; group 0
+    /// The parameters the optimiser updates (fp32 in every compute mode), in a fixed order; group 0
     /// is the backbone (frozen for `freeze_n_epochs`).
     fn params(&self) -> &[Param];
     /// The loss of one batch (`x`: its images `[B, 3, S, S]` on the device, float32; `batch`:
@@ -212,8 +212,7 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         }
     }
     let dev = device::resolve(opts.device)?;
-    // fp16 on the CPU is refused as autocast refuses it.
-    drop(opts.compute.autocast(dev)?);
+    opts.compute.check_device(dev)?;
     if let Some(w) = opts.compute.slow_on(dev).filter(|_| main) {
         eprintln!("simile-train: {w}");
     }
@@ -881,6 +880,14 @@ impl Run<'_, '_> {
             .collect();
         let mut reduced = None;
         if let Some(d) = self.ctx.dist {
+            // Gradients are dropped after each step, so a parameter that this rank's part of
+            // the loss did not reach has none: zeros, so that every rank all-reduces the same
+            // tensors (as DDP does for unused parameters).
+            for (g, p) in grads.iter_mut().zip(self.task.params()) {
+                if g.is_none() && p.tensor.requires_grad() {
+                    *g = Some(p.tensor.f_zeros_like()?);
+                }
+            }
             // Each rank's gradients flow through its own rows of the gathered batch: their sum
             // is the whole batch's. A loss's own parameters see the whole gathered batch on
             // every rank, so theirs are equal everywhere: averaged.
