@@ -52,7 +52,8 @@ fn main() {
 const GLOO_HEADER_DIRS: [&str; 2] = ["/usr/include", "/usr/local/include"];
 
 /// Compiles `cpp/` (the C++ shim over libtorch's c10d and autocast, used only by
-/// `src/torch_ext/`) into a static library linked into simile, against torch's own headers.
+/// `src/torch_ext/`) into a static library linked into simile, against torch's own headers;
+/// with the NCCL backend where libtorch has CUDA.
 fn build_shim(torch_lib: Option<&str>) {
     println!("cargo:rerun-if-changed=cpp");
     let Some(lib) = torch_lib else {
@@ -74,7 +75,9 @@ fn build_shim(torch_lib: Option<&str>) {
     };
     println!("cargo:rerun-if-changed={}", gloo.display());
     let include = std::path::Path::new(lib).join("../include");
-    cc::Build::new()
+    let nccl = nccl_headers(lib);
+    let mut build = cc::Build::new();
+    build
         .cpp(true)
         .pic(true)
         .file("cpp/simile_ext.cpp")
@@ -88,11 +91,92 @@ fn build_shim(torch_lib: Option<&str>) {
         .flag("-std=c++20")
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .define("USE_DISTRIBUTED", None)
-        .define("USE_C10D_GLOO", None)
-        .compile("simile_ext");
+        .define("USE_C10D_GLOO", None);
+    match &nccl {
+        Some(dirs) => {
+            build
+                .file("cpp/simile_nccl.cpp")
+                .define("USE_C10D_NCCL", None);
+            for d in dirs {
+                build.flag("-isystem").flag(d.display().to_string());
+            }
+        }
+        None => {
+            build.file("cpp/simile_no_nccl.cpp");
+        }
+    }
+    build.compile("simile_ext");
     // The shim calls into libtorch_cpu and c10 (torch-sys links them too; named here so the
     // shim does not depend on that).
     println!("cargo:rustc-link-search=native={lib}");
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
+    if nccl.is_some() {
+        // ProcessGroupNCCL and c10::cuda, for the ranks that train on CUDA.
+        println!("cargo:rustc-link-lib=dylib=torch_cuda");
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    }
+}
+
+/// The include folders ProcessGroupNCCL.hpp needs beyond torch's own, where libtorch has CUDA
+/// (`libtorch_cuda.so` beside `libtorch_cpu.so`); `None` for a CPU-only libtorch, which has no
+/// NCCL backend. The torch wheel ships NCCL's header (`nvidia-nccl-cu13`) and the CUDA runtime's
+/// (`nvidia-cuda-runtime`), but the CUDA runtime headers include `crt/` and `cuda/std/` from
+/// two wheels torch does not pull in, `nvidia-cuda-crt` and `nvidia-cuda-cccl`
+/// (scripts/bootstrap-torch.sh installs them). A system CUDA (`CUDA_HOME`) serves as well.
+fn nccl_headers(lib: &str) -> Option<Vec<std::path::PathBuf>> {
+    use std::path::{Path, PathBuf};
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    println!("cargo:rerun-if-env-changed=SIMILE_NO_NCCL");
+    if !Path::new(lib).join("libtorch_cuda.so").exists()
+        || std::env::var_os("SIMILE_NO_NCCL").is_some()
+    {
+        return None;
+    }
+    // The wheel's site-packages/nvidia/<package>/include folders, then CUDA_HOME's.
+    let mut roots: Vec<PathBuf> = std::fs::read_dir(Path::new(lib).join("../../nvidia"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("include"))
+        .filter(|p| p.is_dir())
+        .collect();
+    roots.sort();
+    if let Some(cuda) = std::env::var_os("CUDA_HOME") {
+        roots.push(Path::new(&cuda).join("include"));
+    }
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let mut missing = Vec::new();
+    // Each header, and the folder that must be on the include path for it.
+    for (header, sub) in [
+        ("nccl.h", ""),
+        ("cuda_runtime_api.h", ""),
+        ("crt/host_config.h", ""),
+        ("cuda/std/version", "cccl"),
+    ] {
+        let found = roots.iter().find_map(|r| {
+            [r.join(sub), r.clone()]
+                .into_iter()
+                .find(|d| d.join(header).exists())
+        });
+        match found {
+            Some(d) => {
+                println!("cargo:rerun-if-changed={}", d.join(header).display());
+                if !dirs.contains(&d) {
+                    dirs.push(d);
+                }
+            }
+            None => missing.push(header),
+        }
+    }
+    if !missing.is_empty() {
+        panic!(
+            "simile: libtorch has CUDA ({lib}/libtorch_cuda.so), so simile builds its NCCL backend, \
+             but these headers are missing: {}. Install the wheels nvidia-cuda-crt and \
+             nvidia-cuda-cccl that match torch's CUDA (scripts/bootstrap-torch.sh and `make deps` \
+             do), set CUDA_HOME to a CUDA toolkit, or set SIMILE_NO_NCCL=1 to build without it",
+            missing.join(", ")
+        );
+    }
+    Some(dirs)
 }

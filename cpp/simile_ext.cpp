@@ -1,10 +1,10 @@
 // simile's C++ shim over libtorch (see simile_ext.h for the API's rules). Built by build.rs
 // with -std=c++20 -D_GLIBCXX_USE_CXX11_ABI=1 -DUSE_DISTRIBUTED -DUSE_C10D_GLOO, against the
 // torch wheel's headers and Debian's libgloo-dev headers; it links only libtorch_cpu (the Gloo
-// backend and gloo itself are inside it). A CUDA part (ProcessGroupNCCL) would go behind
-// USE_C10D_NCCL: simile_pg already holds a generic c10d::Backend and the device its tensors
-// must be on.
-#include "simile_ext.h"
+// backend and gloo itself are inside it). The NCCL backend is simile_nccl.cpp's (built where
+// libtorch has CUDA): a simile_pg holds a generic c10d::Backend and the device its tensors must
+// be on, so the collectives here serve both.
+#include "simile_internal.hpp"
 
 #include <chrono>
 #include <cstdlib>
@@ -36,76 +36,7 @@ static_assert(sizeof(c10d::ProcessGroupGloo) == 488,
 static_assert(sizeof(c10d::ProcessGroupGloo::Options) == 184,
               "ProcessGroupGloo::Options' layout differs from libtorch 2.13.0's");
 
-namespace {
-
-// ---- Errors ------------------------------------------------------------------------------
-
-simile_error* make_error(int32_t kind, const std::string& message) {
-  auto* err = static_cast<simile_error*>(std::malloc(sizeof(simile_error)));
-  if (err == nullptr) {
-    std::abort();  // out of memory while reporting an error: nothing better to do
-  }
-  err->kind = kind;
-  err->message = strdup(message.c_str());
-  return err;
-}
-
-// The message without c10's C++ backtrace (which TORCH_SHOW_CPP_STACKTRACES may add).
-std::string message_of(const std::exception& e) {
-  if (auto* c10e = dynamic_cast<const c10::Error*>(&e)) {
-    return c10e->what_without_backtrace();
-  }
-  return e.what();
-}
-
-// Runs f, turning any exception into an error of the given kind. `what` names the operation.
-template <typename F>
-simile_error* protect(int32_t kind, const char* what, F&& f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const std::exception& e) {
-    return make_error(kind, std::string(what) + ": " + message_of(e));
-  } catch (...) {
-    return make_error(kind, std::string(what) + ": unknown C++ exception");
-  }
-}
-
-// Thrown inside protect() to pick another kind than the call's default.
-struct KindError : std::runtime_error {
-  int32_t kind;
-  KindError(int32_t k, const std::string& m) : std::runtime_error(m), kind(k) {}
-};
-
-template <typename F>
-simile_error* protect_kinds(int32_t kind, const char* what, F&& f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const KindError& e) {
-    return make_error(e.kind, std::string(what) + ": " + e.what());
-  } catch (const std::exception& e) {
-    return make_error(kind, std::string(what) + ": " + message_of(e));
-  } catch (...) {
-    return make_error(kind, std::string(what) + ": unknown C++ exception");
-  }
-}
-
-std::chrono::milliseconds ms(int64_t v) { return std::chrono::milliseconds(v); }
-
-}  // namespace
-
-struct simile_store {
-  c10::intrusive_ptr<c10d::TCPStore> store;
-};
-
-struct simile_pg {
-  c10::intrusive_ptr<c10d::Backend> backend;
-  c10::DeviceType device;  // the device every tensor must be on (Gloo: the CPU)
-  int32_t rank;
-  int32_t size;
-  std::chrono::milliseconds timeout;
-};
+using namespace simile_detail;
 
 extern "C" {
 

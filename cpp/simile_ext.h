@@ -1,4 +1,4 @@
-// simile's C++ shim over libtorch: c10d (TCPStore, ProcessGroupGloo), CPU/CUDA autocast, and
+// simile's C++ shim over libtorch: c10d (TCPStore, ProcessGroupGloo, ProcessGroupNCCL), CPU/CUDA autocast, and
 // the ATen ops and facilities tch does not reach (fused optimiser steps, GradScaler's unscale,
 // oneDNN's bf16 check, the profiler's FLOP count).
 // Its only caller is src/torch_ext/ (Rust), which declares these same functions.
@@ -74,6 +74,14 @@ typedef struct simile_pg simile_pg;
 // has joined, at most timeout_ms; timeout_ms also bounds every collective.
 simile_error* simile_pg_new_gloo(simile_store* store, const char* prefix, int32_t rank,
                                  int32_t world_size, const char* hostname, int64_t timeout_ms,
+                                 simile_pg** out);
+// Whether this build has the NCCL backend (CUDA ranks): false where libtorch has no CUDA.
+bool simile_nccl_built(void);
+// An NCCL process group (CUDA tensors on cuda:device_index, which becomes this thread's current
+// device) on a PrefixStore(prefix, store). Forms the communicator before returning (every rank
+// must call it, at most timeout_ms); timeout_ms also bounds every collective's wait.
+simile_error* simile_pg_new_nccl(simile_store* store, const char* prefix, int32_t rank,
+                                 int32_t world_size, int32_t device_index, int64_t timeout_ms,
                                  simile_pg** out);
 int32_t simile_pg_rank(const simile_pg* pg);
 int32_t simile_pg_size(const simile_pg* pg);

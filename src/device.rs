@@ -6,7 +6,9 @@ use crate::error::{Error, Result};
 pub enum DeviceArg {
     Auto,
     Cpu,
-    Cuda(usize),
+    /// `cuda:<i>`; `None` for plain `cuda`: the process's own GPU (cuda:0, or a data-parallel
+    /// rank's `cuda:LOCAL_RANK`, as torchrun's scripts pick it).
+    Cuda(Option<usize>),
 }
 
 impl std::str::FromStr for DeviceArg {
@@ -15,11 +17,11 @@ impl std::str::FromStr for DeviceArg {
         match s {
             "auto" => Ok(DeviceArg::Auto),
             "cpu" => Ok(DeviceArg::Cpu),
-            "cuda" => Ok(DeviceArg::Cuda(0)),
+            "cuda" => Ok(DeviceArg::Cuda(None)),
             _ => s
                 .strip_prefix("cuda:")
                 .and_then(|i| i.parse().ok())
-                .map(DeviceArg::Cuda)
+                .map(|i| DeviceArg::Cuda(Some(i)))
                 .ok_or_else(|| format!("'{s}': expected auto, cpu, cuda or cuda:<index>")),
         }
     }
@@ -30,30 +32,46 @@ impl std::fmt::Display for DeviceArg {
         match self {
             DeviceArg::Auto => write!(f, "auto"),
             DeviceArg::Cpu => write!(f, "cpu"),
-            DeviceArg::Cuda(i) => write!(f, "cuda:{i}"),
+            DeviceArg::Cuda(None) => write!(f, "cuda"),
+            DeviceArg::Cuda(Some(i)) => write!(f, "cuda:{i}"),
         }
     }
 }
 
 /// Resolves the argument to a libtorch device, checking that it exists.
 pub fn resolve(arg: DeviceArg) -> Result<tch::Device> {
+    resolve_for_rank(arg, None)
+}
+
+/// As [`resolve`] for a data-parallel rank (`local_rank`: torchrun's `LOCAL_RANK`): `auto` and
+/// plain `cuda` take GPU `local_rank` of this machine (one GPU per rank), so the same command
+/// line serves every rank.
+pub fn resolve_for_rank(arg: DeviceArg, local_rank: Option<usize>) -> Result<tch::Device> {
     let n = tch::Cuda::device_count() as usize;
+    let own = local_rank.unwrap_or(0);
+    let no_gpu_for_rank = |i: usize| {
+        Error::Device(format!(
+            "LOCAL_RANK={i}: this machine has {n} CUDA device(s), one per rank: start at most {n} ranks here, or give every rank --device cpu"
+        ))
+    };
     match arg {
         DeviceArg::Cpu => Ok(tch::Device::Cpu),
-        DeviceArg::Auto => Ok(if n > 0 {
-            tch::Device::Cuda(0)
-        } else {
-            tch::Device::Cpu
-        }),
-        DeviceArg::Cuda(i) if i < n => Ok(tch::Device::Cuda(i)),
-        DeviceArg::Cuda(i) => Err(Error::Device(if n == 0 {
-            format!("--device cuda:{i}: this machine has no CUDA device (libtorch sees none); use --device cpu or auto")
-        } else {
-            format!(
-                "--device cuda:{i}: this machine has {n} CUDA device(s), numbered 0..{}",
-                n - 1
-            )
-        })),
+        DeviceArg::Auto if n == 0 => Ok(tch::Device::Cpu),
+        DeviceArg::Auto | DeviceArg::Cuda(None) if own < n => Ok(tch::Device::Cuda(own)),
+        DeviceArg::Auto => Err(no_gpu_for_rank(own)),
+        DeviceArg::Cuda(None) if n > 0 => Err(no_gpu_for_rank(own)),
+        DeviceArg::Cuda(Some(i)) if i < n => Ok(tch::Device::Cuda(i)),
+        DeviceArg::Cuda(i) => {
+            let shown = i.map_or("cuda".to_string(), |i| format!("cuda:{i}"));
+            Err(Error::Device(if n == 0 {
+                format!("--device {shown}: this machine has no CUDA device (libtorch sees none); use --device cpu or auto")
+            } else {
+                format!(
+                    "--device {shown}: this machine has {n} CUDA device(s), numbered 0..{}",
+                    n - 1
+                )
+            }))
+        }
     }
 }
 
@@ -153,14 +171,28 @@ mod tests {
     #[test]
     fn parse() {
         assert_eq!("auto".parse::<DeviceArg>().unwrap(), DeviceArg::Auto);
-        assert_eq!("cuda".parse::<DeviceArg>().unwrap(), DeviceArg::Cuda(0));
-        assert_eq!("cuda:3".parse::<DeviceArg>().unwrap(), DeviceArg::Cuda(3));
+        assert_eq!("cuda".parse::<DeviceArg>().unwrap(), DeviceArg::Cuda(None));
+        assert_eq!(
+            "cuda:3".parse::<DeviceArg>().unwrap(),
+            DeviceArg::Cuda(Some(3))
+        );
+        assert_eq!(DeviceArg::Cuda(None).to_string(), "cuda");
+        assert_eq!(DeviceArg::Cuda(Some(3)).to_string(), "cuda:3");
         assert!("gpu".parse::<DeviceArg>().is_err());
         assert_eq!(resolve(DeviceArg::Cpu).unwrap(), tch::Device::Cpu);
         if tch::Cuda::device_count() == 0 {
-            let e = resolve(DeviceArg::Cuda(0)).unwrap_err();
-            assert_eq!(e.exit_code(), 2);
+            for arg in [DeviceArg::Cuda(Some(0)), DeviceArg::Cuda(None)] {
+                let e = resolve(arg).unwrap_err();
+                assert_eq!(e.exit_code(), 2);
+                let e = resolve_for_rank(arg, Some(1)).unwrap_err();
+                assert_eq!(e.exit_code(), 2);
+            }
             assert_eq!(resolve(DeviceArg::Auto).unwrap(), tch::Device::Cpu);
+            // A CPU-only machine's ranks train on the CPU with `auto`.
+            assert_eq!(
+                resolve_for_rank(DeviceArg::Auto, Some(3)).unwrap(),
+                tch::Device::Cpu
+            );
         }
     }
 

@@ -131,7 +131,7 @@ fn main() {
             force: c.force,
             log_every: c.log_every,
             tensorboard: c.tensorboard,
-            launch: launch.filter(|l| l.world_size > 1),
+            launch: launch.filter(|l| l.joins_job()),
         };
         let rank = opts.launch.as_ref().map(|l| l.rank);
         let s = train::run(&opts, |d| match rank {

@@ -199,6 +199,12 @@ fn check_host(host: &str, port: u16) -> Result<()> {
     }
 }
 
+/// Whether this build has the NCCL backend: libtorch with CUDA at build time.
+pub fn nccl_built() -> bool {
+    // SAFETY: no arguments, no state.
+    unsafe { ffi::simile_nccl_built() }
+}
+
 fn world_i64(world_size: usize) -> i64 {
     i64::try_from(world_size).unwrap_or(i64::MAX)
 }
@@ -230,6 +236,53 @@ impl ProcessGroup {
         address: &str,
         timeout: Duration,
     ) -> Result<ProcessGroup> {
+        let c_prefix = cstring("group prefix", prefix)?;
+        let c_address = cstring("address", address)?;
+        Self::create(rank, world_size, |r, n, out| {
+            // SAFETY: a live store, valid strings and out pointer.
+            unsafe {
+                ffi::simile_pg_new_gloo(
+                    store.raw,
+                    c_prefix.as_ptr(),
+                    r,
+                    n,
+                    c_address.as_ptr(),
+                    millis(timeout),
+                    out,
+                )
+            }
+        })
+    }
+
+    /// An NCCL group (collectives on CUDA tensors of `cuda:device`, which becomes this
+    /// thread's current device), otherwise as [`ProcessGroup::gloo`]: NCCL finds its own
+    /// transport (NVLink, InfiniBand, sockets), so no address is given. The communicator is
+    /// formed before this returns. Refused where libtorch has no CUDA ([`nccl_built`]).
+    pub fn nccl(
+        store: &Store,
+        prefix: &str,
+        rank: usize,
+        world_size: usize,
+        device: usize,
+        timeout: Duration,
+    ) -> Result<ProcessGroup> {
+        let d = i32::try_from(device)
+            .map_err(|_| Error::input(format!("cuda:{device}: no such device")))?;
+        let c_prefix = cstring("group prefix", prefix)?;
+        Self::create(rank, world_size, |r, n, out| {
+            // SAFETY: a live store, a valid string and out pointer.
+            unsafe {
+                ffi::simile_pg_new_nccl(store.raw, c_prefix.as_ptr(), r, n, d, millis(timeout), out)
+            }
+        })
+    }
+
+    /// Checks the rank, then `make(rank, world_size, out)` calls the shim's constructor.
+    fn create(
+        rank: usize,
+        world_size: usize,
+        make: impl FnOnce(i32, i32, *mut *mut ffi::SimilePg) -> *mut ffi::SimileError,
+    ) -> Result<ProcessGroup> {
         let (r, n) = match (i32::try_from(rank), i32::try_from(world_size)) {
             (Ok(r), Ok(n)) if r < n => (r, n),
             _ => {
@@ -238,21 +291,8 @@ impl ProcessGroup {
                 )))
             }
         };
-        let c_prefix = cstring("group prefix", prefix)?;
-        let c_address = cstring("address", address)?;
         let mut raw = ptr::null_mut();
-        // SAFETY: a live store, valid strings and out pointer.
-        check(unsafe {
-            ffi::simile_pg_new_gloo(
-                store.raw,
-                c_prefix.as_ptr(),
-                r,
-                n,
-                c_address.as_ptr(),
-                millis(timeout),
-                &mut raw,
-            )
-        })?;
+        check(make(r, n, &mut raw))?;
         Ok(ProcessGroup {
             raw,
             rank,
@@ -268,9 +308,9 @@ impl ProcessGroup {
         self.world_size
     }
 
-    /// Sums each tensor over the ranks, in place (dense CPU tensors; shapes and dtypes may
-    /// differ between the tensors of the list). Runs without autograd, so parameters can be
-    /// given too.
+    /// Sums each tensor over the ranks, in place (dense tensors on the group's device: the CPU
+    /// for Gloo, the group's GPU for NCCL; shapes and dtypes may differ between the tensors of
+    /// the list). Runs without autograd, so parameters can be given too.
     pub fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<()> {
         let ptrs = pointers(tensors);
         // SAFETY: a live group; the tensors outlive the call (which waits for the collective).

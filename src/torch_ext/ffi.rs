@@ -78,6 +78,16 @@ extern "C" {
         timeout_ms: i64,
         out: *mut *mut SimilePg,
     ) -> *mut SimileError;
+    pub(super) fn simile_nccl_built() -> bool;
+    pub(super) fn simile_pg_new_nccl(
+        store: *mut SimileStore,
+        prefix: *const c_char,
+        rank: i32,
+        world_size: i32,
+        device_index: i32,
+        timeout_ms: i64,
+        out: *mut *mut SimilePg,
+    ) -> *mut SimileError;
     pub(super) fn simile_pg_allreduce_sum(
         pg: *mut SimilePg,
         tensors: *const *const C_tensor,

@@ -1,6 +1,7 @@
 //! What tch does not wrap from libtorch, through simile's C++ shim (`cpp/`, compiled by
 //! `build.rs`): libtorch's own c10d for data-parallel training (a TCPStore rendezvous, Gloo
-//! process groups and their collectives on CPU tensors), a CPU/CUDA autocast guard, and
+//! process groups for CPU tensors and NCCL ones for CUDA tensors, and their collectives), a
+//! CPU/CUDA autocast guard, and
 //! ATen's fused optimiser steps, GradScaler's unscale and the profiler's FLOP counter. This
 //! module is the shim's only face: everything else in simile uses these safe types.
 //!
@@ -13,7 +14,7 @@ mod ffi;
 mod kernels;
 
 pub use autocast::AutocastGuard;
-pub use dist::{ProcessGroup, Store};
+pub use dist::{nccl_built, ProcessGroup, Store};
 pub use kernels::{
     amp_unscale, clear_grads, count_flops, cpu_has_bf16_kernels, fused_adam, fused_sgd, AdamStep,
     SgdStep,

@@ -314,3 +314,44 @@ fn autocast_refuses_what_it_cannot_do() {
     let x = Tensor::ones([2, 2], (Kind::Float, Device::Cpu));
     assert_eq!(x.matmul(&x).kind(), Kind::Float);
 }
+
+/// The NCCL backend is linked where libtorch has CUDA; without a GPU it refuses clearly (exit
+/// 2, naming the device) instead of failing inside NCCL. Where a GPU is lent, world size 1
+/// forms a group and sums on the GPU (scripts/gpu-check runs this test there).
+#[test]
+fn nccl_group_on_the_machines_gpus() {
+    let listener = TcpListener::bind((LOOPBACK, 0)).expect("bind a loopback port");
+    let store = Store::server_on(listener, 1, OK_TIMEOUT, false).expect("store");
+    let built = super::nccl_built();
+    let gpus = tch::Cuda::device_count();
+    let made = ProcessGroup::nccl(&store, "nccl", 0, 1, 0, OK_TIMEOUT);
+    match (built, gpus) {
+        (false, _) => {
+            let e = made.err().expect("no NCCL in this build: refused");
+            assert_eq!(e.exit_code(), 2, "{e}");
+            assert!(e.to_string().contains("without CUDA"), "{e}");
+        }
+        (true, 0) => {
+            let e = made.err().expect("no GPU: refused");
+            assert_eq!(e.exit_code(), 2, "{e}");
+            assert!(e.to_string().contains("cuda:0 does not exist"), "{e}");
+        }
+        (true, _) => {
+            let pg = made.expect("an NCCL group of one rank on cuda:0");
+            let t = Tensor::from_slice(&[1.0f32, 2.0, 3.0]).to_device(Device::Cuda(0));
+            pg.all_reduce_sum(std::slice::from_ref(&t)).expect("sum");
+            assert_eq!(values_f32(&t.to_device(Device::Cpu)), [1.0, 2.0, 3.0]);
+            let got = pg.all_gather(&t).expect("gather");
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].device(), Device::Cuda(0));
+            pg.barrier().expect("barrier");
+            // A CPU tensor given to an NCCL group is simile's bug, reported, not a crash.
+            let cpu = Tensor::from_slice(&[1.0f32]);
+            let e = pg.all_reduce_sum(&[cpu]).unwrap_err();
+            assert!(
+                e.to_string().to_lowercase().contains("works on cuda"),
+                "{e}"
+            );
+        }
+    }
+}

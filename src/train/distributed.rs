@@ -1,5 +1,5 @@
 //! Data-parallel training: one process per rank, ranks meeting through libtorch's c10d
-//! (`torch_ext`: a TCPStore and a Gloo group). What a rank needs from the others: agreement
+//! (`torch_ext`: a TCPStore and a Gloo group for CPU ranks, an NCCL group for CUDA ranks). What a rank needs from the others: agreement
 //! on the inputs at start, the whole batch's embeddings (gathered, gradients kept on the
 //! rank's own rows), the gradients summed, rank 0's parameters and buffers, and rank 0's word
 //! on what to do (train, up to date, refused). Launch follows torchrun's contract (`RANK`,
@@ -8,7 +8,51 @@
 use crate::error::{Error, Result};
 use crate::torch_ext::{ProcessGroup, Store};
 use std::time::Duration;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
+
+/// The c10d backend the ranks' collectives run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// CPU tensors over TCP (CUDA ranks' tensors are copied to the CPU and back).
+    Gloo,
+    /// CUDA tensors, GPU to GPU (NVLink, InfiniBand or sockets, as NCCL finds).
+    Nccl,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Gloo => "gloo",
+            Backend::Nccl => "nccl",
+        }
+    }
+
+    /// `chosen` (`SIMILE_DIST_BACKEND`), else by device as torch does: Gloo for CPU ranks, NCCL
+    /// for CUDA ranks. NCCL for a CPU rank is refused.
+    pub fn for_device(chosen: Option<Backend>, dev: Device) -> Result<Backend> {
+        match (chosen, dev) {
+            (Some(Backend::Nccl), Device::Cpu) => Err(Error::input(
+                "SIMILE_DIST_BACKEND=nccl: NCCL runs collectives on CUDA tensors, and this rank trains on the CPU; use --device cuda, or gloo",
+            )),
+            (Some(b), _) => Ok(b),
+            (None, Device::Cuda(_)) => Ok(Backend::Nccl),
+            (None, _) => Ok(Backend::Gloo),
+        }
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Backend> {
+        match s.trim() {
+            "gloo" => Ok(Backend::Gloo),
+            "nccl" => Ok(Backend::Nccl),
+            other => Err(Error::input(format!(
+                "SIMILE_DIST_BACKEND={other:?}: expected gloo or nccl (unset: gloo for CPU ranks, nccl for CUDA ranks)"
+            ))),
+        }
+    }
+}
 
 /// Where this process is in a job: torchrun's environment, read once.
 #[derive(Clone, Debug, PartialEq)]
@@ -24,6 +68,8 @@ pub struct Launch {
     /// Bounds joining, every collective and a dead peer's detection (`SIMILE_DIST_TIMEOUT`,
     /// seconds; default [`DEFAULT_TIMEOUT`]).
     pub timeout: Duration,
+    /// `SIMILE_DIST_BACKEND`; `None`: by device ([`Backend::for_device`]).
+    pub backend: Option<Backend>,
 }
 
 /// How long a rank waits for another before it gives up (and names the one it waited for).
@@ -76,6 +122,9 @@ impl Launch {
             Error::input(format!("MASTER_PORT={port:?}: expected a port, 1 to 65535"))
         })?;
         let timeout = timeout_from(get("SIMILE_DIST_TIMEOUT"))?;
+        let backend = get("SIMILE_DIST_BACKEND")
+            .map(|b| b.parse::<Backend>())
+            .transpose()?;
         let address = match get("SIMILE_DIST_ADDRESS") {
             Some(a) => a,
             None => local_address_towards(&master_addr, master_port),
@@ -88,11 +137,20 @@ impl Launch {
             master_port,
             address,
             timeout,
+            backend,
         }))
     }
 }
 
 impl Launch {
+    /// Whether this process runs as a rank (rendezvous, process group, collectives): a job of
+    /// several ranks, or a one-rank job whose backend was named (`SIMILE_DIST_BACKEND`: a check
+    /// of that backend, as torchrun with one process and `init_process_group`). A plain
+    /// `WORLD_SIZE=1` trains as one process.
+    pub fn joins_job(&self) -> bool {
+        self.world_size > 1 || self.backend.is_some()
+    }
+
     /// `SIMILE_DIST_TIMEOUT` (seconds), or [`DEFAULT_TIMEOUT`].
     pub fn timeout_from_env() -> Result<Duration> {
         timeout_from(std::env::var("SIMILE_DIST_TIMEOUT").ok())
@@ -141,6 +199,9 @@ fn local_address_towards(host: &str, port: u16) -> String {
 pub struct Dist {
     pub rank: usize,
     pub world_size: usize,
+    pub backend: Backend,
+    /// Where the collectives' tensors live: the CPU for Gloo, the rank's GPU for NCCL.
+    comm: Device,
     timeout: Duration,
     store: Store,
     pg: ProcessGroup,
@@ -150,8 +211,10 @@ pub struct Dist {
 
 impl Dist {
     /// Joins the job: rank 0 serves the store at `MASTER_ADDR:MASTER_PORT` and waits for the
-    /// others, every rank then forms the Gloo group. Bounded by the launch's timeout.
-    pub fn connect(l: &Launch) -> Result<Dist> {
+    /// others, every rank then forms the group (Gloo, or NCCL on `dev`'s GPU: see
+    /// [`Backend::for_device`]). Bounded by the launch's timeout.
+    pub fn connect(l: &Launch, dev: Device) -> Result<Dist> {
+        let backend = Backend::for_device(l.backend, dev)?;
         let store = Store::new(
             &l.master_addr,
             l.master_port,
@@ -162,18 +225,29 @@ impl Dist {
             false,
         )
         .map_err(|e| name_master(e, l))?;
-        let pg = ProcessGroup::gloo(
-            &store,
-            "simile",
-            l.rank,
-            l.world_size,
-            &l.address,
-            l.timeout,
-        )?;
+        let (pg, comm) = match (backend, dev) {
+            (Backend::Nccl, Device::Cuda(i)) => (
+                ProcessGroup::nccl(&store, "simile", l.rank, l.world_size, i, l.timeout)?,
+                dev,
+            ),
+            _ => (
+                ProcessGroup::gloo(
+                    &store,
+                    "simile",
+                    l.rank,
+                    l.world_size,
+                    &l.address,
+                    l.timeout,
+                )?,
+                Device::Cpu,
+            ),
+        };
         let beat = Heartbeat::start(l)?;
         Ok(Dist {
             rank: l.rank,
             world_size: l.world_size,
+            backend,
+            comm,
             timeout: l.timeout,
             store,
             pg,
@@ -250,7 +324,40 @@ impl Dist {
         if tensors.is_empty() {
             return Ok(());
         }
-        tch::no_grad(|| self.pg.broadcast(tensors, 0)).map_err(|e| self.named(e, None))
+        tch::no_grad(|| {
+            let moved = self.to_comm(tensors)?;
+            self.pg
+                .broadcast(moved.as_deref().unwrap_or(tensors), 0)
+                .map_err(|e| self.named(e, None))?;
+            Self::copy_back(moved, tensors)
+        })
+    }
+
+    /// `tensors` on the group's device, when any is elsewhere (a CUDA rank over Gloo): copies
+    /// to reduce in place of the originals ([`Dist::copy_back`]). `None`: already there.
+    fn to_comm(&self, tensors: &[Tensor]) -> Result<Option<Vec<Tensor>>> {
+        if tensors.iter().all(|t| t.device() == self.comm) {
+            return Ok(None);
+        }
+        Ok(Some(
+            tensors
+                .iter()
+                .map(|t| t.f_to_device(self.comm))
+                .collect::<std::result::Result<_, _>>()?,
+        ))
+    }
+
+    fn copy_back(moved: Option<Vec<Tensor>>, into: &[Tensor]) -> Result<()> {
+        for (m, t) in moved.iter().flatten().zip(into) {
+            let mut t = t.shallow_clone();
+            t.f_copy_(m)?;
+        }
+        Ok(())
+    }
+
+    /// One tensor on the group's device (a copy only where it is elsewhere).
+    fn on_comm(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.f_to_device(self.comm)?)
     }
 
     /// Sums the gradients over the ranks, in place. `average[i]`: grads[i] is the same on
@@ -280,7 +387,7 @@ impl Dist {
                         .and_then(|t| t.f_flatten(0, -1))
                 })
                 .collect::<std::result::Result<_, _>>()?;
-            let flat = Tensor::f_cat(&part, 0)?;
+            let flat = self.on_comm(&Tensor::f_cat(&part, 0)?)?;
             total += flat.numel() as u64 * 4;
             self.pg
                 .all_reduce_sum(std::slice::from_ref(&flat))
@@ -293,7 +400,7 @@ impl Dist {
                 if average[i] {
                     v = v.f_div_scalar(self.world_size as f64)?;
                 }
-                *g = v.f_to_kind(g.kind())?;
+                *g = v.f_to_device(g.device())?.f_to_kind(g.kind())?;
                 at += n;
             }
             start = end;
@@ -303,9 +410,12 @@ impl Dist {
 
     /// Sums `t` over the ranks, in place (a loss value for the log).
     pub fn sum(&self, t: &Tensor) -> Result<()> {
+        let ts = std::slice::from_ref(t);
+        let moved = self.to_comm(ts)?;
         self.pg
-            .all_reduce_sum(std::slice::from_ref(t))
-            .map_err(|e| self.named(e, None))
+            .all_reduce_sum(moved.as_deref().unwrap_or(ts))
+            .map_err(|e| self.named(e, None))?;
+        Self::copy_back(moved, ts)
     }
 
     /// The rows of every rank's `local` (same shape on every rank), in rank order, with this
@@ -313,19 +423,19 @@ impl Dist {
     pub fn gather_rows(&self, local: &Tensor) -> Result<Tensor> {
         let parts = self
             .pg
-            .all_gather(&local.f_detach()?.f_contiguous()?)
+            .all_gather(&self.on_comm(&local.f_detach()?.f_contiguous()?)?)
             .map_err(|e| self.named(e, None))?;
         let parts: Vec<Tensor> = parts
             .into_iter()
             .enumerate()
             .map(|(r, t)| {
                 if r == self.rank {
-                    local.shallow_clone()
+                    Ok(local.shallow_clone())
                 } else {
-                    t
+                    t.f_to_device(local.device())
                 }
             })
-            .collect();
+            .collect::<std::result::Result<_, _>>()?;
         Ok(Tensor::f_cat(&parts, 0)?)
     }
 
@@ -347,11 +457,11 @@ impl Dist {
         let most = sizes.iter().copied().max().unwrap_or(0);
         let mut padded = local.to_vec();
         padded.resize(most * d, 0.0);
-        let t = Tensor::f_from_slice(&padded)?;
+        let t = self.on_comm(&Tensor::f_from_slice(&padded)?)?;
         let parts = self.pg.all_gather(&t).map_err(|e| self.named(e, None))?;
         let mut out = Vec::with_capacity(n * d);
         for (r, p) in parts.into_iter().enumerate() {
-            let v: Vec<f32> = Vec::try_from(p)?;
+            let v: Vec<f32> = Vec::try_from(p.f_to_device(Device::Cpu)?)?;
             out.extend_from_slice(&v[..sizes[r] * d]);
         }
         Ok(out)
@@ -529,5 +639,46 @@ mod tests {
             assert_eq!(e.exit_code(), 2);
             assert!(e.to_string().contains(want), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn the_backend_follows_the_device_unless_named() {
+        let job = |extra: &[(&'static str, &'static str)]| {
+            let mut v = vec![
+                ("WORLD_SIZE", "1"),
+                ("RANK", "0"),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", "29500"),
+            ];
+            v.extend_from_slice(extra);
+            Launch::from_vars(vars(&v)).unwrap().unwrap()
+        };
+        let plain = job(&[]);
+        assert_eq!(plain.backend, None);
+        assert!(
+            !plain.joins_job(),
+            "WORLD_SIZE=1 alone trains as one process"
+        );
+        let named = job(&[("SIMILE_DIST_BACKEND", "nccl")]);
+        assert_eq!(named.backend, Some(Backend::Nccl));
+        assert!(named.joins_job());
+        let bad = Launch::from_vars(vars(&[
+            ("WORLD_SIZE", "2"),
+            ("RANK", "0"),
+            ("MASTER_ADDR", "h"),
+            ("MASTER_PORT", "9"),
+            ("SIMILE_DIST_BACKEND", "mpi"),
+        ]))
+        .unwrap_err();
+        assert_eq!(bad.exit_code(), 2);
+        use Backend::*;
+        assert_eq!(Backend::for_device(None, Device::Cpu).unwrap(), Gloo);
+        assert_eq!(Backend::for_device(None, Device::Cuda(1)).unwrap(), Nccl);
+        assert_eq!(
+            Backend::for_device(Some(Gloo), Device::Cuda(0)).unwrap(),
+            Gloo
+        );
+        let e = Backend::for_device(Some(Nccl), Device::Cpu).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
     }
 }

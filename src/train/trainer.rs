@@ -152,10 +152,13 @@ struct Progress {
 /// Runs the stage; `on_device` gets the chosen device's description first.
 pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSummary> {
     let t0 = Instant::now();
-    // A rank of a data-parallel job joins the others first (bounded by the job's timeout).
-    let dist = match &opts.launch {
-        Some(l) if l.world_size > 1 => Some(Dist::connect(l)?),
-        _ => None,
+    // A rank of a data-parallel job joins the others first (bounded by the job's timeout), on
+    // its own GPU (cuda:LOCAL_RANK) where it trains on CUDA.
+    let job = opts.launch.as_ref().filter(|l| l.joins_job());
+    let dev = device::resolve_for_rank(opts.device, job.map(|l| l.local_rank))?;
+    let dist = match job {
+        Some(l) => Some(Dist::connect(l, dev)?),
+        None => None,
     };
     let dist = dist.as_ref();
     let main = dist.is_none_or(|d| d.is_main());
@@ -211,16 +214,9 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
             )));
         }
     }
-    let dev = device::resolve(opts.device)?;
     opts.compute.check_device(dev)?;
     if let Some(w) = opts.compute.slow_on(dev).filter(|_| main) {
         eprintln!("simile-train: {w}");
-    }
-    if dist.is_some() && dev != Device::Cpu {
-        return Err(Error::input(format!(
-            "--device {}: data-parallel training runs on the CPU (Gloo) for now; NCCL for CUDA ranks is not built yet: use --device cpu",
-            device::describe(dev)
-        )));
     }
     // What the task reads besides the dataset, known before anything is built, so that a
     // finished run is recognised at once.
@@ -536,7 +532,7 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
                 "data_parallel",
                 serde_json::json!({
                     "world_size": d.world_size,
-                    "backend": "gloo",
+                    "backend": d.backend.name(),
                     "allreduce_mib_per_step": outcome.reduced_bytes as f64 / n / (1 << 20) as f64,
                     "allreduce_s_per_step": outcome.reduced_seconds / n,
                 }),

@@ -310,6 +310,75 @@ fn ranks_with_different_inputs_are_refused_and_write_nothing() {
     assert!(t0.elapsed() < Duration::from_secs(30));
 }
 
+/// The backend follows the device (Gloo for CPU ranks, NCCL for CUDA ranks) unless
+/// `SIMILE_DIST_BACKEND` names one; what cannot work is refused before anything is written.
+#[test]
+fn the_backend_follows_the_device_and_impossible_choices_are_refused() {
+    let f = fx();
+    let cfg = config(&f, "b.toml", "smallcnn", "triplet", 1);
+    let out = f.p("b");
+    let refused = |env: &[(&str, &str)], device: &str, says: &str| {
+        let mut a = args(&f, &cfg, &out, &["--nproc", "2", "--threads", "2"]);
+        let at = a.iter().position(|x| *x == "--device").expect("--device");
+        a[at + 1] = device;
+        let mut c = cmd(&f, &a);
+        c.envs(env.iter().copied());
+        let r: Run = c.output().unwrap().into();
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(
+            r.stderr.contains(says),
+            "expected {says:?} in: {}",
+            r.stderr
+        );
+        assert!(!out.exists(), "{:?}", common::listing(&out));
+    };
+    refused(
+        &[("SIMILE_DIST_BACKEND", "nccl")],
+        "cpu",
+        "NCCL runs collectives on CUDA tensors",
+    );
+    refused(
+        &[("SIMILE_DIST_BACKEND", "mpi")],
+        "cpu",
+        "SIMILE_DIST_BACKEND=\"mpi\": expected gloo or nccl",
+    );
+    if tch::Cuda::device_count() == 0 {
+        refused(&[], "cuda", "no CUDA device");
+    }
+    let mut c = cmd(
+        &f,
+        &args(&f, &cfg, &out, &["--nproc", "2", "--threads", "2"]),
+    );
+    c.env("SIMILE_DIST_BACKEND", "gloo");
+    let r: Run = c.output().unwrap().into();
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("model.safetensors.manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(m["notes"]["data_parallel"]["backend"], "gloo", "{m}");
+    assert_eq!(m["notes"]["data_parallel"]["world_size"], 2, "{m}");
+    // A one-rank job whose backend is named runs the data-parallel path (the backend's smoke
+    // test, which scripts/gpu-check runs with NCCL); plain WORLD_SIZE=1 trains as one process.
+    let one = f.p("one");
+    let a = args(&f, &cfg, &one, &["--threads", "1"]);
+    let r = rank(
+        &f,
+        &a,
+        0,
+        1,
+        free_port(),
+        &[("SIMILE_DIST_BACKEND", "gloo")],
+    );
+    wait_all(vec![r], 0);
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(one.join("model.safetensors.manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(m["notes"]["data_parallel"]["world_size"], 1, "{m}");
+    assert_eq!(m["notes"]["data_parallel"]["backend"], "gloo", "{m}");
+}
+
 /// Two "hosts": rank 0 on 127.0.0.1, rank 1 on 127.0.0.2, MASTER_ADDR rank 0's address.
 #[test]
 fn ranks_on_two_addresses_meet() {
