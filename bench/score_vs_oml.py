@@ -193,6 +193,33 @@ def run_simile(exe, args, repeats):
     return times, peaks, p.stderr
 
 
+def ci_cost(a, ds, nb, out):
+    """What the confidence intervals add to simile-score's time: the same scoring with
+    intervals off, over labels (the default) and over queries, in one run."""
+    base = ["--dataset", ds, "--neighbors", nb, "--out", out, "--force"]
+    rows = []
+    for name, extra in (("--ci off", ["--ci", "off"]), ("--ci-by label (default)", []),
+                        ("--ci-by query", ["--ci-by", "query"])):
+        times, peaks, _ = run_simile(a.simile, base + extra, a.repeats)
+        timings = json.load(open(out + ".manifest.json"))["timings_s"]
+        rows.append((name, statistics.median(times), max(peaks) / 1024,
+                     timings.get("intervals"), json.load(open(out))))
+    off = rows[0][1]
+    print(f"\n| simile-score, {a.queries:,} queries x k = {a.k} | whole process (median of {a.repeats}) "
+          f"| intervals step | over --ci off | peak RSS |\n|---|---|---|---|---|")
+    for name, t, peak, iv, _ in rows:
+        step = f"{iv:.2f} s" if iv is not None else "-"
+        print(f"| {name} | {t:.2f} s | {step} | {100 * (t - off) / off:+.0f}% | {peak:.0f} MiB |")
+    m = rows[1][4]
+    for key in ("OVERALL/cmc/1", "OVERALL/map/5"):
+        print(f"{key}: {m[key]:.6f}, label interval [{m[key + '/ci_low']:.6f}, {m[key + '/ci_high']:.6f}], "
+              f"query interval [{rows[2][4][key + '/ci_low']:.6f}, {rows[2][4][key + '/ci_high']:.6f}]")
+    for _, _, _, _, got in rows[1:]:
+        for k, v in rows[0][4].items():
+            if got[k] != v:
+                sys.exit(f"{k}: {got[k]} with intervals, {v} without")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--simile", required=True)
@@ -204,10 +231,9 @@ def main():
     ap.add_argument("--reuse", action="store_true",
                     help="reuse the files in --workdir from a previous run of the same size")
     ap.add_argument("--no-oml", action="store_true", help="time simile only")
+    ap.add_argument("--ci-cost", action="store_true",
+                    help="time simile with --ci off, --ci-by label and --ci-by query (no OML)")
     a = ap.parse_args()
-
-    import torch
-    from oml.functional.metrics import calc_retrieval_metrics
 
     os.makedirs(a.workdir, exist_ok=True)
     ds = os.path.join(a.workdir, "dataset.parquet")
@@ -223,12 +249,18 @@ def main():
         ids = write_neighbours(nb, ds, starts, sizes, a.k, rng)
     print(f"generated {a.queries} queries x k={a.k} in {time.perf_counter() - t0:.1f} s "
           f"({os.path.getsize(nb) / 2**20:.0f} MiB of neighbours)", file=sys.stderr)
+    if a.ci_cost:
+        ci_cost(a, ds, nb, out)
+        return
     if a.no_oml:
         args = ["--dataset", ds, "--neighbors", nb, "--out", out]
         times, peaks, log = run_simile(a.simile, args, a.repeats)
         print(f"simile: {[round(t, 2) for t in times]} s, peak {max(peaks) / 1024:.0f} MiB", file=sys.stderr)
         print(open(out + ".manifest.json").read().split('"timings_s"')[1][:400], file=sys.stderr)
         return
+
+    import torch
+    from oml.functional.metrics import calc_retrieval_metrics
 
     # OML's inputs: retrieved gallery indices and every positive of each query.
     retrieved = list(torch.from_numpy(ids))

@@ -10,6 +10,8 @@
 //! them from `.npy` files; [`lists`] scans a neighbours file (decode, check, score in one
 //! parallel pass); [`stage`] is the score stage that `simile-score` runs.
 pub mod aggregate;
+pub mod compare;
+pub mod confidence;
 pub mod embeddings;
 pub mod fnmr;
 pub mod lists;

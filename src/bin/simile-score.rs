@@ -1,6 +1,8 @@
 //! simile-score: retrieval metrics of a neighbours file against its dataset's labels.
 use anyhow::Result;
-use clap::Parser;
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use simile::metrics::compare::{self, CompareRequest, Gate};
+use simile::metrics::confidence::{CiBy, CiOptions};
 use simile::metrics::stage::{self, ScoreRequest};
 use simile::metrics::{AggregateOptions, GroupStats, MetricSet, OVERALL};
 use std::path::PathBuf;
@@ -18,8 +20,29 @@ Examples:
   simile-score --dataset dataset.parquet --neighbors neighbors.parquet --out metrics.json \\
       --embeddings emb.npy --fmr 0.1,0.01 --pcf 0.5
 
-Keys follow OML: OVERALL/cmc/1, <category>/precision/5, OVERALL/fnmr@fmr/0.1 (see schemas/metrics.md).
+  # Two models on the same queries: paired differences, intervals, p-values; a CI gate
+  simile-score compare --dataset dataset.parquet --baseline old.parquet --candidate new.parquet \\
+      --out compare.json --fail-if-worse cmc/1:0.005
+
+Keys follow OML: OVERALL/cmc/1, <category>/precision/5, OVERALL/fnmr@fmr/0.1 (see schemas/metrics.md);
+each mean has a 95% interval beside it (OVERALL/cmc/1/ci_low, .../ci_high; --ci off to skip).
 Exit codes: 0 done, 2 bad input (nothing written), 1 internal error.";
+
+const COMPARE_EXAMPLES: &str = "\
+Examples:
+  # A trained model against its starting point, on the validation split both searched
+  simile-score compare --dataset dataset.parquet --baseline baseline/neighbors.parquet \\
+      --candidate trained/neighbors.parquet --out compare.json
+
+  # Re-ranking's effect, every query's pair of values, and a gate for CI
+  simile-score compare --dataset dataset.parquet --baseline neighbors.parquet \\
+      --candidate reranked.parquet --out compare.json --per-query flips.parquet \\
+      --fail-if-worse cmc/1 --fail-if-worse map/5:0.01
+
+A difference is 'real' at the chosen level when its interval excludes 0 (docs/metrics.md, \
+\"How sure is a number\"). Output: schemas/compare.md.
+Exit codes: 0 done, 3 a --fail-if-worse gate failed (compare.json is written), 2 bad input
+(nothing written), 1 internal error.";
 
 /// A positive integer cut-off k.
 fn positive_k(s: &str) -> Result<usize, String> {
@@ -37,24 +60,9 @@ fn unit(s: &str) -> Result<f64, String> {
     }
 }
 
-/// Retrieval metrics of a neighbours file, with OML's definitions and key names.
-///
-/// Queries, gallery and the dataset are those the neighbours file was made from (its
-/// metadata names the split and the dataset's fingerprint, which must match --dataset).
-/// A query's positives are the gallery rows with its label, minus itself and rows of the
-/// same sequence, counted over the whole gallery.
-#[derive(Parser, Debug)]
-#[command(name = "simile-score", version, after_help = EXAMPLES)]
-struct Args {
-    /// The dataset the neighbours were computed from (the query dataset of a two-sided file).
-    #[arg(long)]
-    dataset: PathBuf,
-    /// The neighbours file (simile-distance or simile-rerank output).
-    #[arg(long)]
-    neighbors: PathBuf,
-    /// Where to write the metrics (one flat JSON object).
-    #[arg(long)]
-    out: PathBuf,
+/// The metrics to compute (shared by scoring and `compare`).
+#[derive(ClapArgs, Debug)]
+struct MetricArgs {
     /// CMC@k cut-offs [default: 1,5].
     #[arg(long, value_delimiter = ',', value_parser = positive_k, allow_negative_numbers = true)]
     cmc: Option<Vec<usize>>,
@@ -79,6 +87,118 @@ struct Args {
     /// Mean reciprocal rank of the first positive in each list.
     #[arg(long)]
     mrr: bool,
+    /// Leave queries without positives out of every mean (pytorch-metric-learning's
+    /// convention); by default they are left out only where their value is undefined.
+    #[arg(long)]
+    skip_queries_without_positives: bool,
+}
+
+impl MetricArgs {
+    fn set(&self) -> MetricSet {
+        MetricSet {
+            cmc: self
+                .cmc
+                .clone()
+                .unwrap_or_else(|| simile::metrics::DEFAULT_CMC.to_vec()),
+            precision: self
+                .precision
+                .clone()
+                .unwrap_or_else(|| simile::metrics::DEFAULT_PRECISION.to_vec()),
+            map: self
+                .map
+                .clone()
+                .unwrap_or_else(|| simile::metrics::DEFAULT_MAP.to_vec()),
+            ndcg: self.ndcg.clone(),
+            recall: self.recall.clone(),
+            map_at_r: self.map_at_r,
+            r_precision: self.r_precision,
+            mrr: self.mrr,
+        }
+    }
+
+    fn options(&self) -> AggregateOptions {
+        AggregateOptions {
+            skip_queries_without_positives: self.skip_queries_without_positives,
+        }
+    }
+}
+
+/// A confidence level in (0, 1), or `off`.
+fn level(s: &str) -> Result<Level, String> {
+    match s.trim() {
+        "off" | "none" => Ok(Level(None)),
+        v => match v.parse::<f64>() {
+            Ok(x) if x > 0.0 && x < 1.0 => Ok(Level(Some(x))),
+            _ => Err(format!(
+                "'{s}': a confidence level between 0 and 1 (0.95 for 95%), or off"
+            )),
+        },
+    }
+}
+
+/// `--ci`'s value: a level, or none (`off`).
+#[derive(Clone, Copy, Debug)]
+struct Level(Option<f64>);
+
+/// How intervals are computed (shared by scoring and `compare`).
+#[derive(ClapArgs, Debug)]
+struct CiArgs {
+    /// Confidence level of the intervals (BCa bootstrap), or `off`.
+    #[arg(long, value_parser = level, default_value = "0.95")]
+    ci: Level,
+    /// Bootstrap resamples for the intervals and p-values.
+    #[arg(long, default_value_t = 1000)]
+    bootstrap: usize,
+    /// What one resample draws: `label` (all queries of a label together: queries of one
+    /// identity are not independent) or `query`.
+    #[arg(long, default_value = "label")]
+    ci_by: CiBy,
+    /// Seed of the resamples: the same seed gives the same intervals.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl CiArgs {
+    fn options(&self) -> Option<CiOptions> {
+        self.ci.0.map(|level| CiOptions {
+            level,
+            resamples: self.bootstrap,
+            by: self.ci_by,
+            seed: self.seed,
+        })
+    }
+}
+
+/// Retrieval metrics of a neighbours file, with OML's definitions and key names.
+///
+/// Queries, gallery and the dataset are those the neighbours file was made from (its
+/// metadata names the split and the dataset's fingerprint, which must match --dataset).
+/// A query's positives are the gallery rows with its label, minus itself and rows of the
+/// same sequence, counted over the whole gallery.
+#[derive(Parser, Debug)]
+#[command(
+    name = "simile-score",
+    version,
+    after_help = EXAMPLES,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// The dataset the neighbours were computed from (the query dataset of a two-sided file).
+    #[arg(long, required = true)]
+    dataset: Option<PathBuf>,
+    /// The neighbours file (simile-distance or simile-rerank output).
+    #[arg(long, required = true)]
+    neighbors: Option<PathBuf>,
+    /// Where to write the metrics (one flat JSON object).
+    #[arg(long, required = true)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    metrics: MetricArgs,
+    #[command(flatten)]
+    ci: CiArgs,
     /// FNMR at these FMR values (over every non-excluded pair: needs --embeddings, or a
     /// neighbours file that holds the whole gallery).
     #[arg(long, value_delimiter = ',', value_parser = unit, allow_negative_numbers = true)]
@@ -98,10 +218,6 @@ struct Args {
     /// Also write one row per query (id, label, category, positives, each metric).
     #[arg(long)]
     per_query: Option<PathBuf>,
-    /// Leave queries without positives out of every mean (pytorch-metric-learning's
-    /// convention); by default they are left out only where their value is undefined.
-    #[arg(long)]
-    skip_queries_without_positives: bool,
     /// Also write a self-contained HTML report: the metrics, the distance distributions,
     /// the worst queries with thumbnails (docs/metrics.md, "The report").
     #[arg(long)]
@@ -113,40 +229,70 @@ struct Args {
     force: simile::cli::ForceArg,
 }
 
+#[derive(Subcommand, Debug)]
+enum Command {
+    Compare(CompareArgs),
+}
+
+/// Two neighbour files of the same dataset and split (two models, or before and after
+/// re-ranking), compared on the queries they share: per metric the baseline's and the
+/// candidate's means, the paired difference (candidate - baseline) with its bootstrap
+/// interval and p-value, McNemar's exact p-value for CMC@k, and the queries that improved,
+/// worsened or stayed.
+#[derive(ClapArgs, Debug)]
+#[command(after_help = COMPARE_EXAMPLES)]
+struct CompareArgs {
+    /// The dataset both files were computed from (the query dataset of two-sided files).
+    #[arg(long)]
+    dataset: PathBuf,
+    /// The gallery dataset of two-sided neighbour files.
+    #[arg(long)]
+    gallery_dataset: Option<PathBuf>,
+    /// The reference neighbours file (A).
+    #[arg(long)]
+    baseline: PathBuf,
+    /// The neighbours file to judge (B).
+    #[arg(long)]
+    candidate: PathBuf,
+    /// Where to write the comparison (schemas/compare.md).
+    #[arg(long)]
+    out: PathBuf,
+    /// Also write each query's baseline and candidate values (a Parquet table).
+    #[arg(long)]
+    per_query: Option<PathBuf>,
+    /// Exit 3 when the candidate is significantly worse than the baseline on METRIC by more
+    /// than MARGIN (the interval of the difference lies wholly below -MARGIN), e.g. `cmc/1`,
+    /// `map/5:0.01`, `<category>/cmc/1`. Repeatable.
+    #[arg(long, value_name = "METRIC[:MARGIN]")]
+    fail_if_worse: Vec<Gate>,
+    #[command(flatten)]
+    metrics: MetricArgs,
+    #[command(flatten)]
+    ci: CiArgs,
+    #[command(flatten)]
+    force: simile::cli::ForceArg,
+}
+
 fn main() {
     simile::cli::run(|| {
         let a = simile::cli::parse::<Args>();
+        if let Some(Command::Compare(c)) = a.command {
+            return run_compare(c);
+        }
         a.force.apply();
-        let set = MetricSet {
-            cmc: a
-                .cmc
-                .unwrap_or_else(|| simile::metrics::DEFAULT_CMC.to_vec()),
-            precision: a
-                .precision
-                .unwrap_or_else(|| simile::metrics::DEFAULT_PRECISION.to_vec()),
-            map: a
-                .map
-                .unwrap_or_else(|| simile::metrics::DEFAULT_MAP.to_vec()),
-            ndcg: a.ndcg,
-            recall: a.recall,
-            map_at_r: a.map_at_r,
-            r_precision: a.r_precision,
-            mrr: a.mrr,
-        };
         let req = ScoreRequest {
-            dataset: a.dataset,
+            dataset: a.dataset.expect("required"),
             gallery_dataset: a.gallery_dataset,
-            neighbors: a.neighbors,
-            out: a.out,
-            set,
+            neighbors: a.neighbors.expect("required"),
+            out: a.out.expect("required"),
+            set: a.metrics.set(),
             fmr: a.fmr,
             pcf: a.pcf,
             embeddings: a.embeddings,
             gallery_embeddings: a.gallery_embeddings,
             per_query: a.per_query,
-            options: AggregateOptions {
-                skip_queries_without_positives: a.skip_queries_without_positives,
-            },
+            options: a.metrics.options(),
+            ci: a.ci.options(),
         };
         // The report is checked and built before anything is written: bad input leaves no file.
         let report = a
@@ -222,16 +368,30 @@ fn print_table(req: &ScoreRequest, c: &stage::Computed) {
         .max()
         .unwrap_or(7)
         .clamp(7, 16);
+    // The interval of OVERALL's mean, beside it.
+    let overall_ci = |j: usize| -> Option<String> {
+        let iv = c.intervals.as_ref()?;
+        Some(match iv[0][j] {
+            Some(i) => format!("[{:.4}, {:.4}]", i.low, i.high),
+            None => "-".into(),
+        })
+    };
     let mut head = format!("  {:<18}", "metric");
-    for g in &groups {
+    for (i, g) in groups.iter().enumerate() {
         let name: String = g.name.chars().take(w).collect();
         head.push_str(&format!(" {name:>w$}"));
+        if let (0, Some(ci)) = (i, req.ci) {
+            head.push_str(&format!(" {:>18}", format!("{}% interval", pct(ci.level))));
+        }
     }
     eprintln!("{head}");
     for (j, m) in c.per_query.metrics.iter().enumerate() {
         let mut line = format!("  {:<18}", m.key());
-        for g in &groups {
+        for (i, g) in groups.iter().enumerate() {
             line.push_str(&format!(" {:>w$}", fmt(g.means[j])));
+            if let (0, Some(ci)) = (i, overall_ci(j)) {
+                line.push_str(&format!(" {ci:>18}"));
+            }
         }
         eprintln!("{line}");
     }
@@ -254,6 +414,138 @@ fn print_table(req: &ScoreRequest, c: &stage::Computed) {
         eprintln!(
             "  note: queries without positives but with results have no defined precision, ndcg, recall, map@r or r_precision; those means leave them out"
         );
+    }
+    eprintln!("wrote {}", req.out.display());
+}
+
+fn run_compare(c: CompareArgs) -> Result<()> {
+    c.force.apply();
+    let Some(ci) = c.ci.options() else {
+        anyhow::bail!(simile::Error::input(
+            "--ci off: compare's differences are judged by their intervals; give a level (0.95 by default)"
+        ));
+    };
+    let req = CompareRequest {
+        dataset: c.dataset,
+        gallery_dataset: c.gallery_dataset,
+        baseline: c.baseline,
+        candidate: c.candidate,
+        out: c.out,
+        set: c.metrics.set(),
+        options: c.metrics.options(),
+        ci,
+        per_query: c.per_query,
+        gates: c.fail_if_worse,
+    };
+    // A gate's verdict is needed on every run, so with gates the comparison is always made;
+    // without, an up-to-date comparison is shown again from its file.
+    if req.gates.is_empty() {
+        match compare::skip_if_done(&req) {
+            Err(simile::Error::UpToDate(m)) => {
+                eprintln!("{m}");
+                print_compare(&req, &compare::read(&req.out)?);
+                return Ok(());
+            }
+            other => other?,
+        }
+    }
+    let computed = compare::compute(&req)?;
+    compare::write(&req, &computed)?;
+    print_compare(&req, &computed.rows);
+    let failed = computed.failed(&req.gates);
+    if !failed.is_empty() {
+        for (g, r) in &failed {
+            eprintln!(
+                "simile-score compare: FAILED --fail-if-worse {}:{}: the candidate is worse by {} ({}% interval {}), beyond the margin",
+                g.key,
+                g.margin,
+                signed(r.difference),
+                pct(req.ci.level),
+                interval(r)
+            );
+        }
+        std::process::exit(3);
+    }
+    Ok(())
+}
+
+fn signed(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:+.4}"))
+}
+
+fn pct(level: f64) -> String {
+    let p = level * 100.0;
+    if p.fract() == 0.0 {
+        format!("{p:.0}")
+    } else {
+        format!("{p}")
+    }
+}
+
+fn interval(r: &compare::Row) -> String {
+    match (r.ci_low, r.ci_high) {
+        (Some(l), Some(h)) => format!("[{l:+.4}, {h:+.4}]"),
+        _ => "-".into(),
+    }
+}
+
+fn p_value(v: Option<f64>) -> String {
+    match v {
+        None => "-".into(),
+        Some(p) if p < 0.001 => format!("{p:.1e}"),
+        Some(p) => format!("{p:.3}"),
+    }
+}
+
+/// The OVERALL rows as a table, each difference judged in words.
+fn print_compare(req: &CompareRequest, rows: &[compare::Row]) {
+    let prefix = format!("{OVERALL}/");
+    let n = rows
+        .iter()
+        .find(|r| r.key.starts_with(&prefix))
+        .map_or(0, |r| r.improved + r.worsened + r.unchanged);
+    eprintln!(
+        "simile-score compare: {} vs {}, {n} queries; candidate - baseline with {}% intervals ({} resamples by {}, seed {})",
+        req.candidate.display(),
+        req.baseline.display(),
+        pct(req.ci.level),
+        req.ci.resamples,
+        req.ci.by,
+        req.ci.seed
+    );
+    eprintln!(
+        "  {:<14} {:>9} {:>9} {:>10} {:>20} {:>8} {:>9} {:>16}  verdict",
+        "metric",
+        "baseline",
+        "candidate",
+        "difference",
+        "interval",
+        "p",
+        "McNemar",
+        "better/worse/same"
+    );
+    for r in rows.iter().filter(|r| r.key.starts_with(&prefix)) {
+        let verdict = match (r.ci_low, r.ci_high) {
+            (Some(l), _) if l > 0.0 => "better: the interval excludes 0",
+            (_, Some(h)) if h < 0.0 => "worse: the interval excludes 0",
+            (Some(_), Some(_)) => "no clear difference (could be noise)",
+            _ => "undefined",
+        };
+        eprintln!(
+            "  {:<14} {:>9} {:>9} {:>10} {:>20} {:>8} {:>9} {:>16}  {verdict}",
+            &r.key[prefix.len()..],
+            fmt(r.baseline),
+            fmt(r.candidate),
+            signed(r.difference),
+            interval(r),
+            p_value(r.p_value),
+            p_value(r.mcnemar_p_value),
+            format!("{}/{}/{}", r.improved, r.worsened, r.unchanged),
+        );
+    }
+    let groups = rows.iter().filter(|r| !r.key.starts_with(&prefix)).count();
+    if groups > 0 {
+        eprintln!("  (per-category rows in {})", req.out.display());
     }
     eprintln!("wrote {}", req.out.display());
 }

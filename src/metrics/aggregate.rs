@@ -94,13 +94,24 @@ pub fn aggregate(
     categories: Option<&[Option<String>]>,
     opts: AggregateOptions,
 ) -> Result<Vec<GroupStats>> {
+    Ok(groups(pq.len(), categories)?
+        .iter()
+        .map(|(name, qs)| group(pq, name, qs, opts))
+        .collect())
+}
+
+/// The groups of queries the means are over: `OVERALL` (every query) first, then each
+/// category's queries, categories sorted by name.
+pub fn groups(
+    n_queries: usize,
+    categories: Option<&[Option<String>]>,
+) -> Result<Vec<(String, Vec<usize>)>> {
     let mut members: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     if let Some(cats) = categories {
-        if cats.len() != pq.len() {
+        if cats.len() != n_queries {
             return Err(Error::internal(format!(
-                "{} categories for {} queries",
-                cats.len(),
-                pq.len()
+                "{} categories for {n_queries} queries",
+                cats.len()
             )));
         }
         for (q, c) in cats.iter().enumerate() {
@@ -114,12 +125,16 @@ pub fn aggregate(
             )));
         }
     }
-    let all: Vec<usize> = (0..pq.len()).collect();
-    let mut out = vec![group(pq, OVERALL, &all, opts)];
-    for (name, qs) in &members {
-        out.push(group(pq, name, qs, opts));
-    }
+    let mut out = vec![(OVERALL.to_string(), (0..n_queries).collect())];
+    out.extend(members.into_iter().map(|(n, qs)| (n.to_string(), qs)));
     Ok(out)
+}
+
+/// Whether query `q`'s value `v` enters a mean: not undefined (NaN), and not a query without
+/// positives when those are skipped. The one rule of the means and of their intervals.
+#[inline]
+pub fn counts(pq: &PerQuery, q: usize, v: f64, opts: AggregateOptions) -> bool {
+    !(v.is_nan() || (opts.skip_queries_without_positives && pq.n_gt[q] == 0))
 }
 
 fn group(pq: &PerQuery, name: &str, qs: &[usize], opts: AggregateOptions) -> GroupStats {
@@ -130,12 +145,9 @@ fn group(pq: &PerQuery, name: &str, qs: &[usize], opts: AggregateOptions) -> Gro
     for &q in qs {
         if pq.n_gt[q] == 0 {
             without += 1;
-            if opts.skip_queries_without_positives {
-                continue;
-            }
         }
         for (j, &v) in pq.row(q).iter().enumerate() {
-            if !v.is_nan() {
+            if counts(pq, q, v, opts) {
                 sum[j] += v;
                 n[j] += 1;
             }
@@ -242,15 +254,24 @@ pub struct Extras {
     pub pcf: Vec<(String, AtParams)>,
     /// [(fmr, value)], OVERALL only, as in OML.
     pub fnmr: AtParams,
+    /// Confidence intervals `[group][metric]` as `(low, high)`, in the groups' order; empty
+    /// when not computed (`--ci off`).
+    pub ci: Vec<Vec<Option<(f64, f64)>>>,
 }
 
-/// Builds the flat key map: per group, the ranking metrics, then `pcf/<r>`, then (OVERALL
-/// only) `fnmr@fmr/<fmr>`, then `n_queries` and `n_queries_without_positives`.
+/// Builds the flat key map: per group, the ranking metrics (each followed by its `ci_low` and
+/// `ci_high` when intervals were computed), then `pcf/<r>`, then (OVERALL only)
+/// `fnmr@fmr/<fmr>`, then `n_queries` and `n_queries_without_positives`.
 pub fn scores(groups: &[GroupStats], metrics: &[Metric], extras: &Extras) -> Scores {
     let mut s = Scores::default();
-    for g in groups {
-        for (m, v) in metrics.iter().zip(&g.means) {
+    for (i, g) in groups.iter().enumerate() {
+        for (j, (m, v)) in metrics.iter().zip(&g.means).enumerate() {
             s.push(format!("{}/{}", g.name, m.key()), *v);
+            if let Some(ci) = extras.ci.get(i) {
+                let (low, high) = (ci[j].map(|c| c.0), ci[j].map(|c| c.1));
+                s.push(format!("{}/{}/ci_low", g.name, m.key()), low);
+                s.push(format!("{}/{}/ci_high", g.name, m.key()), high);
+            }
         }
         if let Some((_, pcf)) = extras.pcf.iter().find(|(n, _)| *n == g.name) {
             for (r, v) in pcf {

@@ -1,6 +1,7 @@
 //! The `simile-score` stage: dataset + neighbours (+ embeddings) in, `metrics.json` (and an
 //! optional per-query table) out. The binary only parses flags and prints.
 use super::aggregate::{self, AggregateOptions, AtParams, Extras, GroupStats, PerQuery, Scores};
+use super::confidence::{self, CiOptions, Interval};
 use super::embeddings::{self, Embeddings, Item};
 use super::lists::{self, ScanSpec};
 use super::ranking::{Metric, MetricSet};
@@ -36,6 +37,8 @@ pub struct ScoreRequest {
     pub gallery_embeddings: Option<PathBuf>,
     pub per_query: Option<PathBuf>,
     pub options: AggregateOptions,
+    /// Confidence intervals of the means (`--ci`); `None`: `--ci off`.
+    pub ci: Option<CiOptions>,
 }
 
 impl ScoreRequest {
@@ -65,6 +68,8 @@ pub struct Computed {
     pub qg: QueryGallery,
     pub per_query: PerQuery,
     pub groups: Vec<GroupStats>,
+    /// `[group][metric]`, when intervals were asked for.
+    pub intervals: Option<Vec<Vec<Option<Interval>>>>,
     pub scores: Scores,
     pub meta: NeighborsMeta,
     pub n_rows: usize,
@@ -115,6 +120,9 @@ pub fn compute(req: &ScoreRequest) -> Result<Computed> {
     let t0 = Instant::now();
     let mut timings = Vec::new();
     req.set.validate()?;
+    if let Some(ci) = &req.ci {
+        ci.validate()?;
+    }
     fnmr::check_fmr(&req.fmr)?;
     pcf::check_pcf(&req.pcf)?;
     if !req.pcf.is_empty() && req.embeddings.is_none() {
@@ -384,6 +392,22 @@ pub fn compute(req: &ScoreRequest) -> Result<Computed> {
         .then_some(&qg.queries.category[..]);
     let groups = aggregate::aggregate(&per_query, categories, req.options)?;
     timings.push(("metrics", t.elapsed().as_secs_f64()));
+    let intervals = match &req.ci {
+        Some(ci) => {
+            let t = Instant::now();
+            let members = aggregate::groups(per_query.len(), categories)?;
+            let v = confidence::group_intervals(
+                &per_query,
+                &members,
+                &qg.queries.labels,
+                req.options,
+                ci,
+            )?;
+            timings.push(("intervals", t.elapsed().as_secs_f64()));
+            Some(v)
+        }
+        None => None,
+    };
 
     let mut extras = Extras::default();
     let mut fnmr_source = None;
@@ -413,8 +437,15 @@ pub fn compute(req: &ScoreRequest) -> Result<Computed> {
         extras.pcf = pcf_groups(&qg, q, g, &groups, &req.pcf)?;
         timings.push(("pcf", t.elapsed().as_secs_f64()));
     }
+    if let Some(iv) = &intervals {
+        extras.ci = iv
+            .iter()
+            .map(|g| g.iter().map(|i| i.map(|i| (i.low, i.high))).collect())
+            .collect();
+    }
     let scores = aggregate::scores(&groups, &metrics, &extras);
     Ok(Computed {
+        intervals,
         queries_without_rows: missing.len(),
         n_rows: scan.rows,
         qg,
@@ -477,6 +508,7 @@ pub fn plan(req: &ScoreRequest) -> Result<ManifestBuilder> {
         "fmr": req.fmr,
         "pcf": req.pcf,
         "skip_queries_without_positives": req.options.skip_queries_without_positives,
+        "ci": req.ci.as_ref().map(CiOptions::to_json),
     });
     let mut m = ManifestBuilder::new("score", params);
     m.input("dataset", &req.dataset)?;
@@ -570,38 +602,49 @@ pub fn seal(req: &ScoreRequest, c: &Computed) -> Result<SealedScore> {
 
 pub const PER_QUERY_SCHEMA_VERSION: &str = "1";
 
+/// The first columns of a per-query table: `query_id`, `label`, `category`.
+pub fn query_columns(q: &crate::retrieval::Side) -> (Vec<Field>, Vec<ArrayRef>) {
+    (
+        vec![
+            Field::new("query_id", DataType::Int64, false),
+            Field::new("label", DataType::Int64, true),
+            Field::new("category", DataType::Utf8, true),
+        ],
+        vec![
+            Arc::new(Int64Array::from(q.ids.clone())),
+            Arc::new(Int64Array::from(q.labels.clone())),
+            Arc::new(StringArray::from(
+                q.category.iter().map(|c| c.as_deref()).collect::<Vec<_>>(),
+            )),
+        ],
+    )
+}
+
+/// Metric `j` of every query, null where undefined.
+pub fn metric_column(pq: &PerQuery, j: usize) -> ArrayRef {
+    Arc::new(Float64Array::from(
+        (0..pq.len())
+            .map(|i| Some(pq.row(i)[j]).filter(|v| !v.is_nan()))
+            .collect::<Vec<_>>(),
+    ))
+}
+
 /// One row per query: id, label, category, positives, list length, one column per metric
 /// (null where the value is undefined). Schema in `schemas/per_query.md`.
 pub fn seal_per_query(dest: &Path, c: &Computed) -> Result<crate::io::Sealed> {
     let pq = &c.per_query;
-    let q = &c.qg.queries;
-    let mut fields = vec![
-        Field::new("query_id", DataType::Int64, false),
-        Field::new("label", DataType::Int64, true),
-        Field::new("category", DataType::Utf8, true),
-        Field::new("n_positives", DataType::Int64, false),
-        Field::new("n_retrieved", DataType::Int32, false),
-    ];
-    let mut cols: Vec<ArrayRef> = vec![
-        Arc::new(Int64Array::from(q.ids.clone())),
-        Arc::new(Int64Array::from(q.labels.clone())),
-        Arc::new(StringArray::from(
-            q.category.iter().map(|c| c.as_deref()).collect::<Vec<_>>(),
-        )),
-        Arc::new(Int64Array::from(
-            pq.n_gt.iter().map(|&n| n as i64).collect::<Vec<_>>(),
-        )),
-        Arc::new(Int32Array::from(
-            pq.n_retrieved.iter().map(|&n| n as i32).collect::<Vec<_>>(),
-        )),
-    ];
+    let (mut fields, mut cols) = query_columns(&c.qg.queries);
+    fields.push(Field::new("n_positives", DataType::Int64, false));
+    cols.push(Arc::new(Int64Array::from(
+        pq.n_gt.iter().map(|&n| n as i64).collect::<Vec<_>>(),
+    )));
+    fields.push(Field::new("n_retrieved", DataType::Int32, false));
+    cols.push(Arc::new(Int32Array::from(
+        pq.n_retrieved.iter().map(|&n| n as i32).collect::<Vec<_>>(),
+    )));
     for (j, m) in pq.metrics.iter().enumerate() {
         fields.push(Field::new(m.column(), DataType::Float64, true));
-        cols.push(Arc::new(Float64Array::from(
-            (0..pq.len())
-                .map(|i| Some(pq.row(i)[j]).filter(|v| !v.is_nan()))
-                .collect::<Vec<_>>(),
-        )));
+        cols.push(metric_column(pq, j));
     }
     let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)
         .map_err(|e| Error::internal(e.to_string()))?;

@@ -117,7 +117,12 @@ impl TrainDir {
                         r.values
                             .iter()
                             .map(|(k, _)| k.clone())
-                            .filter(|k| k.starts_with("OVERALL/") && !k.contains("/n_queries"))
+                            .filter(|k| {
+                                k.starts_with("OVERALL/")
+                                    && !k.contains("/n_queries")
+                                    && !k.ends_with("/ci_low")
+                                    && !k.ends_with("/ci_high")
+                            })
                             .collect()
                     })
                     .unwrap_or_default();

@@ -409,7 +409,7 @@ fn metrics_table(s: &mut String, req: &ScoreRequest, c: &Computed) {
         let _ = write!(s, "<th>fnmr@fmr/{}</th>", esc(&python_float(*f)));
     }
     s.push_str("</tr></thead><tbody>");
-    for g in &c.groups {
+    for (gi, g) in c.groups.iter().enumerate() {
         let class = if g.name == OVERALL {
             "overall"
         } else {
@@ -422,8 +422,21 @@ fn metrics_table(s: &mut String, req: &ScoreRequest, c: &Computed) {
             g.n_queries,
             g.n_without_positives
         );
-        for v in &g.means {
-            let _ = write!(s, "<td>{}</td>", num(*v));
+        for (j, v) in g.means.iter().enumerate() {
+            // The mean's interval under it, small (`--ci`).
+            let ci = c
+                .intervals
+                .as_ref()
+                .and_then(|iv| iv[gi][j])
+                .map(|i| {
+                    format!(
+                        r#"<br><small class="ci">[{}, {}]</small>"#,
+                        num(Some(i.low)),
+                        num(Some(i.high))
+                    )
+                })
+                .unwrap_or_default();
+            let _ = write!(s, "<td>{}{ci}</td>", num(*v));
         }
         for r in &req.pcf {
             let v = c

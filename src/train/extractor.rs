@@ -20,9 +20,10 @@ pub(crate) struct ExtractorPlan {
     validator: Option<Validator>,
 }
 
-pub(crate) fn plan(ds: &Dataset) -> Result<ExtractorPlan> {
+/// `ci_key`: the metric whose interval validation reports (the checkpointing metric).
+pub(crate) fn plan(ds: &Dataset, ci_key: &str) -> Result<ExtractorPlan> {
     Ok(ExtractorPlan {
-        validator: Validator::new(ds)?,
+        validator: Validator::new(ds, ci_key)?,
     })
 }
 

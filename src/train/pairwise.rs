@@ -76,6 +76,8 @@ struct Val {
     categories: Option<Vec<Option<String>>>,
     /// The extractor's own scores on these lists.
     baseline: Scores,
+    /// The key whose interval is reported (the checkpointing metric).
+    ci_key: String,
 }
 
 impl Val {
@@ -94,11 +96,20 @@ impl Val {
             .zip(&self.n_gt)
             .map(|(h, &n)| Relevance { hits: h, n_gt: n })
             .collect();
-        metrics::evaluate(
+        // The checkpointing metric's interval beside it, as in extractor validation.
+        let labels: Vec<Option<i64>> = self
+            .queries
+            .iter()
+            .map(|&q| self.qg.queries.labels[q])
+            .collect();
+        metrics::confidence::evaluate_with_interval(
             &rel,
             self.categories.as_deref(),
+            &labels,
             &metrics::default_metric_set(),
             AggregateOptions::default(),
+            &metrics::confidence::CiOptions::default(),
+            &self.ci_key,
         )
     }
 }
@@ -218,6 +229,7 @@ fn build_val<'e>(
         n_gt,
         categories,
         baseline: Scores::default(),
+        ci_key: cfg.metric_for_checkpointing.clone(),
     };
     v.baseline = v.scores(&v.lists)?;
     Ok(Some(v))

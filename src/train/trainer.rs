@@ -223,7 +223,7 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
     let plan: Box<dyn Plan> = if is_pairwise {
         Box::new(pairwise::plan(&cfg, &ds, dev)?)
     } else {
-        Box::new(extractor::plan(&ds)?)
+        Box::new(extractor::plan(&ds, &cfg.metric_for_checkpointing)?)
     };
 
     // Every image training reads (train and validation rows): their bytes are an input, and
@@ -1094,23 +1094,34 @@ fn step_row(
 
 /// The `OVERALL/` scores (and the checkpointing key) on one line.
 pub(crate) fn short_scores(s: &Scores, key: &str) -> String {
+    // The checkpointing metric's interval, right after its value.
+    let ci = |k: &str| match (
+        s.get(&format!("{k}/ci_low")).flatten(),
+        s.get(&format!("{k}/ci_high")).flatten(),
+    ) {
+        (Some(lo), Some(hi)) if k == key => format!(" [{lo:.4}, {hi:.4}]"),
+        _ => String::new(),
+    };
+    let is_interval = |k: &str| k.ends_with("/ci_low") || k.ends_with("/ci_high");
     let mut parts: Vec<String> = s
         .entries
         .iter()
-        .filter(|(k, _)| k.starts_with("OVERALL/") && !k.contains("n_queries"))
+        .filter(|(k, _)| k.starts_with("OVERALL/") && !k.contains("n_queries") && !is_interval(k))
         .map(|(k, v)| {
             format!(
-                "{}={}",
+                "{}={}{}",
                 k.trim_start_matches("OVERALL/"),
-                v.map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into())
+                v.map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into()),
+                ci(k)
             )
         })
         .collect();
     if !key.starts_with("OVERALL/") {
         if let Some(v) = s.get(key) {
             parts.push(format!(
-                "{key}={}",
-                v.map(|x| format!("{x:.4}")).unwrap_or_default()
+                "{key}={}{}",
+                v.map(|x| format!("{x:.4}")).unwrap_or_default(),
+                ci(key)
             ));
         }
     }

@@ -2,13 +2,15 @@
 //! embeddings are searched in memory with `knn::search` (as `simile-distance`: L2, exact, the one
 //! exclusion rule of `retrieval`) and scored with `metrics::evaluate` and the default metric
 //! set (as `simile-score`), so a number in `val_metrics.parquet` is the number
-//! `simile-embed` + `simile-distance` + `simile-score` give for the same weights.
+//! `simile-embed` + `simile-distance` + `simile-score` give for the same weights; the
+//! checkpointing metric gets simile-score's default interval beside it.
 use super::data::{self, ImageCache};
 use super::distributed::Dist;
 use crate::dataset::{Dataset, Split};
 use crate::error::{Error, Result};
 use crate::image::Preprocess;
 use crate::knn::search;
+use crate::metrics::confidence::CiOptions;
 use crate::metrics::{self, AggregateOptions, Relevance, Scores};
 use crate::model::{Compute, Net};
 use crate::retrieval::{QueryGallery, SequenceRule};
@@ -23,11 +25,13 @@ pub struct Validator {
     g_map: Vec<usize>,
     n_gt: Vec<usize>,
     categories: Option<Vec<Option<String>>>,
+    /// The key whose interval is reported (the checkpointing metric).
+    ci_key: String,
 }
 
 impl Validator {
     /// None when the dataset has no validation split.
-    pub fn new(ds: &Dataset) -> Result<Option<Validator>> {
+    pub fn new(ds: &Dataset, ci_key: &str) -> Result<Option<Validator>> {
         if ds.rows_of_split(Split::Validation).is_empty() {
             return Ok(None);
         }
@@ -42,6 +46,7 @@ impl Validator {
             g_map,
             n_gt,
             categories,
+            ci_key: ci_key.to_string(),
         }))
     }
 
@@ -105,11 +110,15 @@ impl Validator {
             .zip(&self.n_gt)
             .map(|(h, &n)| Relevance { hits: h, n_gt: n })
             .collect();
-        metrics::evaluate(
+        // The checkpointing metric's interval beside it (the defaults of simile-score).
+        metrics::confidence::evaluate_with_interval(
             &rel,
             self.categories.as_deref(),
+            &self.qg.queries.labels,
             &set,
             AggregateOptions::default(),
+            &CiOptions::default(),
+            &self.ci_key,
         )
     }
 }

@@ -3,6 +3,7 @@
 mod common;
 
 mod architecture;
+mod compare;
 mod distance;
 mod distributed;
 mod embed;

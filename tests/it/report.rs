@@ -284,10 +284,11 @@ fn report_is_self_contained_escaped_and_complete() {
         "category row of the metrics table"
     );
     assert!(!html.contains("c<1"));
-    // The metrics table: OVERALL and both categories, OVERALL cmc@1 = 2/6.
-    assert!(
-        html.contains(r#"<tr class="overall"><td>OVERALL</td><td>6</td><td>2</td><td>0.3333</td>"#)
-    );
+    // The metrics table: OVERALL and both categories, OVERALL cmc@1 = 2/6, with its
+    // interval under it.
+    assert!(html.contains(
+        r#"<tr class="overall"><td>OVERALL</td><td>6</td><td>2</td><td>0.3333<br><small class="ci">["#
+    ));
     // Distances: 3 correct rows (queries 0, 1, 3 find their one positive) of 18.
     assert!(html.contains("correct (same label): 3"));
     assert!(html.contains("wrong: 15"));

@@ -538,6 +538,7 @@ fn request(fx: &Fx, neighbors: &Path) -> ScoreRequest {
         gallery_embeddings: None,
         per_query: Some(fx.p("bad_pq.parquet")),
         options: AggregateOptions::default(),
+        ci: None,
     }
 }
 
@@ -795,6 +796,7 @@ fn scores_a_two_sided_file() {
         gallery_embeddings: None,
         per_query: None,
         options: AggregateOptions::default(),
+        ci: None,
     };
     let e = stage::run(&req).err().expect("needs the gallery dataset");
     assert!(e.to_string().contains("--gallery-dataset"), "{e}");
