@@ -22,30 +22,23 @@ import pyarrow.parquet as pq
 import xxhash
 
 # io::Fingerprint (src/io.rs): size, first and last 64 KiB, 64 sampled 4 KiB blocks.
-EDGE, BLOCK, BLOCKS = 64 * 1024, 4096, 64
+BLOCK = 64 << 20
 
 
 def fingerprint(path):
+    """simile's dataset fingerprint (src/io.rs): the xxh3 of the content for a file of one
+    64 MiB block, else the xxh3 of its size and every block's xxh3 (little-endian u64s)."""
     size = os.path.getsize(path)
-    h = xxhash.xxh3_64()
-    h.update(struct.pack("<Q", size))
     with open(path, "rb") as f:
-        def read_at(off, n):
-            f.seek(off)
-            h.update(f.read(n))
-        if size <= 2 * EDGE + BLOCKS * BLOCK:
-            read_at(0, min(size, EDGE))
-            off = EDGE
-            while off < size:
-                n = min(size - off, EDGE)
-                read_at(off, n)
-                off += n
-        else:
-            read_at(0, EDGE)
-            span = size - 2 * EDGE - BLOCK
-            for i in range(BLOCKS):
-                read_at(EDGE + span * i // (BLOCKS - 1), BLOCK)
-            read_at(size - EDGE, EDGE)
+        if size <= BLOCK:
+            return "xxh3:%016x" % xxhash.xxh3_64_intdigest(f.read())
+        h = xxhash.xxh3_64()
+        h.update(struct.pack("<Q", size))
+        while True:
+            block = f.read(BLOCK)
+            if not block:
+                break
+            h.update(struct.pack("<Q", xxhash.xxh3_64_intdigest(block)))
     return "xxh3:%016x" % h.intdigest()
 
 

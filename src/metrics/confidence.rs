@@ -269,10 +269,16 @@ impl Estimand {
             }
         }
         let held = values.len() / t.max(1);
-        let mut index: HashMap<Vec<(u64, u64)>, usize> = HashMap::new();
+        // An estimand has one term (a mean) or two (a difference): a fixed key, no allocation.
+        debug_assert!(t <= 2);
+        let mut index: HashMap<[u64; 4], usize> = HashMap::new();
         let mut kinds = Kinds::default();
         let mut add = |v: &[(f64, f64)], times: u64, kinds: &mut Kinds| {
-            let key: Vec<(u64, u64)> = v.iter().map(|(s, m)| (s.to_bits(), m.to_bits())).collect();
+            let mut key = [0u64; 4];
+            for (i, (s, m)) in v.iter().take(2).enumerate() {
+                key[2 * i] = s.to_bits();
+                key[2 * i + 1] = m.to_bits();
+            }
             let i = *index.entry(key).or_insert_with(|| {
                 kinds.values.push(v.to_vec());
                 kinds.times.push(0);
@@ -399,8 +405,9 @@ pub fn intervals(
         return Ok(vec![None; estimands.len()]);
     }
     let kinds: Vec<Kinds> = estimands.par_iter().map(|e| e.kinds(n)).collect();
-    // A binomial draw per kind costs about what 16 cluster draws do.
-    let few = |k: &Kinds| k.times.len() * 16 <= n;
+    // A binomial draw per kind (rand_distr's inversion or BTPE, with its set-up) costs about
+    // what 64 cluster draws do (measured: bench/score_ci_cost.sh).
+    let few = |k: &Kinds| k.times.len() * 64 <= n;
     let mut replicates: Vec<Vec<f64>> = vec![Vec::new(); estimands.len()];
     let by_kind: Vec<(usize, Vec<f64>)> = (0..estimands.len())
         .into_par_iter()
@@ -556,21 +563,29 @@ fn draw(w: &mut [u32], seed: u64, b: u64) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(b);
     w.fill(0);
-    let n = w.len() as u64;
-    for _ in 0..n {
-        w[below(&mut rng, n) as usize] += 1;
+    let n = w.len() as u32;
+    let reject_below = n.wrapping_neg() % n;
+    let mut left = w.len();
+    while left > 0 {
+        // Two 32-bit draws per 64-bit output (cluster counts fit in 32 bits).
+        let x = rng.next_u64();
+        for half in [x as u32, (x >> 32) as u32] {
+            if left > 0 {
+                if let Some(c) = below(half, n, reject_below) {
+                    w[c as usize] += 1;
+                    left -= 1;
+                }
+            }
+        }
     }
 }
 
-/// A uniform integer in [0, n) (Lemire's multiply-and-reject, no modulo bias).
-fn below(rng: &mut ChaCha8Rng, n: u64) -> u64 {
-    let threshold = n.wrapping_neg() % n;
-    loop {
-        let m = (rng.next_u64() as u128) * (n as u128);
-        if (m as u64) >= threshold {
-            return (m >> 64) as u64;
-        }
-    }
+/// A uniform integer in [0, n) from 32 random bits, or `None` to draw again (Lemire's
+/// multiply-and-reject, `reject_below` = 2^32 mod n: no modulo bias).
+#[inline]
+fn below(x: u32, n: u32, reject_below: u32) -> Option<u32> {
+    let m = x as u64 * n as u64;
+    ((m as u32) >= reject_below).then_some((m >> 32) as u32)
 }
 
 /// The `p` quantile of sorted values, linear between order statistics.

@@ -176,6 +176,25 @@ fn same_seed_same_interval_and_edge_cases_stay_defined() {
     let one = intervals(&e, &big, &opts(CiBy::Label, 5)).unwrap();
     assert_eq!(one, intervals(&e, &big, &opts(CiBy::Label, 5)).unwrap());
     assert_ne!(one, intervals(&e, &big, &opts(CiBy::Label, 6)).unwrap());
+    // Values of many kinds (every label's sum differs) take the direct path, cluster draws
+    // shared by the estimands: also seeded, and about as wide as the kinds' path for the
+    // same data's 0/1 version.
+    let spread: Vec<f64> = big_hits
+        .iter()
+        .map(|&h| h * (0.9 + 0.1 * unit(&mut rng)))
+        .collect();
+    let kinds = mean_of(&spread, &big).kinds(big.len());
+    assert!(
+        kinds.times.len() * 16 > big.len(),
+        "many kinds: the direct path"
+    );
+    let e2 = [mean_of(&spread, &big), mean_of(&big_hits, &big)];
+    let two = intervals(&e2, &big, &opts(CiBy::Label, 5)).unwrap();
+    assert_eq!(two, intervals(&e2, &big, &opts(CiBy::Label, 5)).unwrap());
+    let (d, k) = (two[0].unwrap(), two[1].unwrap());
+    assert!(d.low < d.estimate && d.estimate < d.high, "{d:?}");
+    let ratio = (d.high - d.low) / (k.high - k.low);
+    assert!((0.8..1.2).contains(&ratio), "direct {d:?} vs kinds {k:?}");
     // A constant metric: the interval is the point.
     let ones = vec![1.0; hits.len()];
     let i = intervals(&[mean_of(&ones, &c)], &c, &opts(CiBy::Label, 1)).unwrap()[0].unwrap();
