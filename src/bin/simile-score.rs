@@ -265,6 +265,10 @@ struct CompareArgs {
     /// `map/5:0.01`, `<category>/cmc/1`. Repeatable.
     #[arg(long, value_name = "METRIC[:MARGIN]")]
     fail_if_worse: Vec<Gate>,
+    /// Also write a self-contained HTML page: each difference with its interval, and the
+    /// queries whose first result flipped, drawn with both files' neighbours.
+    #[arg(long)]
+    report: Option<PathBuf>,
     #[command(flatten)]
     metrics: MetricArgs,
     #[command(flatten)]
@@ -437,9 +441,30 @@ fn run_compare(c: CompareArgs) -> Result<()> {
         per_query: c.per_query,
         gates: c.fail_if_worse,
     };
-    // A gate's verdict is needed on every run, so with gates the comparison is always made;
-    // without, an up-to-date comparison is shown again from its file.
-    if req.gates.is_empty() {
+    let report = c
+        .report
+        .map(|p| simile::report::ReportOptions::new(p, None));
+    if let Some(r) = &report {
+        let mut outs = vec![req.out.as_path(), r.out.as_path()];
+        outs.extend(req.per_query.as_deref());
+        simile::manifest::refuse_overlap(
+            &[
+                ("dataset", req.dataset.as_path()),
+                ("baseline", req.baseline.as_path()),
+                ("candidate", req.candidate.as_path()),
+            ],
+            &outs,
+        )?;
+        if outs.iter().filter(|o| **o == r.out.as_path()).count() > 1 {
+            anyhow::bail!(simile::Error::input(format!(
+                "--report {}: the same path as another output",
+                r.out.display()
+            )));
+        }
+    }
+    // A gate's verdict is needed on every run, so with gates (or a page to draw) the
+    // comparison is always made; without, an up-to-date comparison is shown from its file.
+    if req.gates.is_empty() && report.is_none() {
         match compare::skip_if_done(&req) {
             Err(simile::Error::UpToDate(m)) => {
                 eprintln!("{m}");
@@ -450,8 +475,28 @@ fn run_compare(c: CompareArgs) -> Result<()> {
         }
     }
     let computed = compare::compute(&req)?;
+    // The page is built before anything is written: bad input leaves no file.
+    let page = match &report {
+        Some(r) => Some(simile::report::compare::build(&req, &computed, r)?),
+        None => None,
+    };
     compare::write(&req, &computed)?;
     print_compare(&req, &computed.rows);
+    if let Some(p) = page {
+        for w in p.unavailable.iter().take(5) {
+            eprintln!("warning: report: image unavailable: {w}");
+        }
+        let (kib, rows, out) = (
+            p.html.len().div_ceil(1024),
+            p.n_query_rows,
+            p.out().to_path_buf(),
+        );
+        p.write()?;
+        eprintln!(
+            "wrote report {} ({kib} KiB, {rows} query rows)",
+            out.display()
+        );
+    }
     let failed = computed.failed(&req.gates);
     if !failed.is_empty() {
         for (g, r) in &failed {

@@ -13,6 +13,7 @@
 //! score stage writes anything, so bad input leaves no file, then written atomically with a
 //! manifest beside it.
 mod charts;
+pub mod compare;
 mod curves;
 mod html;
 mod scan;
@@ -305,6 +306,11 @@ pub fn build(req: &ScoreRequest, c: &Computed, opts: &ReportOptions) -> Result<R
 }
 
 impl Report {
+    /// Where the page goes.
+    pub fn out(&self) -> &Path {
+        &self.out
+    }
+
     /// Writes the page atomically with its manifest (stage `score`).
     pub fn write(self) -> Result<()> {
         self.seal()?.commit()

@@ -318,6 +318,38 @@ fn compare_finds_a_real_gain_and_calls_a_few_swaps_noise() {
         (Some(3), Some(3))
     );
     assert!(err.contains("no clear difference"), "{err}");
+
+    // The page: each difference against zero, and the flipped queries drawn twice.
+    let page = fx.p("wash.html");
+    let (code, err) = compare(
+        &fx,
+        &a,
+        &c,
+        &fx.p("wash2.json"),
+        &["--report", page.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{err}");
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(
+        html.contains("<svg class=\"chart\""),
+        "the differences chart"
+    );
+    assert!(html.contains("Queries that flipped"));
+    // 3 lost and 3 gained, each drawn with the baseline's and the candidate's neighbours.
+    assert_eq!(html.matches(r#"<div class="qrow""#).count(), 12);
+    assert!(html.contains(r#"data-query-id="0""#) && html.contains(r#"data-query-id="21""#));
+    assert!(!html.contains("<script") && !html.contains("http://"));
+    assert!(fx.p("wash.html.manifest.json").exists());
+    // A report path that is an input is refused before anything is written.
+    let (code, err) = compare(
+        &fx,
+        &a,
+        &c,
+        &fx.p("wash3.json"),
+        &["--report", a.to_str().unwrap()],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(!fx.p("wash3.json").exists());
 }
 
 #[test]
