@@ -238,10 +238,8 @@ impl Estimand {
 
     /// The estimate on the sample itself; `None` where a ratio has no query.
     pub fn estimate(&self) -> Option<f64> {
-        self.terms.iter().try_fold(0.0, |acc, (c, r)| {
-            let (s, n) = r.totals();
-            (n > 0.0).then(|| acc + c * s / n)
-        })
+        let totals: Vec<(f64, f64)> = self.terms.iter().map(|(_, r)| r.totals()).collect();
+        self.of_totals(&totals)
     }
 
     fn under(&self, w: &[u32]) -> Option<f64> {

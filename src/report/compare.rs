@@ -4,8 +4,7 @@
 //! the baseline's and the candidate's neighbours, as the score report draws a query.
 use super::html::{self, esc, num};
 use super::thumbs::Thumbs;
-use super::{file_name, query_row, scan, Names, Report, ReportOptions};
-use crate::dataset::Dataset;
+use super::{file_name, query_row, read_sides, scan, Names, Report, ReportOptions};
 use crate::error::Result;
 use crate::metrics::compare::{self, CompareRequest, Compared, Row};
 use crate::metrics::{Metric, OVERALL};
@@ -40,12 +39,7 @@ pub fn build(req: &CompareRequest, c: &Compared, opts: &ReportOptions) -> Result
     let wanted: BTreeSet<usize> = lost.iter().chain(&won).copied().collect();
     let sa = scan::scan(&req.baseline, &a.qg, &wanted)?;
     let sb = scan::scan(&req.candidate, &b.qg, &wanted)?;
-    let qds = Dataset::read(&req.dataset)?;
-    let gds = req
-        .gallery_dataset
-        .as_deref()
-        .map(Dataset::read)
-        .transpose()?;
+    let (qds, gds) = read_sides(&req.dataset, req.gallery_dataset.as_deref())?;
     let mut datasets = vec![&qds];
     datasets.extend(gds.as_ref());
     let mut th = Thumbs::new(datasets, opts.thumb_px);

@@ -197,12 +197,7 @@ pub fn build(req: &ScoreRequest, c: &Computed, opts: &ReportOptions) -> Result<R
         .as_deref()
         .map(TrainDir::locate)
         .transpose()?;
-    let qds = Dataset::read(&req.dataset)?;
-    let gds = req
-        .gallery_dataset
-        .as_deref()
-        .map(Dataset::read)
-        .transpose()?;
+    let (qds, gds) = read_sides(&req.dataset, req.gallery_dataset.as_deref())?;
     let metrics = &c.per_query.metrics;
     let worst: Vec<Vec<usize>> = (0..metrics.len())
         .map(|j| worst_queries(c, j, opts.n_worst))
@@ -343,6 +338,15 @@ impl SealedReport {
 /// The in-page anchor of a metric's worst queries: `worst-cmc_1`, `worst-map_r`.
 fn anchor(m: &crate::metrics::Metric) -> String {
     format!("worst-{}", m.key().replace(['/', '@'], "_"))
+}
+
+/// The query dataset and, for two-sided files, the gallery dataset: what thumbnails and
+/// label names are drawn from.
+fn read_sides(dataset: &Path, gallery: Option<&Path>) -> Result<(Dataset, Option<Dataset>)> {
+    Ok((
+        Dataset::read(dataset)?,
+        gallery.map(Dataset::read).transpose()?,
+    ))
 }
 
 fn file_name(p: &Path) -> String {
