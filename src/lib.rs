@@ -22,5 +22,6 @@ pub mod rerank;
 pub mod retrieval;
 pub mod shard;
 pub mod table;
+pub mod tokenize;
 pub mod torch_ext;
 pub mod train;

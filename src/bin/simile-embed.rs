@@ -27,9 +27,12 @@ use std::path::PathBuf;
   simile-embed merge --out work/emb.npy        # joins work/emb.part-*-of-*.npy
   simile-embed import --arch resnet18 --weights resnet18.pth --size 224 --resize crop --out work/r18
   simile-embed import --torchscript traced.pt --size 224 --out work/ts
+  simile-embed import --hf ./bge-small-en-v1.5 --out work/bge      # a HuggingFace BERT folder
   simile-embed classify --model efficientnet-lite0-imagenet cat.png
+  simile-embed --dataset work/verses.parquet --model minilm-l6-v2 --out work/emb.npy   # texts
 
-Zoo keys: smallcnn (untrained baseline, random weights with seed 0), efficientnet-lite0-imagenet.
+Zoo keys: smallcnn (untrained baseline, random weights with seed 0), efficientnet-lite0-imagenet,
+minilm-l6-v2 (sentence-transformers' all-MiniLM-L6-v2, for text datasets).
 Writes OUT, OUT's .ids.npy (dataset ids, in id order) and OUT.manifest.json, atomically; with
 --on-bad-image skip, also <stem>.skipped.tsv listing the rows left out (merge joins the parts').
 Exit codes: 0 ok, 2 bad input, 1 internal failure."
@@ -132,6 +135,17 @@ struct ImportArgs {
     /// A TorchScript file (torch.jit.trace / torch.jit.script) returning [batch, dim].
     #[arg(long)]
     torchscript: Option<PathBuf>,
+    /// A HuggingFace BERT-family text encoder folder (config.json, model.safetensors or
+    /// pytorch_model.bin, tokenizer.json): BERT, MiniLM, bge, e5, your fine-tuned one.
+    /// Pooling, max length and normalisation default to its sentence-transformers files.
+    #[arg(long, conflicts_with_all = ["torchscript", "arch"])]
+    hf: Option<PathBuf>,
+    /// Text models (--hf): mean (sentence-transformers) or cls (OML's HFWrapper).
+    #[arg(long, requires = "hf")]
+    pooling: Option<simile::model::bert::TextPool>,
+    /// Text models (--hf): tokens per text at most, special tokens included.
+    #[arg(long, requires = "hf")]
+    max_length: Option<usize>,
     /// Input side in pixels.
     #[arg(long, default_value_t = 224)]
     size: u32,
@@ -273,16 +287,25 @@ fn run_embed(a: EmbedArgs) -> anyhow::Result<()> {
     }
     let s = embed::run(&opts, |d| eprintln!("device: {d}"))?;
     let t = &s.times;
+    let texts = s.modality == simile::dataset::Modality::Text;
     println!(
-        "wrote {} ({} x {}) and {} in {:.1} s ({:.0} images/s) on {}",
+        "wrote {} ({} x {}) and {} in {:.1} s ({:.0} {}/s) on {}",
         s.out.display(),
         s.rows,
         s.dim,
         s.ids.display(),
         s.seconds,
         s.rows as f64 / s.seconds.max(1e-9),
+        if texts { "texts" } else { "images" },
         s.device
     );
+    if texts {
+        println!(
+            "time: forward {:.1} s, tokenizing {:.1} s",
+            t.forward, t.decode
+        );
+        return Ok(());
+    }
     println!(
         "time: forward {:.1} s, batch tensors {:.1} s, waiting for images {:.1} s; decoding {:.1} s beside it{}",
         t.forward,
@@ -306,6 +329,26 @@ fn run_embed(a: EmbedArgs) -> anyhow::Result<()> {
 }
 
 fn run_import(a: ImportArgs) -> anyhow::Result<()> {
+    if let Some(hf) = &a.hf {
+        let o = import::HfTextOptions {
+            pooling: a.pooling,
+            max_length: a.max_length,
+            normalise: a.normalise.then_some(true),
+        };
+        let h = import::import_hf_text(hf, &o, &a.out)?;
+        let t = h.spec.text.as_ref().expect("a text model");
+        println!(
+            "wrote {} (bert text encoder, {}-d embeddings, {:?} pooling, {} tokens{}): {} tensors loaded, prefix '{}' stripped",
+            a.out.display(),
+            h.spec.embedding_dim,
+            t.pooling,
+            t.max_length,
+            if h.spec.normalise { ", L2-normalised" } else { "" },
+            h.report.loaded,
+            h.report.prefix
+        );
+        return Ok(());
+    }
     let input = Preprocess {
         size: a.size,
         resize: a.resize,

@@ -256,10 +256,11 @@ fn summary(ds: &Dataset, report: &ImportReport, out: &Path) {
     }
     let labels: std::collections::BTreeSet<i64> = ds.label.iter().flatten().copied().collect();
     println!(
-        "{} ({} rows, {} labels, {} from {})",
+        "{} ({} rows, {} labels, {}s, {} from {})",
         out.display(),
         ds.len(),
         labels.len(),
+        ds.modality().as_str(),
         ds.meta.source_kind,
         ds.meta.source
     );

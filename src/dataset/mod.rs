@@ -30,6 +30,22 @@ pub enum Split {
 
 crate::named!(Split { Train => "train", Validation => "validation", Inference => "inference" });
 
+/// What a dataset's rows (and a model's inputs) are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Modality {
+    Image,
+    Text,
+}
+
+impl Modality {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Modality::Image => "image",
+            Modality::Text => "text",
+        }
+    }
+}
+
 /// Footer metadata of `dataset.parquet` (keys `simile.*`).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct DatasetMeta {
@@ -104,6 +120,15 @@ pub fn arrow_schema() -> Schema {
 }
 
 impl Dataset {
+    /// Images or texts: a dataset with texts (OML's `text` column) is a text dataset.
+    pub fn modality(&self) -> Modality {
+        if self.meta.modality == "text" || self.text.iter().any(Option::is_some) {
+            Modality::Text
+        } else {
+            Modality::Image
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.ids.len()
     }
@@ -599,6 +624,11 @@ pub fn import_csv(csv_path: &Path, opts: &CsvOptions) -> Result<(Dataset, Import
     if !has("path") && !has("text") {
         return Err(Error::input(format!(
             "{file_s}:1: no 'path' column (images) and no 'text' column (texts): one of them is required; found columns: {found}"
+        )));
+    }
+    if has("path") && has("text") {
+        return Err(Error::input(format!(
+            "{file_s}:1: both a 'path' column (images) and a 'text' column (texts): a dataset is one or the other (OML's rule); drop one of them"
         )));
     }
     let bbox_cols = ["x_1", "x_2", "y_1", "y_2"];

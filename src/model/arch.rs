@@ -35,6 +35,9 @@ pub struct ArchSpec {
     /// smallcnn: channels of the first block (doubled in each of the 4 blocks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub width: Option<i64>,
+    /// bert: the encoder's sizes (HuggingFace `config.json`'s fields).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bert: Option<super::bert::BertConfig>,
 }
 
 /// The widest layer a config, `model.json` or flag may ask for (projections, MLP heads).
@@ -50,6 +53,7 @@ pub const ARCHS: &[&str] = &[
     "efficientnet-lite0",
     "vits16",
     "vits14",
+    "bert",
 ];
 
 impl ArchSpec {
@@ -60,7 +64,13 @@ impl ArchSpec {
             gem_p: default_gem_p(),
             proj_dim: None,
             width: None,
+            bert: None,
         }
+    }
+
+    /// Whether the architecture reads texts (token ids) rather than images.
+    pub fn is_text(&self) -> bool {
+        self.name == "bert"
     }
 
     /// Refuses widths no network can be built with (negative, zero, or past what memory could
@@ -93,6 +103,17 @@ impl ArchSpec {
             "resnet50" => 2048,
             "efficientnet-lite0" => 1280,
             "vits16" | "vits14" => 384,
+            "bert" => match &self.bert {
+                Some(c) => {
+                    c.validate()?;
+                    c.hidden_size
+                }
+                None => {
+                    return Err(Error::input(
+                        "architecture bert needs its sizes (a [bert] table: vocab_size, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, max_position_embeddings)",
+                    ))
+                }
+            },
             other => return Err(unknown_arch(other)),
         })
     }
@@ -111,6 +132,8 @@ impl ArchSpec {
             "resnet18" | "resnet34" | "resnet50" | "efficientnet-lite0" => 32,
             "vits16" => 16,
             "vits14" => 14,
+            // Texts have no pixels: any recorded image size passes.
+            "bert" => 0,
             other => return Err(unknown_arch(other)),
         })
     }
@@ -135,6 +158,7 @@ impl ArchSpec {
             "smallcnn" => "blocks.3.conv.weight",
             "resnet18" | "resnet34" | "resnet50" => "layer4.0.conv1.weight",
             "efficientnet-lite0" => "_conv_head.weight",
+            "bert" => "embeddings.word_embeddings.weight",
             _ => "norm.bias",
         }
     }
@@ -177,6 +201,11 @@ impl Net {
             "efficientnet-lite0" => Body::Effnet(Box::new(EffnetLite0::new(p))),
             "vits16" => Body::Vit(Box::new(Vit::new(p, 16, 224, 384, 12, 6, false))),
             "vits14" => Body::Vit(Box::new(Vit::new(p, 14, 518, 384, 12, 6, true))),
+            "bert" => {
+                return Err(Error::input(
+                    "architecture bert is a text encoder: it embeds texts, not images",
+                ))
+            }
             other => return Err(unknown_arch(other)),
         };
         if spec.gem_p.is_nan() || spec.gem_p <= 0.0 {

@@ -68,6 +68,7 @@ pub struct EmbedSummary {
     pub device: String,
     pub seconds: f64,
     pub times: PhaseTimes,
+    pub modality: crate::dataset::Modality,
 }
 
 pub use crate::embeddings::skipped_path;
@@ -93,7 +94,8 @@ pub fn run(opts: &EmbedOptions, on_device: impl FnOnce(&str)) -> Result<EmbedSum
             opts.batch_size
         )));
     }
-    let (items, start, end) = list_items(opts)?;
+    let ds = Dataset::read(&opts.dataset)?;
+    let (rows, start, end) = select_rows(opts, &ds)?;
 
     let dev = device::resolve(opts.device)?;
     let mut model = Model::load(&opts.model, dev)?;
@@ -103,31 +105,42 @@ pub fn run(opts: &EmbedOptions, on_device: impl FnOnce(&str)) -> Result<EmbedSum
             opts.model, model.spec.kind
         )));
     }
+    check_modality(&ds, &model, opts)?;
     model.set_compute(opts.compute)?;
     if let Some(w) = opts.compute.slow_on(dev) {
         eprintln!("simile-embed: {w}");
     }
+    if model.spec.modality() == super::Modality::Text {
+        let job = super::embed_text::Job {
+            opts,
+            ds: &ds,
+            rows: &rows[start..end],
+            range: (start, end),
+            model: &model,
+            t0,
+        };
+        return job.run(on_device);
+    }
+    let items = image_items(opts, &ds, &rows[start..end])?;
+    drop(ds);
     let pre = model.spec.input.clone();
 
-    let out = match opts.shard {
-        Some(s) => s.part_path(&opts.out),
-        None => opts.out.clone(),
-    };
-    let dim = model.spec.embedding_dim as usize;
-    let bs = opts.batch_size;
-    let params = serde_json::json!({
-        "model": opts.model,
-        "architecture": model.spec.architecture.name,
-        "embedding_dim": dim,
-        "normalise": model.spec.normalise,
-        "input": model.spec.input,
-        "split": opts.split.map(|s| s.as_str()).unwrap_or("all"),
-        "batch_size": bs,
-        "compute": opts.compute.to_string(),
-        "out_dtype": if opts.out_dtype == DType::F16 { "f16" } else { "f32" },
-        "on_bad_image": if opts.on_bad_image == OnBadImage::Skip { "skip" } else { "error" },
-        "root": opts.root.as_ref().map(|r| r.display().to_string()),
-    });
+    let (out, mut params) = output_and_params(opts, &model);
+    let (dim, bs) = (model.spec.embedding_dim as usize, opts.batch_size);
+    params.insert("input".into(), serde_json::json!(model.spec.input));
+    params.insert(
+        "on_bad_image".into(),
+        serde_json::json!(if opts.on_bad_image == OnBadImage::Skip {
+            "skip"
+        } else {
+            "error"
+        }),
+    );
+    params.insert(
+        "root".into(),
+        serde_json::json!(opts.root.as_ref().map(|r| r.display().to_string())),
+    );
+    let params = serde_json::Value::Object(params);
     let mut m = ManifestBuilder::new("embed", params);
     m.input("dataset", &opts.dataset)?;
     m.input("model", &model.dir.join(super::MODEL_JSON))?;
@@ -309,13 +322,12 @@ pub fn run(opts: &EmbedOptions, on_device: impl FnOnce(&str)) -> Result<EmbedSum
         device: device::describe(dev),
         seconds,
         times: t,
+        modality: crate::dataset::Modality::Image,
     })
 }
 
-/// The rows to embed, in id order (a shard's range of them), with their image paths; the
-/// shard's `[start, end)` among the split's rows.
-fn list_items(opts: &EmbedOptions) -> Result<(Vec<Item>, usize, usize)> {
-    let ds = Dataset::read(&opts.dataset)?;
+/// The rows to embed, in id order (a split's, or all), and the shard's `[start, end)` among them.
+pub(super) fn select_rows(opts: &EmbedOptions, ds: &Dataset) -> Result<(Vec<usize>, usize, usize)> {
     let rows: Vec<usize> = match opts.split {
         Some(s) => ds.rows_of_split(s),
         None => (0..ds.len()).collect(),
@@ -325,16 +337,71 @@ fn list_items(opts: &EmbedOptions) -> Result<(Vec<Item>, usize, usize)> {
             "{}: no rows in split {} (the dataset has {}): nothing to embed",
             opts.dataset.display(),
             opts.split.map(|s| s.as_str()).unwrap_or("all"),
-            describe_splits(&ds)
+            describe_splits(ds)
         )));
     }
     let (start, end) = match opts.shard {
         Some(s) => s.range(rows.len()),
         None => (0, rows.len()),
     };
-    let mut items = Vec::with_capacity(end - start);
+    Ok((rows, start, end))
+}
+
+/// The output file (a shard's part name) and the manifest parameters both modalities share.
+pub(super) fn output_and_params(
+    opts: &EmbedOptions,
+    model: &Model,
+) -> (PathBuf, serde_json::Map<String, serde_json::Value>) {
+    let out = match opts.shard {
+        Some(s) => s.part_path(&opts.out),
+        None => opts.out.clone(),
+    };
+    let params = serde_json::json!({
+        "model": opts.model,
+        "architecture": model.spec.architecture.name,
+        "embedding_dim": model.spec.embedding_dim,
+        "normalise": model.spec.normalise,
+        "split": opts.split.map(|s| s.as_str()).unwrap_or("all"),
+        "batch_size": opts.batch_size,
+        "compute": opts.compute.to_string(),
+        "out_dtype": if opts.out_dtype == DType::F16 { "f16" } else { "f32" },
+    });
+    let serde_json::Value::Object(map) = params else {
+        unreachable!("a JSON object literal")
+    };
+    (out, map)
+}
+
+/// A text model for an image dataset, or the reverse: refused before any work.
+fn check_modality(ds: &Dataset, model: &Model, opts: &EmbedOptions) -> Result<()> {
+    let (d, m) = (ds.modality(), model.spec.modality());
+    if d != m {
+        let a = |m: super::Modality| match m {
+            super::Modality::Image => "an image",
+            super::Modality::Text => "a text",
+        };
+        return Err(Error::input(format!(
+            "--model {}: {} model, but {} is {} dataset: embed {}s with {} model ({})",
+            opts.model,
+            a(m),
+            opts.dataset.display(),
+            a(d),
+            d.as_str(),
+            a(d),
+            match d {
+                super::Modality::Text => "minilm-l6-v2, a model trained on texts, or `simile-embed import --hf` of a HuggingFace BERT folder",
+                super::Modality::Image => "smallcnn, efficientnet-lite0-imagenet, or a model trained on images",
+            }
+        )));
+    }
+    Ok(())
+}
+
+/// The image of each row (`rows`: dataset rows); every row must have one.
+fn image_items(opts: &EmbedOptions, ds: &Dataset, rows: &[usize]) -> Result<Vec<Item>> {
+    let mut items = Vec::with_capacity(rows.len());
     let mut no_path = Vec::new();
-    for &r in &rows[start..end] {
+    for &r in rows {
         match ds.resolve_path(r, opts.root.as_deref()) {
             Some(path) => items.push(Item {
                 id: ds.ids[r],
@@ -358,7 +425,7 @@ fn list_items(opts: &EmbedOptions) -> Result<(Vec<Item>, usize, usize)> {
             if no_path.len() > 5 { ", ..." } else { "" }
         )));
     }
-    Ok((items, start, end))
+    Ok(items)
 }
 
 /// "80 train, 20 validation rows" (or "no rows").
@@ -414,7 +481,15 @@ pub struct CheckSummary {
 /// folder's input says, and reports the bad ones; runs no model and writes nothing. With
 /// `--on-bad-image error` (the default) bad images are an error, as in a real run.
 pub fn check_only(opts: &EmbedOptions) -> Result<CheckSummary> {
-    let (items, _, _) = list_items(opts)?;
+    let ds = Dataset::read(&opts.dataset)?;
+    if ds.modality() == super::Modality::Text {
+        return Err(Error::input(format!(
+            "{}: a text dataset; --check-only checks images (texts are checked as they are embedded)",
+            opts.dataset.display()
+        )));
+    }
+    let (rows, start, end) = select_rows(opts, &ds)?;
+    let items = image_items(opts, &ds, &rows[start..end])?;
     let spec = Model::load(&opts.model, tch::Device::Cpu)?.spec;
     let images = items.len();
     let (good, bad, seconds) = check_pass(items, &spec.input);
@@ -435,6 +510,7 @@ pub fn check_only(opts: &EmbedOptions) -> Result<CheckSummary> {
 pub struct PhaseTimes {
     /// The separate check pass (only when the images do not fit the cache).
     pub check: f64,
+    /// Images: decoding, cropping, resizing. Texts: tokenizing.
     pub decode: f64,
     pub wait: f64,
     /// Normalising `u8` images into the float batch tensor.

