@@ -137,6 +137,15 @@ fn a_text_dataset_runs_through_every_stage() {
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max);
     assert!(worst < 1e-5, "batch 4 vs batch 1: {worst}");
+    // bf16 (autocast) follows fp32 closely.
+    let bf = dir.join("bf16.npy");
+    let mut a16 = args(&bf, "4");
+    a16.extend(["--compute".to_string(), "bf16".into()]);
+    assert_eq!(run(a16).code, 0);
+    let worst = cosines(&a, &f32s(&Npy::open(&bf).unwrap()), 32)
+        .into_iter()
+        .fold(1f64, f64::min);
+    assert!(worst > 0.999, "bf16 vs fp32 cosine {worst}");
     for row in a.chunks(32) {
         let n: f32 = row.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((n - 1.0).abs() < 1e-5, "L2-normalised: {n}");
