@@ -2,9 +2,11 @@
 //! dataset's bbox crop, resize as the model folder says, normalise, batch.
 //!
 //! Decoding follows OML's `imread_pillow` (`Image.open(...).convert("RGB")`): grayscale is
-//! replicated to three channels, an alpha channel is dropped, 16-bit samples are scaled to
-//! 8 bits. The bbox is `[x_1, x_2, y_1, y_2]` with exclusive right and bottom edges, applied
-//! before the resize, like OML. The three resize modes are OML's transforms:
+//! replicated to three channels, an alpha channel is dropped, and 16-bit samples become 8 bits
+//! as Pillow makes them: 16-bit grey (Pillow's mode I;16) is clipped to 255, 16-bit colour and
+//! grey + alpha keep their high byte. The bbox is `[x_1, x_2, y_1, y_2]` with exclusive right
+//! and bottom edges, applied before the resize, like OML. The three resize modes are OML's
+//! transforms:
 //! - `pad` (`norm_resize_albu`): longest side to `size`, aspect kept, centred on white;
 //! - `stretch` (`norm_resize_torch`): both sides to `size`, aspect not kept;
 //! - `crop` (`norm_resize_hypvit_torch`): shorter side to `size / crop_ratio`, centre crop.
@@ -118,8 +120,51 @@ pub fn decode_bytes(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
     img.apply_orientation(orientation);
     Ok(match img {
         DynamicImage::ImageRgb8(rgb) => rgb,
+        DynamicImage::ImageLuma16(g) => rgb8_from_16(g.width(), g.height(), g.as_raw(), 1, clip8),
+        DynamicImage::ImageLumaA16(g) => {
+            // Grey with a tRNS colour also decodes to grey + alpha: Pillow reads it as I;16.
+            let to8 = if png_colour_type(bytes) == Some(0) {
+                clip8
+            } else {
+                high8
+            };
+            rgb8_from_16(g.width(), g.height(), g.as_raw(), 2, to8)
+        }
+        DynamicImage::ImageRgb16(c) => rgb8_from_16(c.width(), c.height(), c.as_raw(), 3, high8),
+        DynamicImage::ImageRgba16(c) => rgb8_from_16(c.width(), c.height(), c.as_raw(), 4, high8),
         other => other.to_rgb8(),
     })
+}
+
+/// 16-bit grey as Pillow's `convert("RGB")` of mode I;16: the value clipped to 255 (not scaled).
+fn clip8(v: u16) -> u8 {
+    v.min(255) as u8
+}
+
+/// 16-bit colour (or grey + alpha) as Pillow's PNG decoder unpacks it: the high byte.
+fn high8(v: u16) -> u8 {
+    (v >> 8) as u8
+}
+
+/// 8-bit RGB from 16-bit samples (`channels` per pixel: grey, grey + alpha, RGB, RGBA; alpha
+/// dropped), each sample through `to8`.
+fn rgb8_from_16(w: u32, h: u32, raw: &[u16], channels: usize, to8: fn(u16) -> u8) -> RgbImage {
+    let mut out = Vec::with_capacity(3 * raw.len() / channels);
+    for px in raw.chunks_exact(channels) {
+        if channels < 3 {
+            let v = to8(px[0]);
+            out.extend_from_slice(&[v, v, v]);
+        } else {
+            out.extend_from_slice(&[to8(px[0]), to8(px[1]), to8(px[2])]);
+        }
+    }
+    RgbImage::from_raw(w, h, out).expect("three samples per pixel")
+}
+
+/// A PNG's colour type (0 grey, 2 RGB, 3 palette, 4 grey + alpha, 6 RGBA), from its IHDR.
+fn png_colour_type(bytes: &[u8]) -> Option<u8> {
+    (bytes.len() > 25 && bytes.starts_with(b"\x89PNG\r\n\x1a\n") && &bytes[12..16] == b"IHDR")
+        .then(|| bytes[25])
 }
 
 fn describe(e: image::ImageError) -> String {
@@ -410,6 +455,45 @@ mod tests {
         assert_eq!(cl.stride(), vec![75, 1, 15, 3]);
         let d = f64::try_from((cl - plain).abs().max()).unwrap();
         assert_eq!(d, 0.0);
+    }
+
+    fn png(img: DynamicImage) -> Vec<u8> {
+        let mut out = Vec::new();
+        img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn sixteen_bit_pngs_become_8_bits_as_pillow_makes_them() {
+        // Pillow (what OML's imread_pillow reads with): I;16 grey converts to RGB clipped at
+        // 255; 16-bit RGB, RGBA and grey + alpha are unpacked to their high byte.
+        let v = [0u16, 1, 255, 256, 1000, 0x80ff, 65535];
+        let grey = image::ImageBuffer::<image::Luma<u16>, _>::from_raw(7, 1, v.to_vec()).unwrap();
+        let got = decode_bytes(&png(DynamicImage::ImageLuma16(grey))).unwrap();
+        let want = [0u8, 1, 255, 255, 255, 255, 255];
+        for (x, w) in want.iter().enumerate() {
+            assert_eq!(got.get_pixel(x as u32, 0).0, [*w; 3], "grey {}", v[x]);
+        }
+        let rgb: Vec<u16> = v.iter().flat_map(|&a| [a, 65535 - a, a / 2]).collect();
+        let rgb = image::ImageBuffer::<image::Rgb<u16>, _>::from_raw(7, 1, rgb).unwrap();
+        let got = decode_bytes(&png(DynamicImage::ImageRgb16(rgb))).unwrap();
+        for (x, &a) in v.iter().enumerate() {
+            let hi = |s: u16| (s >> 8) as u8;
+            assert_eq!(
+                got.get_pixel(x as u32, 0).0,
+                [hi(a), hi(65535 - a), hi(a / 2)]
+            );
+        }
+        let la: Vec<u16> = v.iter().flat_map(|&a| [a, 65535 - a]).collect();
+        let la = image::ImageBuffer::<image::LumaA<u16>, _>::from_raw(7, 1, la).unwrap();
+        let bytes = png(DynamicImage::ImageLumaA16(la));
+        assert_eq!(png_colour_type(&bytes), Some(4));
+        let got = decode_bytes(&bytes).unwrap();
+        for (x, &a) in v.iter().enumerate() {
+            assert_eq!(got.get_pixel(x as u32, 0).0, [(a >> 8) as u8; 3]);
+        }
+        assert_eq!(png_colour_type(b"not a png at all, not a png at all"), None);
     }
 
     #[test]

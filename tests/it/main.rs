@@ -7,6 +7,7 @@ mod compare;
 mod distance;
 mod distributed;
 mod embed;
+mod image_parity;
 mod integrity;
 mod pairwise;
 mod prepare;
