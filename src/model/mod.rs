@@ -344,7 +344,7 @@ impl Compute {
             && device == Device::Cpu
             && !crate::torch_ext::cpu_has_bf16_kernels().unwrap_or(true))
         .then(|| {
-            "warning: --compute bf16 on a CPU without AVX512 or AMX: libtorch has no fast bf16 convolutions here and runs its reference code, 12-25x slower than fp32 for resnet18 and a small CNN (docs/benchmarks.md); use --compute fp32".to_string()
+            "warning: --compute bf16 on a CPU without AVX512 or AMX: libtorch has no fast bf16 kernels here and runs its reference code, 12-25x slower than fp32 for resnet18 and a small CNN and 10x for MiniLM (docs/benchmarks.md); use --compute fp32".to_string()
         })
     }
 }
