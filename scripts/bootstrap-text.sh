@@ -67,7 +67,9 @@ EOF
 }
 
 if [ ! -f "$STAMP" ]; then
-  exec 9>"$VENV/.simile-text.lock"
+  # The same lock as scripts/bootstrap-pyextras.sh: tests run both at once, and two pips
+  # installing into one virtualenv at the same time can break it.
+  exec 9>"$VENV/.simile-pyextras.lock"
   flock 9
   if [ ! -f "$STAMP" ]; then
     echo "simile: installing $MODEL_SPEC (sha256-checked) ${PKGS[*]} into $VENV (once)" >&2
