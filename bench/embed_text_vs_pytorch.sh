@@ -105,11 +105,4 @@ kernels it is slower than fp32 on both. simile bf16 against simile fp32: lowest 
 PY
 )"
 echo "$SECTION"
-"$PY" - docs/benchmarks.md "$SECTION" <<'PY'
-import os, re, sys
-path, section = sys.argv[1], sys.argv[2].rstrip() + "\n"
-text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-m = re.search(r"^## simile-embed on texts\n.*?(?=^## |\Z)", text, flags=re.S | re.M)
-text = text[:m.start()] + section + ("\n" + text[m.end():] if text[m.end():] else "") if m else text.rstrip() + "\n\n" + section
-open(path + ".tmp", "w").write(text); os.replace(path + ".tmp", path)
-PY
+"$PY" bench/docs_section.py docs/benchmarks.md "$SECTION"

@@ -81,11 +81,4 @@ the cosine target is easy to meet; the relative error `|a - b| / |b|` is the str
 PY
 )"
 echo "$SECTION"
-"$PY" - docs/benchmarks.md "$SECTION" <<'PY'
-import os, re, sys
-path, section = sys.argv[1], sys.argv[2].rstrip() + "\n"
-text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-m = re.search(r"^## simile-embed\n.*?(?=^## |\Z)", text, flags=re.S | re.M)
-text = text[:m.start()] + section + ("\n" + text[m.end():] if text[m.end():] else "") if m else text.rstrip() + "\n\n" + section
-open(path + ".tmp", "w").write(text); os.replace(path + ".tmp", path)
-PY
+"$PY" bench/docs_section.py docs/benchmarks.md "$SECTION"
