@@ -14,6 +14,7 @@ mod prepare;
 mod reliability;
 mod report;
 mod rerank;
+mod sampler_parity;
 mod score;
 mod shards;
 mod skip;
