@@ -9,7 +9,8 @@
 //! transforms:
 //! - `pad` (`norm_resize_albu`): longest side to `size`, aspect kept, centred on white;
 //! - `stretch` (`norm_resize_torch`): both sides to `size`, aspect not kept;
-//! - `crop` (`norm_resize_hypvit_torch`): shorter side to `size / crop_ratio`, centre crop.
+//! - `crop` (`norm_resize_hypvit_torch`'s geometry; it resizes bicubic, this bilinear): shorter
+//!   side to `size / crop_ratio`, centre crop.
 //!
 //! A prepared image is kept as `u8` CHW (3 x size x size): a quarter of the memory of the
 //! float tensor, normalised only when a batch is assembled.
