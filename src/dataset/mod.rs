@@ -751,6 +751,14 @@ pub fn import_csv(csv_path: &Path, opts: &CsvOptions) -> Result<(Dataset, Import
             if t.is_empty() {
                 p.add("text", line, "column 'text': empty text".into());
                 None
+            } else if t.trim().is_empty() {
+                // A text model would see no token at all: refused here, where the line is known.
+                p.add(
+                    "text",
+                    line,
+                    "column 'text': only whitespace; a text needs at least one word".into(),
+                );
+                None
             } else {
                 Some(t)
             }

@@ -389,7 +389,6 @@ pub fn read_hf_text(src: &Path, o: &HfTextOptions) -> Result<HfText> {
 /// Writes a text model folder (`model.json`, `model.safetensors`, `tokenizer.json`) from a
 /// HuggingFace BERT folder, with its manifest.
 pub fn import_hf_text(src: &Path, o: &HfTextOptions, out: &Path) -> Result<HfText> {
-    crate::io::create_folder(out, "--out")?;
     let tok_dest = out.join(crate::tokenize::TOKENIZER_JSON);
     crate::manifest::refuse_overlap(
         &[("HuggingFace folder", src)],
@@ -399,7 +398,9 @@ pub fn import_hf_text(src: &Path, o: &HfTextOptions, out: &Path) -> Result<HfTex
             &tok_dest,
         ],
     )?;
+    // Read and checked before the folder exists: a refused import leaves nothing behind.
     let h = read_hf_text(src, o)?;
+    crate::io::create_folder(out, "--out")?;
     let tok = crate::io::seal_bytes(&tok_dest, &std::fs::read(&h.tokenizer).at(&h.tokenizer)?)?;
     let f = super::seal_folder(out, &h.spec, &h.spec.weights, &h.vs)?;
     let mut m = import_manifest(&h.weights, out, &h.spec)?;

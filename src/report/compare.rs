@@ -3,8 +3,7 @@
 //! flipped (baseline right and candidate wrong, then the other way), each drawn twice, with
 //! the baseline's and the candidate's neighbours, as the score report draws a query.
 use super::html::{self, esc, num};
-use super::thumbs::Thumbs;
-use super::{file_name, query_row, read_sides, scan, Names, Report, ReportOptions};
+use super::{file_name, query_row, read_sides, scan, Report, ReportOptions};
 use crate::error::Result;
 use crate::metrics::compare::{self, CompareRequest, Compared, Row};
 use crate::metrics::{Metric, OVERALL};
@@ -40,13 +39,7 @@ pub fn build(req: &CompareRequest, c: &Compared, opts: &ReportOptions) -> Result
     let sa = scan::scan(&req.baseline, &a.qg, &wanted)?;
     let sb = scan::scan(&req.candidate, &b.qg, &wanted)?;
     let (qds, gds) = read_sides(&req.dataset, req.gallery_dataset.as_deref())?;
-    let mut datasets = vec![&qds];
-    datasets.extend(gds.as_ref());
-    let mut th = Thumbs::new(datasets, opts.thumb_px);
-    let names = Names {
-        query: &qds,
-        gallery: gds.as_ref().unwrap_or(&qds),
-    };
+    let (mut th, names) = super::side_views(&qds, gds.as_ref(), opts.thumb_px);
 
     let mut s = String::with_capacity(1 << 20);
     let _ = write!(

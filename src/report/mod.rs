@@ -205,13 +205,7 @@ pub fn build(req: &ScoreRequest, c: &Computed, opts: &ReportOptions) -> Result<R
     let wanted: BTreeSet<usize> = worst.iter().flatten().copied().collect();
     let sc = scan::scan(&req.neighbors, &c.qg, &wanted)?;
 
-    let mut datasets = vec![&qds];
-    datasets.extend(gds.as_ref());
-    let mut th = Thumbs::new(datasets, opts.thumb_px);
-    let names = Names {
-        query: &qds,
-        gallery: gds.as_ref().unwrap_or(&qds),
-    };
+    let (mut th, names) = side_views(&qds, gds.as_ref(), opts.thumb_px);
 
     let mut s = String::with_capacity(1 << 20);
     s.push_str("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">");
@@ -347,6 +341,19 @@ fn read_sides(dataset: &Path, gallery: Option<&Path>) -> Result<(Dataset, Option
         Dataset::read(dataset)?,
         gallery.map(Dataset::read).transpose()?,
     ))
+}
+
+/// The thumbnails and label names of a query dataset and its optional gallery dataset.
+fn side_views<'a>(qds: &'a Dataset, gds: Option<&'a Dataset>, px: u32) -> (Thumbs<'a>, Names<'a>) {
+    let mut datasets = vec![qds];
+    datasets.extend(gds);
+    (
+        Thumbs::new(datasets, px),
+        Names {
+            query: qds,
+            gallery: gds.unwrap_or(qds),
+        },
+    )
 }
 
 fn file_name(p: &Path) -> String {

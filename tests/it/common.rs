@@ -194,21 +194,31 @@ pub fn striped_dataset(
         .write(&dir.join("dataset.parquet"))
 }
 
+/// The path a project script prints (`scripts/<script> <args>`: a Python, a virtualenv, a
+/// model folder), the script installing what it names first; a failing script fails the test.
+pub fn script_path(script: &str, args: &[&str]) -> PathBuf {
+    let out = Command::new(repo_root().join("scripts").join(script))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
 /// The torch Python with the test extras (torchvision, timm, scikit-image, tensorboard, ...),
 /// installed once by scripts/bootstrap-pyextras.sh.
 pub fn pyextras_python() -> &'static Path {
     static P: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    P.get_or_init(|| {
-        let out = Command::new(repo_root().join("scripts/bootstrap-pyextras.sh"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "bootstrap-pyextras.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-    })
+    P.get_or_init(|| script_path("bootstrap-pyextras.sh", &[]))
+}
+
+/// The Python of the open-metric-learning 4.0 virtualenv (scripts/bootstrap-oml.sh).
+pub fn oml_python() -> PathBuf {
+    script_path("bootstrap-oml.sh", &[]).join("bin/python")
 }
 
 /// The one dataset builder: `n` rows with ids `ids`, every other column empty (no label, no

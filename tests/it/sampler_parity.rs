@@ -20,7 +20,6 @@ use crate::common;
 
 use simile::train::sampler::{rng, SamplerConfig};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 
 const N_LABELS: usize = 8;
 const N_INSTANCES: usize = 4;
@@ -58,18 +57,6 @@ refusals = {
 json.dump({"len": len(s), "batch_size": s.batch_size, "epochs": epochs, "refusals": refusals},
           open(sys.argv[2], "w"))
 "#;
-
-fn oml_python() -> PathBuf {
-    let out = std::process::Command::new(common::repo_root().join("scripts/bootstrap-oml.sh"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "bootstrap-oml.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("bin/python")
-}
 
 /// One label per dataset row: label i (value 1000 + 37 i) has 2 + (11 i mod 29) rows, the
 /// rows in a shuffled order.
@@ -202,7 +189,7 @@ fn balance_matches_oml_balance_sampler_as_a_distribution() {
         .to_string(),
     )
     .unwrap();
-    let py = std::process::Command::new(oml_python())
+    let py = std::process::Command::new(common::oml_python())
         .arg("-c")
         .arg(OML_SCRIPT)
         .arg(&cfg)

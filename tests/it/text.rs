@@ -228,6 +228,17 @@ fn bad_text_input_is_refused_with_what_was_expected() {
         "{}",
         r.stderr
     );
+    let r = prep(
+        "blank.csv",
+        "label,text,split,is_query,is_gallery\n0,hi,train,,\n0,\"  \t \",train,,\n",
+    );
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains(":3") && r.stderr.contains("only whitespace"),
+        "{}",
+        r.stderr
+    );
+    assert!(!dir.join("blank.csv.parquet").exists());
 
     // A tokenizer with more tokens than the model's embedding table.
     let hf = dir.join("hf");
@@ -247,7 +258,7 @@ fn bad_text_input_is_refused_with_what_was_expected() {
     let r = common::run(EMBED, &["import", "--hf", s(&hf), "--out", s(&out)]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("vocab_size is 20"), "{}", r.stderr);
-    assert!(!out.join("model.json").exists());
+    assert!(!out.exists(), "a refused import leaves no folder");
 
     // A text model on images, an image model on texts.
     let model = tiny_model(dir);
@@ -317,20 +328,10 @@ fn bad_text_input_is_refused_with_what_was_expected() {
 fn text_python() -> &'static (PathBuf, PathBuf) {
     static P: std::sync::OnceLock<(PathBuf, PathBuf)> = std::sync::OnceLock::new();
     P.get_or_init(|| {
-        let script = common::repo_root().join("scripts/bootstrap-text.sh");
-        let get = |args: &[&str]| {
-            let out = std::process::Command::new(&script)
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "bootstrap-text.sh {args:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-        };
-        (get(&[]), get(&["--model-dir"]))
+        (
+            common::script_path("bootstrap-text.sh", &[]),
+            common::script_path("bootstrap-text.sh", &["--model-dir"]),
+        )
     })
 }
 

@@ -11,24 +11,12 @@
 use crate::common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tch::Tensor;
 
 const PREPARE: &str = env!("CARGO_BIN_EXE_simile-prepare");
 const TRAIN: &str = env!("CARGO_BIN_EXE_simile-train");
 const EMBED: &str = env!("CARGO_BIN_EXE_simile-embed");
-
-fn oml_python() -> PathBuf {
-    let out = std::process::Command::new(common::repo_root().join("scripts/bootstrap-oml.sh"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "bootstrap-oml.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("bin/python")
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -88,7 +76,7 @@ name = "constant"
 fn one_step_equals_pytorch_and_oml() {
     let dir = tempfile::tempdir().unwrap();
     let fx = dir.path();
-    let py = std::process::Command::new(oml_python())
+    let py = std::process::Command::new(common::oml_python())
         .arg(common::repo_root().join("tests/fixtures_py/oml_step.py"))
         .arg(fx)
         .output()
