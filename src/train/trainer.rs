@@ -961,6 +961,7 @@ impl Run<'_, '_> {
             row.values.push(("allreduce_s".into(), Some(secs)));
         }
         self.mon.step(&row, batch.len(), dt)?;
+        trace_batch(self.prog.step, epoch, batch, self.ctx.train_rows)?;
         // Test hook: SIMILE_TEST_FAULT=kill-after:step-N kills this process after step N.
         crate::manifest::fault(&format!("step-{}", self.prog.step));
         self.prog.train_rows.push(row);
@@ -1054,6 +1055,25 @@ impl Run<'_, '_> {
 
 pub(crate) const TRAIN_LOG: &str = "train_log.parquet";
 pub(crate) const VAL_METRICS: &str = "val_metrics.parquet";
+
+/// Parity hook (issue 24's whole-run harness): with `SIMILE_TRAIN_TRACE=FILE`, every step
+/// appends one JSON line `{"step", "epoch", "rows"}` to FILE: the dataset rows of the batch, in
+/// the order the network saw them, so that a reference can train on the same batch sequence.
+fn trace_batch(step: usize, epoch: usize, batch: &[usize], train_rows: &[usize]) -> Result<()> {
+    let Some(path) = std::env::var_os("SIMILE_TRAIN_TRACE") else {
+        return Ok(());
+    };
+    let rows: Vec<usize> = batch.iter().map(|&p| train_rows[p]).collect();
+    let line = serde_json::json!({"step": step, "epoch": epoch, "rows": rows}).to_string();
+    let path = std::path::PathBuf::from(path);
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| writeln!(f, "{line}"))
+        .map_err(|e| Error::io(&path, e))
+}
 
 fn write_logs(ctx: &Ctx, prog: &Progress) -> Result<()> {
     if !ctx.is_main() {
