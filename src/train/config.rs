@@ -163,7 +163,8 @@ pub struct ModelConfig {
     pub gem_p: f64,
     #[serde(default = "yes")]
     pub normalise: bool,
-    /// Side of the square input, pixels.
+    /// Side of the square input, pixels (image architectures; texts have none).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub size: u32,
     #[serde(default = "d_resize")]
     pub resize: ResizeMode,
@@ -177,6 +178,18 @@ pub struct ModelConfig {
     /// entries it lacks, such as a new projection, keep their random initialisation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<String>,
+    /// Text encoders (`arch = "bert"`): pooling of the token states; default: the init
+    /// model's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pooling: Option<crate::model::bert::TextPool>,
+    /// Text encoders: tokens per text at most, special tokens included; default: the init
+    /// model's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<usize>,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 fn d_gem() -> f64 {
@@ -206,6 +219,32 @@ impl ModelConfig {
         a.pool = self.pool;
         a.gem_p = self.gem_p;
         a
+    }
+
+    /// A text encoder (`arch = "bert"`): its sizes, tokenizer and weights come from `init`.
+    pub fn is_text(&self) -> bool {
+        self.arch == "bert"
+    }
+
+    /// The `[model]` keys of a text encoder: `init` is required (a text model folder or zoo
+    /// key: the sizes and tokenizer are its), image keys are refused.
+    fn validate_text(&self) -> Result<()> {
+        if self.init.is_none() {
+            return Err(Error::input(
+                "config table [model]: arch = \"bert\" fine-tunes a text model: set model.init to a text model folder or zoo key (minilm-l6-v2, or a folder from `simile-embed import --hf`)",
+            ));
+        }
+        if self.size != 0 || self.dim.is_some() || self.width.is_some() {
+            return Err(Error::input(
+                "config table [model]: arch = \"bert\" reads texts: model.size, model.dim and model.width are image settings; leave them out",
+            ));
+        }
+        if self.max_length.is_some_and(|m| m < 3) {
+            return Err(Error::input(
+                "config key 'model.max_length': must be at least 3 (two special tokens and one word)",
+            ));
+        }
+        Ok(())
     }
 
     pub fn preprocess(&self) -> Preprocess {
@@ -675,14 +714,40 @@ impl TrainConfig {
                 "config keys 'grad_clip_norm' / 'grad_clip_value': must be >= 0 (0 = off)",
             ));
         }
-        let spec = self.model.arch_spec();
-        spec.validate()
-            .map_err(|e| Error::input(format!("config table [model]: {e}")))?;
-        spec.check_size(self.model.size, "config key 'model.size'")?;
-        self.model
-            .preprocess()
-            .validate()
-            .map_err(|e| Error::input(format!("config table [model]: {e}")))?;
+        if self.model.is_text() {
+            self.model.validate_text()?;
+            if !self.augment.is_off() {
+                return Err(Error::input(
+                    "config table [augment]: image augmentations on a text model (arch = \"bert\"); remove the table",
+                ));
+            }
+            if self.pairwise.is_some() {
+                return Err(Error::input(
+                    "config table [pairwise]: pairwise re-rankers score pairs of images; a text model (arch = \"bert\") cannot be one",
+                ));
+            }
+        } else {
+            if self.model.size == 0 {
+                return Err(Error::input(format!(
+                    "config key 'model.size': missing; arch {} reads images of this side in pixels",
+                    self.model.arch
+                )));
+            }
+            if self.model.pooling.is_some() || self.model.max_length.is_some() {
+                return Err(Error::input(format!(
+                    "config table [model]: model.pooling and model.max_length are text-model keys (arch = \"bert\"), not for {}",
+                    self.model.arch
+                )));
+            }
+            let spec = self.model.arch_spec();
+            spec.validate()
+                .map_err(|e| Error::input(format!("config table [model]: {e}")))?;
+            spec.check_size(self.model.size, "config key 'model.size'")?;
+            self.model
+                .preprocess()
+                .validate()
+                .map_err(|e| Error::input(format!("config table [model]: {e}")))?;
+        }
         self.augment.validate()?;
         self.sampler.check_sizes()?;
         self.optimizer.validate()?;

@@ -1,4 +1,5 @@
-//! The training images: the decoded-image cache and the augmented batches.
+//! The training inputs: the decoded-image cache and the augmented batches, or a text
+//! dataset's token batches.
 //!
 //! **Cache.** Every train and validation image is decoded, cropped to its bbox and resized to
 //! the model's input once (`image::prepare_file`, the same code as `simile-embed`), and kept as
@@ -14,6 +15,10 @@
 //! parallel (rayon). Every random draw of an image comes from a generator seeded by
 //! (seed, step, position in the batch), so batches do not depend on thread timing and a
 //! resumed run sees the same pixels.
+//!
+//! **Texts.** A text dataset has no cache: the producer thread tokenizes each batch's texts
+//! (padded to the batch's longest, truncated at the model's `max_length`), which takes
+//! microseconds beside the encoder's step.
 use super::config::AugmentConfig;
 use crate::dataset::Dataset;
 use crate::error::{Error, IoContext, Result};
@@ -507,6 +512,96 @@ pub fn batch(
             _ => render(cache, r, pre, &lut, None, out),
         });
     buf
+}
+
+/// Where a training batch's inputs come from.
+pub(crate) enum Source<'a> {
+    Images {
+        cache: &'a ImageCache,
+        pre: &'a Preprocess,
+        /// Augmentation and the run's seed (None: off).
+        aug: Option<(&'a AugmentConfig, u64)>,
+    },
+    Texts {
+        tok: &'a crate::tokenize::TextTokenizer,
+        ds: &'a Dataset,
+    },
+}
+
+/// A batch's inputs on the host, built ahead of its step.
+pub(crate) enum HostBatch {
+    /// `[n, 3, size, size]` normalised floats.
+    Images {
+        data: Vec<f32>,
+        n: usize,
+        size: usize,
+    },
+    Tokens(crate::tokenize::TokenBatch),
+}
+
+/// A batch's inputs on the device: what a task's loss reads.
+pub(crate) enum Input {
+    /// `[B, 3, S, S]` float32.
+    Images(tch::Tensor),
+    /// Token ids and attention mask, `[B, L]` int64.
+    Tokens { ids: tch::Tensor, mask: tch::Tensor },
+}
+
+impl Source<'_> {
+    /// The inputs of dataset `rows` at positions `first..` of step `step`'s batch.
+    pub fn make(&self, rows: &[usize], first: usize, step: usize) -> Result<HostBatch> {
+        Ok(match self {
+            Source::Images { cache, pre, aug } => HostBatch::Images {
+                data: batch(
+                    cache,
+                    rows,
+                    pre,
+                    aug.map(|(a, seed)| (a, seed, step)),
+                    first,
+                ),
+                n: rows.len(),
+                size: pre.size as usize,
+            },
+            Source::Texts { tok, ds } => {
+                let texts: Vec<&str> = rows
+                    .iter()
+                    .map(|&r| ds.text[r].as_deref().unwrap_or(""))
+                    .collect();
+                HostBatch::Tokens(tok.batch(&texts, &|k| {
+                    format!("train text id {} (column 'text')", ds.ids[rows[k]])
+                })?)
+            }
+        })
+    }
+}
+
+impl HostBatch {
+    pub fn to_device(&self, dev: tch::Device) -> Result<Input> {
+        Ok(match self {
+            HostBatch::Images { data, n, size } => {
+                let s = *size as i64;
+                Input::Images(
+                    tch::Tensor::f_from_slice(data)?
+                        .f_view([*n as i64, 3, s, s])?
+                        .f_to_device(dev)?,
+                )
+            }
+            HostBatch::Tokens(t) => Input::Tokens {
+                ids: t.ids.f_to_device(dev)?,
+                mask: t.mask.f_to_device(dev)?,
+            },
+        })
+    }
+}
+
+impl Input {
+    /// The images of an image batch; an error for a task that reads images only.
+    pub fn images(&self) -> Result<&tch::Tensor> {
+        match self {
+            Input::Images(x) => Ok(x),
+            Input::Tokens { .. } => Err(Error::internal("an image task got a token batch")),
+        }
+    }
 }
 
 #[cfg(test)]

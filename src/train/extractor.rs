@@ -1,7 +1,10 @@
-//! Extractor training, the trainer's default task: the network (`model::Net`) and the
-//! criterion (`loss`, with its miner) on the sampler's batches; validation through the stages'
-//! search and metrics ([`validate`](super::validate)); the model folder `simile-embed` reads.
+//! Extractor training, the trainer's default task: the network (`model::Net` for images, a
+//! BERT-family `TextNet` for texts) and the criterion (`loss`, with its miner) on the
+//! sampler's batches; validation through the stages' search and metrics
+//! ([`validate`](super::validate)); the model folder `simile-embed` reads.
 use super::checkpoint::Checkpoint;
+use super::config::TrainConfig;
+use super::data::Input;
 use super::distributed::Dist;
 use super::loss::{Criterion, Logs};
 use super::miner::MinerState;
@@ -11,20 +14,107 @@ use super::trainer::{self, Best, Plan, Setup, Task, TaskState};
 use super::validate::Validator;
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
+use crate::manifest::ManifestBuilder;
 use crate::metrics::Scores;
-use crate::model::{self, ModelSpec, Net};
+use crate::model::bert::TextNet;
+use crate::model::{self, ModelSpec, Net, TextInput};
+use crate::tokenize::{TextTokenizer, TOKENIZER_JSON};
+use rand_chacha::rand_core::RngCore;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tch::{nn, Device, Tensor};
 
 /// Extractor training before its network exists.
 pub(crate) struct ExtractorPlan {
     validator: Option<Validator>,
+    text: Option<TextPlan>,
 }
 
-/// `ci_key`: the metric whose interval validation reports (the checkpointing metric).
-pub(crate) fn plan(ds: &Dataset, ci_key: &str) -> Result<ExtractorPlan> {
+/// A text encoder's starting point: the init model folder, its spec with the run's pooling
+/// and max length, and its tokenizer.
+struct TextPlan {
+    dir: PathBuf,
+    spec: ModelSpec,
+    tok: Arc<TextTokenizer>,
+}
+
+/// `cfg.metric_for_checkpointing` is the metric whose interval validation reports.
+pub(crate) fn plan(ds: &Dataset, cfg: &TrainConfig) -> Result<ExtractorPlan> {
+    let text = if cfg.model.is_text() {
+        Some(text_plan(cfg)?)
+    } else {
+        None
+    };
     Ok(ExtractorPlan {
-        validator: Validator::new(ds, ci_key)?,
+        validator: Validator::new(ds, &cfg.metric_for_checkpointing)?,
+        text,
     })
+}
+
+/// Reads the text model `model.init` names (a folder or zoo key): its architecture and
+/// tokenizer, with the config's pooling and max length in place of the model's.
+fn text_plan(cfg: &TrainConfig) -> Result<TextPlan> {
+    let init = cfg
+        .model
+        .init
+        .as_deref()
+        .ok_or_else(|| Error::internal("a text config without model.init"))?;
+    let dir = trainer::init_dir(init)?;
+    let mut spec =
+        ModelSpec::read(&dir).map_err(|e| Error::input(format!("config key 'model.init': {e}")))?;
+    let Some(text) = spec.text.as_mut() else {
+        return Err(Error::input(format!(
+            "config key 'model.init': {} holds an image model ({}); arch = \"bert\" starts from a text model (minilm-l6-v2, or a folder from `simile-embed import --hf`)",
+            dir.display(),
+            spec.architecture.name
+        )));
+    };
+    if let Some(p) = cfg.model.pooling {
+        text.pooling = p;
+    }
+    if let Some(m) = cfg.model.max_length {
+        let limit = spec
+            .architecture
+            .bert
+            .as_ref()
+            .map_or(0, |b| b.max_position_embeddings as usize);
+        if m > limit {
+            return Err(Error::input(format!(
+                "config key 'model.max_length': {m} exceeds the model's {limit} positions ({})",
+                dir.display()
+            )));
+        }
+        text.max_length = m;
+    }
+    spec.normalise = cfg.model.normalise;
+    let tp = dir.join(&text.tokenizer);
+    let tok = TextTokenizer::load(&tp, text.max_length)?;
+    let bert = spec
+        .architecture
+        .bert
+        .as_ref()
+        .ok_or_else(|| Error::internal("a text model without its sizes"))?;
+    model::bert::check_vocab(&tok, bert, &tp)?;
+    Ok(TextPlan {
+        dir,
+        spec,
+        tok: Arc::new(tok),
+    })
+}
+
+/// The network being trained.
+enum Encoder {
+    Image(Net),
+    Text(TextNet),
+}
+
+impl Encoder {
+    fn dim(&self) -> i64 {
+        match self {
+            Encoder::Image(n) => n.dim,
+            Encoder::Text(t) => t.bert.config().hidden_size,
+        }
+    }
 }
 
 impl Plan for ExtractorPlan {
@@ -35,22 +125,46 @@ impl Plan for ExtractorPlan {
             .unwrap_or_default()
     }
 
+    fn tokenizer(&self) -> Option<Arc<TextTokenizer>> {
+        self.text.as_ref().map(|t| t.tok.clone())
+    }
+
+    fn manifest(&self, m: &mut ManifestBuilder, out: &Path) -> Result<()> {
+        if let Some(t) = &self.text {
+            let tok = t.spec.text.as_ref().map(|x| x.tokenizer.as_str());
+            m.input("init_tokenizer", &t.dir.join(tok.unwrap_or(TOKENIZER_JSON)))?;
+            m.companion(&out.join(TOKENIZER_JSON));
+        }
+        Ok(())
+    }
+
     fn build<'a>(self: Box<Self>, s: &Setup<'a>) -> Result<Box<dyn Task + 'a>> {
         let cfg = s.cfg;
         let loss = cfg
             .loss
             .as_ref()
             .ok_or_else(|| Error::internal("extractor training without [loss]"))?;
-        let arch = cfg.model.arch_spec();
         let vs = nn::VarStore::new(s.dev);
-        let net = Net::new(&vs.root(), &arch, cfg.model.normalise)?;
-        if let Some(init) = &cfg.model.init {
-            load_init(&vs, init, &arch)?;
-        }
+        let net = match &self.text {
+            Some(t) => {
+                let pool = t.spec.text.as_ref().map(|x| x.pooling).unwrap_or_default();
+                let net = TextNet::new(&vs.root(), &t.spec.architecture, pool, t.spec.normalise)?;
+                load_init(&vs, &t.dir, &t.spec.architecture)?;
+                Encoder::Text(net)
+            }
+            None => {
+                let arch = cfg.model.arch_spec();
+                let net = Net::new(&vs.root(), &arch, cfg.model.normalise)?;
+                if let Some(init) = &cfg.model.init {
+                    load_init(&vs, &trainer::init_dir(init)?, &arch)?;
+                }
+                Encoder::Image(net)
+            }
+        };
         let crit_vs = nn::VarStore::new(s.dev);
         let criterion = loss.build(
             &crit_vs.root(),
-            net.dim,
+            net.dim(),
             s.ts.labels.len() as i64,
             s.ts.class_categories.as_deref(),
         )?;
@@ -73,6 +187,7 @@ impl Plan for ExtractorPlan {
         Ok(Box::new(Extractor {
             s: *s,
             validator: self.validator,
+            text: self.text,
             vs,
             net,
             crit_vs,
@@ -85,8 +200,9 @@ impl Plan for ExtractorPlan {
 struct Extractor<'a> {
     s: Setup<'a>,
     validator: Option<Validator>,
+    text: Option<TextPlan>,
     vs: nn::VarStore,
-    net: Net,
+    net: Encoder,
     crit_vs: nn::VarStore,
     criterion: Box<dyn Criterion>,
     params: Vec<Param>,
@@ -99,14 +215,24 @@ impl Task for Extractor<'_> {
 
     fn loss(
         &mut self,
-        x: &Tensor,
+        x: &Input,
         batch: &[usize],
         step: usize,
         dist: Option<&Dist>,
     ) -> Result<(Tensor, Logs)> {
-        let emb = self
-            .net
-            .forward_in(x, true, self.s.opts.compute, self.s.dev)?;
+        let (compute, dev) = (self.s.opts.compute, self.s.dev);
+        let emb = match (&self.net, x) {
+            (Encoder::Image(n), Input::Images(x)) => n.forward_in(x, true, compute, dev)?,
+            (Encoder::Text(n), Input::Tokens { ids, mask }) => {
+                // Dropout draws from libtorch's global generator: seeded by (seed, step,
+                // rank) so that a resumed run draws what the uninterrupted one would have.
+                let rank = dist.map_or(0, |d| d.rank) as u64;
+                let mut r = rng::seeded(self.s.cfg.seed, (3u64 << 32) + step as u64);
+                tch::manual_seed((r.next_u64() ^ rank) as i64 & i64::MAX);
+                n.forward_in(ids, mask, true, compute, dev)?
+            }
+            _ => return Err(Error::internal("the batch does not fit the network")),
+        };
         // The miner and the loss see the whole batch: every rank's rows, gathered (as
         // pytorch-metric-learning's DistributedLossWrapper), this rank's with their gradient.
         let emb = match dist {
@@ -132,8 +258,12 @@ impl Task for Extractor<'_> {
     }
 
     fn flops_per_image(&self) -> Result<Option<f64>> {
+        // A text batch's work depends on its lengths: no fixed number per text.
+        let Encoder::Image(net) = &self.net else {
+            return Ok(None);
+        };
         let f = super::utilisation::forward_flops(
-            &self.net,
+            net,
             self.s.cfg.model.preprocess().size as usize,
             self.s.opts.compute,
             self.s.dev,
@@ -151,14 +281,25 @@ impl Task for Extractor<'_> {
             .validator
             .as_ref()
             .ok_or_else(|| Error::internal("validation without a validation split"))?;
-        v.run(
-            &self.net,
-            self.s.cache,
-            &self.s.cfg.model.preprocess(),
-            (self.s.dev, self.s.opts.compute),
-            self.s.cfg.batch_size_val,
-            dist,
-        )
+        let at = (self.s.dev, self.s.opts.compute);
+        let bs = self.s.cfg.batch_size_val;
+        match &self.net {
+            Encoder::Image(net) => v.run(
+                net,
+                self.s.cache,
+                &self.s.cfg.model.preprocess(),
+                at,
+                bs,
+                dist,
+            ),
+            Encoder::Text(net) => {
+                let tok = self
+                    .s
+                    .tokenizer
+                    .ok_or_else(|| Error::internal("a text network without its tokenizer"))?;
+                v.run_texts(net, tok, self.s.ds, at, bs, dist)
+            }
+        }
     }
 
     fn save(&self) -> Result<TaskState> {
@@ -196,11 +337,29 @@ impl Task for Extractor<'_> {
         mut provenance: serde_json::Value,
     ) -> Result<model::SealedFolder> {
         let (cfg, ts) = (self.s.cfg, self.s.ts);
-        let mut spec = ModelSpec::new(
-            cfg.model.arch_spec(),
-            cfg.model.normalise,
-            cfg.model.preprocess(),
-        )?;
+        let mut spec = match &self.text {
+            Some(t) => {
+                let text = t
+                    .spec
+                    .text
+                    .as_ref()
+                    .ok_or_else(|| Error::internal("a text model without its text section"))?;
+                ModelSpec::new_text(
+                    t.spec.architecture.clone(),
+                    t.spec.normalise,
+                    TextInput {
+                        tokenizer: TOKENIZER_JSON.into(),
+                        tokenizer_hash: crate::io::Fingerprint::of(self.init_tokenizer())?.hash,
+                        ..text.clone()
+                    },
+                )?
+            }
+            None => ModelSpec::new(
+                cfg.model.arch_spec(),
+                cfg.model.normalise,
+                cfg.model.preprocess(),
+            )?,
+        };
         let label_names = self.s.ds.meta.label_names.as_ref().map(|names| {
             ts.labels
                 .iter()
@@ -221,20 +380,54 @@ impl Task for Extractor<'_> {
         }
         spec.provenance = provenance;
         let mut cpu = nn::VarStore::new(Device::Cpu);
-        Net::new(&cpu.root(), &spec.architecture, spec.normalise)?;
+        match &self.net {
+            Encoder::Image(_) => {
+                Net::new(&cpu.root(), &spec.architecture, spec.normalise)?;
+            }
+            Encoder::Text(n) => {
+                TextNet::new(&cpu.root(), &spec.architecture, n.pool, spec.normalise)?;
+            }
+        }
         match net {
             Some(t) => trainer::load_into(&cpu, t, "best checkpoint")?,
             None => cpu.copy(&self.vs)?,
         }
         model::seal_folder(&self.s.opts.out, &spec, &spec.weights, &cpu)
     }
+
+    /// A text model carries the tokenizer it was trained with.
+    fn seal_extra(&self) -> Result<Vec<crate::io::Sealed>> {
+        if self.text.is_none() {
+            return Ok(Vec::new());
+        }
+        let src = self.init_tokenizer();
+        let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
+        Ok(vec![crate::io::seal_bytes(
+            self.s.opts.out.join(TOKENIZER_JSON),
+            &bytes,
+        )?])
+    }
+}
+
+impl Extractor<'_> {
+    /// The init text model's tokenizer file.
+    fn init_tokenizer(&self) -> PathBuf {
+        match &self.text {
+            Some(t) => t.dir.join(
+                t.spec
+                    .text
+                    .as_ref()
+                    .map_or(TOKENIZER_JSON, |x| x.tokenizer.as_str()),
+            ),
+            None => PathBuf::new(),
+        }
+    }
 }
 
 /// Loads starting weights from a model folder or zoo key (missing entries keep their
 /// initialisation and are listed).
-fn load_init(vs: &nn::VarStore, init: &str, arch: &crate::model::ArchSpec) -> Result<()> {
-    let dir = trainer::init_dir(init)?;
-    let spec = ModelSpec::read(&dir)?;
+fn load_init(vs: &nn::VarStore, dir: &Path, arch: &crate::model::ArchSpec) -> Result<()> {
+    let spec = ModelSpec::read(dir)?;
     if spec.architecture.name != arch.name || spec.is_torchscript() {
         return Err(Error::input(format!(
             "config key 'model.init': {} holds a {} model, but model.arch is {}",
@@ -257,6 +450,6 @@ fn load_init(vs: &nn::VarStore, init: &str, arch: &crate::model::ArchSpec) -> Re
         }
         Ok(())
     })?;
-    trainer::report_missing("", &mut missing, &dir);
+    trainer::report_missing("", &mut missing, dir);
     Ok(())
 }

@@ -13,9 +13,10 @@
 //!
 //! Randomness: the weights' initialisation comes from `tch::manual_seed(seed)`; the sampler's
 //! batches of epoch e from `rng::seeded(seed, e)`; the miner's draws at step s from
-//! `rng::seeded(seed, 2^32 + s)`; each image's augmentation from (seed, step, position). So a
-//! checkpoint needs no generator state, and a resumed run draws what the uninterrupted one
-//! would have.
+//! `rng::seeded(seed, 2^32 + s)`; each image's augmentation from (seed, step, position); a text
+//! encoder's dropout at step s from libtorch's generator, seeded from `rng::seeded(seed,
+//! 3 * 2^32 + s)` and the rank. So a checkpoint needs no generator state, and a resumed run
+//! draws what the uninterrupted one would have.
 pub mod checkpoint;
 pub mod config;
 pub mod data;

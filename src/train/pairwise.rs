@@ -20,7 +20,7 @@
 //! a run is a function of the seed and a resumed run repeats the uninterrupted one.
 use super::checkpoint::Checkpoint;
 use super::config::{PairMining, TrainConfig};
-use super::data::{self, ImageCache};
+use super::data::{self, ImageCache, Input};
 use super::distributed::Dist;
 use super::loss::Logs;
 use super::miner::{AllTriplets, HardTriplets};
@@ -460,11 +460,12 @@ impl Task for Pairwise<'_> {
 
     fn loss(
         &mut self,
-        x: &Tensor,
+        x: &Input,
         batch: &[usize],
         step: usize,
         dist: Option<&Dist>,
     ) -> Result<(Tensor, Logs)> {
+        let x = x.images()?;
         let (cfg, d) = (self.s.cfg, self.dim);
         let mining = cfg.pairwise.as_ref().map(|p| p.mining).unwrap_or_default();
         let labels: Vec<i64> = batch

@@ -4,7 +4,7 @@
 //! model folder) sits behind [`Task`] (`extractor.rs`, `pairwise.rs`).
 use super::checkpoint::{self, Checkpoint};
 use super::config::TrainConfig;
-use super::data::{self, ImageCache};
+use super::data::{self, HostBatch, ImageCache, Input, Source};
 use super::distributed::Dist;
 use super::log;
 use super::loss::Logs;
@@ -33,13 +33,14 @@ pub(crate) trait Task {
     /// The parameters the optimiser updates (fp32 in every compute mode), in a fixed order; group 0
     /// is the backbone (frozen for `freeze_n_epochs`).
     fn params(&self) -> &[Param];
-    /// The loss of one batch (`x`: its images `[B, 3, S, S]` on the device, float32; `batch`:
-    /// positions in the train set), with what the log records beside it. In a data-parallel
-    /// job (`dist`), `x` holds this rank's share of the batch (rank r: positions
-    /// `r * B/W ..`), `batch` the whole batch, and the loss is the whole batch's.
+    /// The loss of one batch (`x`: its inputs on the device, images `[B, 3, S, S]` float32 or
+    /// token ids and mask; `batch`: positions in the train set), with what the log records
+    /// beside it. In a data-parallel job (`dist`), `x` holds this rank's share of the batch
+    /// (rank r: positions `r * B/W ..`), `batch` the whole batch, and the loss is the whole
+    /// batch's.
     fn loss(
         &mut self,
-        x: &Tensor,
+        x: &Input,
         batch: &[usize],
         step: usize,
         dist: Option<&Dist>,
@@ -75,6 +76,11 @@ pub(crate) trait Task {
         best: Best,
         provenance: serde_json::Value,
     ) -> Result<model::SealedFolder>;
+    /// Files the model folder holds besides the weights and `model.json` (a text model's
+    /// tokenizer), sealed, committed with them.
+    fn seal_extra(&self) -> Result<Vec<crate::io::Sealed>> {
+        Ok(Vec::new())
+    }
     /// Forward + backward FLOPs per training image (None where it is not a fixed number).
     fn flops_per_image(&self) -> Result<Option<f64>> {
         Ok(None)
@@ -131,6 +137,8 @@ pub(crate) struct Setup<'a> {
     pub cache_rows: &'a [usize],
     pub images_fp: &'a Fingerprint,
     pub cache_dir: &'a Path,
+    /// A text encoder's tokenizer (text datasets).
+    pub tokenizer: Option<&'a crate::tokenize::TextTokenizer>,
 }
 
 /// Mutable progress of a run: what a checkpoint restores.
@@ -180,11 +188,20 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         )));
     }
     let ds = Dataset::read(&opts.dataset)?;
-    if ds.modality() == crate::dataset::Modality::Text {
-        return Err(Error::input(format!(
-            "{}: a text dataset: simile-train fine-tunes image models only so far; embed texts with the zoo's minilm-l6-v2 or a HuggingFace BERT folder brought in with `simile-embed import --hf`",
-            opts.dataset.display()
-        )));
+    let texts = ds.modality() == crate::dataset::Modality::Text;
+    if texts != cfg.model.is_text() {
+        return Err(Error::input(if texts {
+            format!(
+                "{}: a text dataset, but the config's model.arch is {}, an image network: fine-tune a text encoder with arch = \"bert\" and model.init = \"minilm-l6-v2\" (or a folder from `simile-embed import --hf`)",
+                opts.dataset.display(),
+                cfg.model.arch
+            )
+        } else {
+            format!(
+                "{}: an image dataset, but the config's model.arch is bert, a text encoder: use an image architecture (resnet18, vits16, ...)",
+                opts.dataset.display()
+            )
+        }));
     }
     let ds_fp = Fingerprint::of(&opts.dataset)?;
     let ts = train_set(&ds, &cfg)?;
@@ -229,13 +246,17 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
     let plan: Box<dyn Plan> = if is_pairwise {
         Box::new(pairwise::plan(&cfg, &ds, dev)?)
     } else {
-        Box::new(extractor::plan(&ds, &cfg.metric_for_checkpointing)?)
+        Box::new(extractor::plan(&ds, &cfg)?)
     };
+    let tokenizer = plan.tokenizer();
 
     // Every image training reads (train and validation rows): their bytes are an input, and
-    // the image cache's key.
-    let mut cache_rows: Vec<usize> = ts.rows.clone();
-    cache_rows.extend(plan.validation_rows());
+    // the image cache's key. A text dataset has no images: its texts are in the dataset.
+    let mut cache_rows: Vec<usize> = Vec::new();
+    if !texts {
+        cache_rows.extend(&ts.rows);
+        cache_rows.extend(plan.validation_rows());
+    }
     cache_rows.sort_unstable();
     cache_rows.dedup();
     let images_fp = Fingerprint::of_files(&data::row_paths(&ds, &cache_rows));
@@ -278,7 +299,7 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
             &ds,
             &cache_rows,
             &pre,
-            cfg.data.cache.then_some(cache_dir.as_path()),
+            (cfg.data.cache && !texts).then_some(cache_dir.as_path()),
             &images_fp,
         )
     };
@@ -296,7 +317,7 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
     }
     let cache = if main { cache? } else { open_cache()? };
     let cache_seconds = tc.elapsed().as_secs_f64();
-    if main {
+    if main && !texts {
         eprintln!(
             "simile-train: {} images {} ({:.1} s){}",
             cache_rows.len(),
@@ -312,6 +333,8 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
                 .map(|f| format!(", {}", f.display()))
                 .unwrap_or_default()
         );
+    }
+    if main {
         std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
         crate::io::atomic_write_bytes(opts.out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
     }
@@ -329,6 +352,7 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         cache_rows: &cache_rows,
         images_fp: &images_fp,
         cache_dir: &cache_dir,
+        tokenizer: tokenizer.as_deref(),
     };
     let mut task = plan.build(&setup)?;
     let mut optimizer = Optimizer::new(&cfg.optimizer, task.params().len());
@@ -505,7 +529,15 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
             prog: &mut prog,
             mon,
         };
-        let o = run.fit(&cache, &pre)?;
+        let source = match tokenizer.as_deref() {
+            Some(tok) => Source::Texts { tok, ds: &ds },
+            None => Source::Images {
+                cache: &cache,
+                pre: &pre,
+                aug: (!cfg.augment.is_off()).then_some((&cfg.augment, cfg.seed)),
+            },
+        };
+        let o = run.fit(&source)?;
         run.mon.finish();
         o
     };
@@ -583,7 +615,7 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
             },
         });
         let folder = task.seal(best_net.as_deref(), prog.best, provenance)?;
-        model::commit_folder(m, folder, Vec::new())?;
+        model::commit_folder(m, folder, task.seal_extra()?)?;
     }
     Ok(TrainSummary {
         out: opts.out.clone(),
@@ -608,6 +640,10 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
 pub(crate) trait Plan {
     /// Dataset rows validation reads (their images are cached with the train rows').
     fn validation_rows(&self) -> Vec<usize>;
+    /// A text encoder's tokenizer: the batches are token ids.
+    fn tokenizer(&self) -> Option<std::sync::Arc<crate::tokenize::TextTokenizer>> {
+        None
+    }
     /// The task's own parameters and inputs of the finished run's manifest (`out`: the
     /// model folder the run writes).
     fn manifest(&self, _m: &mut ManifestBuilder, _out: &Path) -> Result<()> {
@@ -664,7 +700,7 @@ struct Outcome {
 }
 
 impl Run<'_, '_> {
-    fn fit(&mut self, cache: &ImageCache, pre: &crate::image::Preprocess) -> Result<Outcome> {
+    fn fit(&mut self, source: &Source) -> Result<Outcome> {
         let cfg = self.ctx.cfg;
         let opts = self.ctx.opts;
         let mut out = Outcome {
@@ -723,30 +759,25 @@ impl Run<'_, '_> {
                 )));
             }
             let first_step = self.prog.step;
-            let aug = (!cfg.augment.is_off()).then_some(&cfg.augment);
             let stopped: Result<bool> = std::thread::scope(|scope| {
-                // The next batches' images are built while the network runs.
-                let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<f32>>(cfg.data.prefetch);
+                // The next batches' inputs are built while the network runs.
+                let (tx, rx) =
+                    std::sync::mpsc::sync_channel::<Result<HostBatch>>(cfg.data.prefetch);
                 let todo_ref = &todo;
                 scope.spawn(move || {
                     for (i, (first, rows)) in todo_ref.iter().enumerate() {
-                        let buf = data::batch(
-                            cache,
-                            rows,
-                            pre,
-                            aug.map(|a| (a, cfg.seed, first_step + i)),
-                            *first,
-                        );
-                        if tx.send(buf).is_err() {
+                        let buf = source.make(rows, *first, first_step + i);
+                        let failed = buf.is_err();
+                        if tx.send(buf).is_err() || failed {
                             return;
                         }
                     }
                 });
-                for (i, (_, rows)) in todo.iter().enumerate() {
+                for (i, _) in todo.iter().enumerate() {
                     let buf = rx
                         .recv()
-                        .map_err(|_| Error::internal("the batch thread stopped"))?;
-                    self.step(epoch, &batches[skip + i], rows.len(), &buf, pre, &mut out)?;
+                        .map_err(|_| Error::internal("the batch thread stopped"))??;
+                    self.step(epoch, &batches[skip + i], &buf, &mut out)?;
                     let stop_now = opts.stop_after_steps == Some(self.prog.step);
                     let every = cfg.checkpoint_every_steps;
                     let mid = self.prog.batch_in_epoch < batches.len();
@@ -803,15 +834,13 @@ impl Run<'_, '_> {
         Ok(out)
     }
 
-    /// One optimiser step on a batch (`batch`: train-set positions, `buf`: their images); a
+    /// One optimiser step on a batch (`batch`: train-set positions, `buf`: their inputs); a
     /// non-finite loss stops training with an error, the log kept up to it.
     fn step(
         &mut self,
         epoch: usize,
         batch: &[usize],
-        n: usize,
-        buf: &[f32],
-        pre: &crate::image::Preprocess,
+        buf: &HostBatch,
         out: &mut Outcome,
     ) -> Result<()> {
         let cfg = self.ctx.cfg;
@@ -829,10 +858,7 @@ impl Run<'_, '_> {
         let factor = self.schedule.factor(step, epoch);
         let base = cfg.optimizer.group_lrs();
         let lrs = [base[0] * factor, base[1] * factor, base[2] * factor];
-        let s = pre.size as i64;
-        let x = Tensor::f_from_slice(buf)?
-            .f_view([n as i64, 3, s, s])?
-            .f_to_device(self.ctx.dev)?;
+        let x = buf.to_device(self.ctx.dev)?;
         if let Some(d) = self.ctx.dist {
             // BatchNorm's running statistics are rank 0's before each forward (DDP's default).
             d.broadcast(&self.task.buffers())?;

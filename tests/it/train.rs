@@ -8,9 +8,6 @@ use simile::train::log;
 use std::path::{Path, PathBuf};
 
 const TRAIN: &str = env!("CARGO_BIN_EXE_simile-train");
-const EMBED: &str = env!("CARGO_BIN_EXE_simile-embed");
-const DISTANCE: &str = env!("CARGO_BIN_EXE_simile-distance");
-const SCORE: &str = env!("CARGO_BIN_EXE_simile-score");
 
 fn configs() -> PathBuf {
     common::repo_root().join("pipelines/configs")
@@ -158,50 +155,7 @@ fn trains_and_the_folder_is_read_by_embed_with_the_same_metrics() {
     assert_eq!(resolved.epochs, 3);
 
     // embed + distance + score on the model folder give the validation numbers.
-    let emb = e.dir.path().join("emb.npy");
-    let nb = e.dir.path().join("nb.parquet");
-    let mj = e.dir.path().join("metrics.json");
-    let r = common::run(
-        EMBED,
-        &[
-            "--dataset",
-            s(&ds),
-            "--model",
-            s(&out),
-            "--split",
-            "validation",
-            "--out",
-            s(&emb),
-            "--device",
-            "cpu",
-        ],
-    );
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    let r = common::run(
-        DISTANCE,
-        &[
-            "--dataset",
-            s(&ds),
-            "--embeddings",
-            s(&emb),
-            "--out",
-            s(&nb),
-            "--device",
-            "cpu",
-        ],
-    );
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    let r = common::run(
-        SCORE,
-        &["--dataset", s(&ds), "--neighbors", s(&nb), "--out", s(&mj)],
-    );
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mj).unwrap()).unwrap();
-    let m = if m.get("OVERALL/cmc/1").is_some() {
-        m
-    } else {
-        m["metrics"].clone()
-    };
+    let m = common::stage_metrics(&ds, &out, e.dir.path());
     for k in ["OVERALL/cmc/1", "OVERALL/precision/5", "OVERALL/map/5"] {
         let want = best_row.value(k).unwrap();
         let got = m[k]

@@ -1,6 +1,7 @@
 //! Training losses: triplet (with a miner), ArcFace (and with an MLP), surrogate
 //! precision@k (OML's `oml/losses/*.py`), contrastive and multi-similarity
-//! (pytorch-metric-learning's definitions). See `docs/training.md`.
+//! (pytorch-metric-learning's definitions), in-batch negatives (sentence-transformers'
+//! MultipleNegativesRankingLoss, for text encoders). See `docs/training.md`.
 //!
 //! A loss with parameters (ArcFace's class matrix, the MLP) creates them under the
 //! `tch::nn::Path` it is built on, so the trainer can give that path its own learning rate
@@ -100,12 +101,14 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
 
 mod arcface;
 mod contrastive;
+mod in_batch_negatives;
 mod multi_similarity;
 mod surrogate_precision;
 mod triplet;
 
 pub use arcface::{label_smoothing, ArcFace, ArcFaceWithMlp};
 pub use contrastive::Contrastive;
+pub use in_batch_negatives::InBatchNegatives;
 pub use multi_similarity::MultiSimilarity;
 pub use surrogate_precision::{surrogate_precision, SurrogatePrecision};
 pub use triplet::{Margin, TripletLoss, TripletTerms, TripletWithMiner};
@@ -144,6 +147,9 @@ fn d_beta() -> f64 {
 }
 fn yes() -> bool {
     true
+}
+fn d_ibn_scale() -> f64 {
+    20.0
 }
 
 /// The `[loss]` table of a training config.
@@ -197,6 +203,12 @@ pub enum LossConfig {
         neg_margin: f64,
         #[serde(default = "yes")]
         normalize: bool,
+    },
+    /// sentence-transformers' MultipleNegativesRankingLoss on labelled batches.
+    #[serde(alias = "multiple_negatives_ranking")]
+    InBatchNegatives {
+        #[serde(default = "d_ibn_scale")]
+        scale: f64,
     },
     MultiSimilarity {
         #[serde(default = "d_alpha")]
@@ -300,6 +312,14 @@ impl LossConfig {
                 neg_margin: *neg_margin,
                 normalize: *normalize,
             }),
+            LossConfig::InBatchNegatives { scale } => {
+                if !(*scale > 0.0 && scale.is_finite()) {
+                    return Err(Error::input(format!(
+                        "in_batch_negatives needs scale > 0, got {scale}"
+                    )));
+                }
+                Box::new(InBatchNegatives { scale: *scale })
+            }
             LossConfig::MultiSimilarity { alpha, beta, base } => {
                 if *alpha <= 0.0 || *beta <= 0.0 {
                     return Err(Error::input(format!(

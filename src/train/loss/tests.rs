@@ -674,6 +674,7 @@ fn name_is_the_config_tag_for_every_loss() {
         ("surrogate_precision", "k = 3"),
         ("contrastive", ""),
         ("multi_similarity", ""),
+        ("in_batch_negatives", ""),
     ];
     for (name, rest) in tables {
         let cfg: LossConfig = toml::from_str(&format!("name = \"{name}\"\n{rest}")).unwrap();
@@ -681,4 +682,99 @@ fn name_is_the_config_tag_for_every_loss() {
         let back = serde_json::to_value(&cfg).unwrap();
         assert_eq!(back["name"], name);
     }
+}
+
+/// The in-batch-negatives loss written out with loops: every ordered same-label pair,
+/// cross-entropy of the positive against the anchor's other-label texts.
+fn in_batch_negatives_naive(x: &[Vec<f64>], labels: &[i64], scale: f64) -> f64 {
+    let norm = |v: &Vec<f64>| v.iter().map(|a| a * a).sum::<f64>().sqrt();
+    let cos = |a: &Vec<f64>, b: &Vec<f64>| {
+        a.iter().zip(b).map(|(p, q)| p * q).sum::<f64>() / (norm(a) * norm(b))
+    };
+    let (mut sum, mut n) = (0.0, 0);
+    for i in 0..x.len() {
+        for j in 0..x.len() {
+            if i == j || labels[i] != labels[j] {
+                continue;
+            }
+            let pos = (scale * cos(&x[i], &x[j])).exp();
+            let negs: f64 = (0..x.len())
+                .filter(|&k| labels[k] != labels[i])
+                .map(|k| (scale * cos(&x[i], &x[k])).exp())
+                .sum();
+            sum += -(pos / (pos + negs)).ln();
+            n += 1;
+        }
+    }
+    sum / n as f64
+}
+
+#[test]
+fn in_batch_negatives_equals_naive_reference() {
+    tch::manual_seed(3);
+    for (labels, scale) in [
+        (vec![0i64, 0, 1, 1, 2, 2], 20.0),
+        (vec![5, 1, 5, 1, 1, 7, 7, 5, 2, 2], 20.0),
+        (vec![0, 0, 0, 1, 1, 1, 2, 2, 2], 1.0),
+    ] {
+        let x = Tensor::randn([labels.len() as i64, 6], (Kind::Float, Device::Cpu));
+        let rows: Vec<Vec<f64>> = (0..labels.len() as i64)
+            .map(|i| Vec::<f64>::try_from(x.get(i).to_kind(Kind::Double)).unwrap())
+            .collect();
+        let mut c = InBatchNegatives { scale };
+        let got = scalar(&c.forward(&x, &labels, &mut r()).unwrap().loss);
+        let want = in_batch_negatives_naive(&rows, &labels, scale);
+        assert!(close(got, want, 1e-4 * want.max(1.0)), "{got} vs {want}");
+    }
+}
+
+#[test]
+fn in_batch_negatives_two_per_label_is_sentence_transformers_cross_entropy() {
+    // Two texts per label and the negatives of anchor i all other-label texts: each pair's
+    // term is cross-entropy over [positive, negatives] with the positive as the target, as
+    // sentence-transformers computes it (scores * 20, F.cross_entropy).
+    tch::manual_seed(4);
+    let labels = vec![0i64, 1, 2, 0, 1, 2];
+    let x = Tensor::randn([6, 8], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let mut c = InBatchNegatives { scale: 20.0 };
+    let out = c.forward(&x, &labels, &mut r()).unwrap();
+    let xn = l2_normalize(&x).unwrap();
+    let s = xn.matmul(&xn.tr()) * 20.0;
+    let mut terms = Vec::new();
+    for i in 0..6i64 {
+        let j = (i + 3) % 6;
+        let cand: Vec<i64> = std::iter::once(j)
+            .chain((0..6).filter(|&k| labels[k as usize] != labels[i as usize]))
+            .collect();
+        let logits = s
+            .get(i)
+            .index_select(0, &Tensor::from_slice(&cand))
+            .unsqueeze(0);
+        terms.push(logits.cross_entropy_for_logits(&Tensor::from_slice(&[0i64])));
+    }
+    let want = scalar(&Tensor::stack(&terms, 0).mean(Kind::Float));
+    assert!(
+        close(scalar(&out.loss), want, 1e-5),
+        "{} vs {want}",
+        scalar(&out.loss)
+    );
+    out.loss.backward();
+    assert_grads_finite(&x);
+    assert!(out.logs["accuracy"] >= 0.0 && out.logs["accuracy"] <= 1.0);
+    assert!(out.logs["pos_sim"] <= 1.0 && out.logs["neg_sim"] >= -1.0);
+}
+
+#[test]
+fn in_batch_negatives_refuses_batches_it_cannot_learn_from() {
+    let x = Tensor::randn([4, 3], (Kind::Float, Device::Cpu));
+    let mut c = InBatchNegatives { scale: 20.0 };
+    let e = c.forward(&x, &[0, 1, 2, 3], &mut r()).unwrap_err();
+    assert!(e.to_string().contains("n_instances >= 2"), "{e}");
+    let e = c.forward(&x, &[1, 1, 1, 1], &mut r()).unwrap_err();
+    assert!(e.to_string().contains("n_labels >= 2"), "{e}");
+    // A well-separated batch: the loss is near 0 and every positive wins.
+    let x = t2(&[&[1.0, 0.0], &[0.99, 0.1], &[0.0, 1.0], &[0.1, 0.99]]);
+    let out = c.forward(&x, &[0, 0, 1, 1], &mut r()).unwrap();
+    assert!(scalar(&out.loss) < 1e-6, "{}", scalar(&out.loss));
+    assert_eq!(out.logs["accuracy"], 1.0);
 }
