@@ -170,10 +170,11 @@ fn main() {
             None => String::new(),
         };
         println!(
-            "simile-train: {} epochs, {} steps, {:.0} images/s{util}, {:.1} s; {best} -> {}",
+            "simile-train: {} epochs, {} steps, {:.0} {}/s{util}, {:.1} s; {best} -> {}",
             s.epochs,
             s.steps,
             s.images_per_s,
+            s.unit,
             s.seconds,
             s.out.display()
         );

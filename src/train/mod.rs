@@ -81,6 +81,8 @@ pub struct TrainSummary {
     pub seconds: f64,
     pub train_seconds: f64,
     pub images_per_s: f64,
+    /// What `images` and `images_per_s` count: `images` or `texts`.
+    pub unit: &'static str,
     /// Achieved FLOP/s and their share of the device's peak (extractor training).
     pub utilisation: Option<utilisation::Utilisation>,
     /// (key, value, epoch) of the best validation.

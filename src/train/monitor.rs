@@ -78,9 +78,16 @@ pub struct Monitor {
     /// Images and step seconds since the last line, and since the start (the bar's rate).
     window: (u64, f64),
     total: (u64, f64),
+    /// What a sample is called in the rates (`img`, `texts`).
+    unit: &'static str,
 }
 
 impl Monitor {
+    /// Names the samples in the rates: `texts` for a text encoder (default `img`).
+    pub fn counting(&mut self, unit: &'static str) {
+        self.unit = unit;
+    }
+
     /// A run of `total_steps` that starts at `start_step` (after a resume: the checkpoint's).
     pub fn new(
         every: Option<LogEvery>,
@@ -113,6 +120,7 @@ impl Monitor {
             last_line_step: start_step,
             window: (0, 0.0),
             total: (0, 0.0),
+            unit: "img",
         })
     }
 
@@ -133,9 +141,10 @@ impl Monitor {
         self.total.1 += seconds;
         self.pb.set_position(step as u64);
         self.pb.set_message(format!(
-            "e{epoch}/{} loss {loss:.4} {:.0} img/s",
+            "e{epoch}/{} loss {loss:.4} {:.0} {}/s",
             self.epochs,
-            rate(self.total)
+            rate(self.total),
+            self.unit
         ));
         let due = match self.every {
             LogEvery::Off => false,
@@ -145,10 +154,11 @@ impl Monitor {
         if due || (self.every != LogEvery::Off && step == self.total_steps) {
             let lr = row.value("lr").unwrap_or(f64::NAN);
             let line = format!(
-                "simile-train: epoch {epoch}/{} step {step}/{} loss {loss:.4} lr {lr:.3e} {:.1} img/s ETA {}",
+                "simile-train: epoch {epoch}/{} step {step}/{} loss {loss:.4} lr {lr:.3e} {:.1} {}/s ETA {}",
                 self.epochs,
                 self.total_steps,
                 rate(self.window),
+                self.unit,
                 self.eta(step)
             );
             self.pb.suspend(|| eprintln!("{line}"));

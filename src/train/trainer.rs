@@ -519,6 +519,9 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
     if !main {
         mon.hide_bar();
     }
+    if texts {
+        mon.counting("texts");
+    }
     let outcome = {
         let mut run = Run {
             ctx: &ctx,
@@ -626,6 +629,7 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
         seconds: t0.elapsed().as_secs_f64(),
         train_seconds: outcome.train_seconds,
         images_per_s,
+        unit: if texts { "texts" } else { "images" },
         utilisation: util,
         best: prog
             .best

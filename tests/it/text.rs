@@ -407,6 +407,7 @@ fn fine_tuning_a_text_encoder_learns_validates_as_the_stages_and_resumes() {
     };
     let r = train(&args(&out));
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("texts/s"), "{}", r.stdout);
 
     // The model folder: a text model with the init's tokenizer and the run's max length.
     let spec = json(&out.join("model.json"));
