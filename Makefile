@@ -14,7 +14,7 @@ export LIBTORCH_USE_PYTORCH := 1
 # Debian packages the build, the demo and the tests need (libgloo-dev: the gloo headers that
 # cpp/, simile's C++ shim over libtorch's c10d, compiles against; chromium: tests/it/report.rs
 # renders the report). scripts/env.sh installs libgloo-dev too, for plain cargo builds.
-APT_PACKAGES := libgloo-dev fonts-aenigma chromium
+APT_PACKAGES := libgloo-dev fonts-aenigma fonts-dejavu-core fonts-dejavu-extra chromium
 
 .PHONY: help build test cluster-test demo demo-text bench deps fmt clean large-gallery large-gallery-smoke
 

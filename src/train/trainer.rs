@@ -1087,7 +1087,7 @@ pub(crate) const TRAIN_LOG: &str = "train_log.parquet";
 pub(crate) const VAL_METRICS: &str = "val_metrics.parquet";
 
 /// Parity hook (issue 24's whole-run harness): with `SIMILE_TRAIN_TRACE=FILE`, every step
-/// appends one JSON line `{"step", "epoch", "rows"}` to FILE: the dataset rows of the batch, in
+/// appends one JSON line `{"step" (1-based), "epoch", "rows"}` to FILE: the dataset rows of the batch, in
 /// the order the network saw them, so that a reference can train on the same batch sequence.
 fn trace_batch(step: usize, epoch: usize, batch: &[usize], train_rows: &[usize]) -> Result<()> {
     let Some(path) = std::env::var_os("SIMILE_TRAIN_TRACE") else {

@@ -21,3 +21,4 @@ mod skip;
 mod text;
 mod train;
 mod train_parity;
+mod train_run_parity;
