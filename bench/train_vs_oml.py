@@ -408,9 +408,11 @@ def loadavg():
 KEYS = ["OVERALL/cmc/1", "OVERALL/cmc/5", "OVERALL/precision/5", "OVERALL/map/5"]
 
 
-def simile_run(out, load_before, tags, skip_first=False):
+def simile_run(out, load_before, tags, skip_first=False, unit="images"):
     """The JSON line of a finished (or stopped) simile-train run: images/s over its logged
-    training steps (but the first, with skip_first)."""
+    training steps (but the first, with skip_first). unit="texts" (bench/train_text_vs_oml.py)
+    names its keys texts and texts_per_s, read from the log's texts_per_s column where it has
+    one, else from its images_per_s."""
     import pyarrow.parquet as pq
 
     log = pq.read_table(f"{out}/train_log.parquet").to_pydict()
@@ -428,7 +430,8 @@ def simile_run(out, load_before, tags, skip_first=False):
         bs = tomllib.load(f)["sampler"]
     bs = bs["n_labels"] * bs["n_instances"]
     # Each row's images_per_s is batch / (that step's seconds, batch wait to optimiser step).
-    per_step = log["images_per_s"][1:] if skip_first else log["images_per_s"]
+    col = log[f"{unit}_per_s"] if f"{unit}_per_s" in log else log["images_per_s"]
+    per_step = col[1:] if skip_first else col
     secs = sum(bs / x for x in per_step if x)
     n = len(per_step)
     print(
@@ -437,9 +440,9 @@ def simile_run(out, load_before, tags, skip_first=False):
                 "framework": "simile",
                 **tags,
                 "steps": n,
-                "images": n * bs,
+                unit: n * bs,
                 "train_seconds": round(secs, 2),
-                "images_per_s": round(n * bs / secs, 1),
+                f"{unit}_per_s": round(n * bs / secs, 1),
                 "load_before": load_before,
                 "load_after": loadavg(),
                 "metrics": {k: val[k][-1] for k in KEYS} if val else None,
@@ -452,26 +455,27 @@ def simile_run(out, load_before, tags, skip_first=False):
     )
 
 
-def summarise(path):
+def summarise(path, unit="images", against="fastest"):
     """Per-seed rows and means per framework (and compute, and variant), Markdown; ratios
-    against OML's fastest variant. GFLOP/s and the share of the peak where the line carries
-    flops_per_image and peak_gflop_s (simile's manifest; the OML lines get simile's counts for
-    the same network from bench/train_speed.sh)."""
+    against OML's fastest variant (against="plain": its run without compute or variant tags;
+    unit="texts": of texts/s, the lines' texts_per_s). GFLOP/s and the share of the peak where
+    the line carries flops_per_image and peak_gflop_s (simile's manifest; the OML lines get
+    simile's counts for the same network from bench/train_speed.sh)."""
     rows = [json.loads(line) for line in open(path) if line.startswith("{")]
     name = lambda r: r["framework"] + "".join(f" {r[k]}" for k in ("compute", "variant") if r.get(k))
     u = lambda r: f"{r['metrics_untrained']['OVERALL/cmc/1']:.4f}" if r.get("metrics_untrained") else "-"
     cmc = lambda r: r["metrics"]["OVERALL/cmc/1"] if r.get("metrics") else None
     fmt = lambda v: "-" if v is None else f"{v:.4f}"
-    gflops = lambda r: float(r["flops_per_image"]) * r["images_per_s"] / 1e9 if r.get("flops_per_image") else None
+    gflops = lambda r: float(r["flops_per_image"]) * r[f"{unit}_per_s"] / 1e9 if r.get("flops_per_image") else None
     share = lambda r: gflops(r) / float(r["peak_gflop_s"]) if gflops(r) and r.get("peak_gflop_s") else None
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"
-    print("| run | seed | steps | train s | images/s | GFLOP/s | of peak | CMC@1 untrained | CMC@1 | MAP@5 | load before / after (1, 5, 15 min) |")
+    print(f"| run | seed | steps | train s | {unit}/s | GFLOP/s | of peak | CMC@1 untrained | CMC@1 | MAP@5 | load before / after (1, 5, 15 min) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         m = r.get("metrics") or {}
         g = gflops(r)
         print(
-            f"| {name(r)} | {r.get('seed', '')} | {r['steps']} | {r['train_seconds']:.1f} | {r['images_per_s']:.1f} "
+            f"| {name(r)} | {r.get('seed', '')} | {r['steps']} | {r['train_seconds']:.1f} | {r[f'{unit}_per_s']:.1f} "
             f"| {'-' if g is None else f'{g:.1f}'} | {pct(share(r))} "
             f"| {u(r)} | {fmt(m.get('OVERALL/cmc/1'))} | {fmt(m.get('OVERALL/map/5'))} | {r.get('load_before', '')} / {r.get('load_after', '')} |"
         )
@@ -479,23 +483,38 @@ def summarise(path):
     for r in rows:
         means.setdefault(name(r), []).append(r)
     print()
-    print("| run | seeds | images/s (mean) | of peak | CMC@1 untrained (mean) | CMC@1 (mean) | CMC@1 min-max | MAP@5 (mean) | images/s vs OML's fastest | CMC@1 vs it |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    vs = "OML's fastest" if against == "fastest" else "OML"
+    print(f"| run | seeds | {unit}/s (mean) | of peak | CMC@1 untrained (mean) | CMC@1 (mean) | CMC@1 sd | CMC@1 min-max | MAP@5 (mean) | {unit}/s vs {vs} | CMC@1 vs it (standard error, Welch) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def sd(xs):
+        # The sample standard deviation (n - 1): seeds are a sample of the runs one could get.
+        if len(xs) < 2:
+            return None
+        m = sum(xs) / len(xs)
+        return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
     mean = lambda v, f: (lambda xs: sum(xs) / len(xs) if xs else None)([f(r) for r in v if f(r) is not None])
-    ips = lambda r: r["images_per_s"]
+    ips = lambda r: r[f"{unit}_per_s"]
     omls = {k: v for k, v in means.items() if k.startswith("oml")}
-    ref = max(omls.values(), key=lambda v: mean(v, ips)) if omls else None
+    if against == "plain":
+        ref = next((v for k, v in omls.items() if k == v[0]["framework"]), None)
+    else:
+        ref = max(omls.values(), key=lambda v: mean(v, ips)) if omls else None
     for k, v in means.items():
         ratio = f"{mean(v, ips) / mean(ref, ips):.2f}x" if ref else ""
         c, rc = mean(v, cmc), mean(ref, cmc) if ref else None
+        cs = [cmc(r) for r in v if cmc(r) is not None]
+        rcs = [cmc(r) for r in ref if cmc(r) is not None] if ref else []
         diff = f"{c - rc:+.4f}" if c is not None and rc is not None else ""
+        if diff and v is not ref and sd(cs) is not None and sd(rcs) is not None:
+            diff += f" ({math.sqrt(sd(cs) ** 2 / len(cs) + sd(rcs) ** 2 / len(rcs)):.4f})"
         un = [r["metrics_untrained"]["OVERALL/cmc/1"] for r in v if r.get("metrics_untrained")]
         un = f"{sum(un) / len(un):.4f}" if un else "-"
-        cs = [cmc(r) for r in v if cmc(r) is not None]
         spread = f"{min(cs):.4f}-{max(cs):.4f}" if cs else "-"
         m5 = mean(v, lambda r: r["metrics"]["OVERALL/map/5"] if r.get("metrics") else None)
         print(
-            f"| {k} | {len(v)} | {mean(v, ips):.1f} | {pct(mean(v, share))} | {un} | {fmt(c)} | {spread} "
+            f"| {k} | {len(v)} | {mean(v, ips):.1f} | {pct(mean(v, share))} | {un} | {fmt(c)} | {fmt(sd(cs))} | {spread} "
             f"| {fmt(m5)} | {ratio} | {diff} |"
         )
 
