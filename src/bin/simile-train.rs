@@ -15,6 +15,7 @@ use std::path::PathBuf;
   simile-train --dataset work/fontid/dataset.parquet --config pipelines/configs/fontid.toml --out work/model
   simile-train --dataset d.parquet --config c.toml --out m --set optimizer.lr=3e-4 --set epochs=20
   simile-train --dataset d.parquet --config c.toml --out m --resume      # after a kill
+  simile-train --dataset verses.parquet --config pipelines/configs/verses.toml --out m  # texts
   simile-train --dataset d.parquet --config c.toml --out m --compute bf16
   simile-train --dataset d.parquet --config c.toml --out m --log-every 100 --tensorboard runs/m
   simile-train --dataset d.parquet --config c.toml --out m --nproc 2     # 2 data-parallel ranks
@@ -24,6 +25,8 @@ Writes into OUT: model.json + model.safetensors (the best weights by metric_for_
 config.toml (the resolved config), train_log.parquet (one row per step), val_metrics.parquet (one
 row per validation), checkpoints/last and checkpoints/best, and a manifest. Decoded images are
 cached once per dataset and input size in ${SIMILE_CACHE:-~/.cache/simile}/images (--cache-dir).
+A text dataset trains a text encoder (arch = \"bert\", model.init a text model such as minilm-l6-v2);
+its folder carries the tokenizer (schemas/train.md, \"Text encoders\").
 Data-parallel training: --nproc N starts N ranks here (as torchrun --nproc-per-node N); with
 torchrun's RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set (torchrun, a Kubernetes PyTorchJob,
 Slurm's srun), this process is one rank of a job: Gloo on the CPU (docs/training.md, 'Several
