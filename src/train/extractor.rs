@@ -40,15 +40,32 @@ struct TextPlan {
 
 /// `cfg.metric_for_checkpointing` is the metric whose interval validation reports.
 pub(crate) fn plan(ds: &Dataset, cfg: &TrainConfig) -> Result<ExtractorPlan> {
+    let validator = Validator::new(ds, &cfg.metric_for_checkpointing)?;
     let text = if cfg.model.is_text() {
-        Some(text_plan(cfg)?)
+        let t = text_plan(cfg)?;
+        let mut rows = ds.rows_of_split(crate::dataset::Split::Train);
+        rows.extend(validator.iter().flat_map(|v| v.rows.iter().copied()));
+        check_texts(&t.tok, ds, &rows)?;
+        Some(t)
     } else {
         None
     };
-    Ok(ExtractorPlan {
-        validator: Validator::new(ds, &cfg.metric_for_checkpointing)?,
-        text,
-    })
+    Ok(ExtractorPlan { validator, text })
+}
+
+/// Tokenizes every text training and validation read, before anything is written: a text
+/// with no token but the special ones is refused naming its id, rather than at its step.
+fn check_texts(tok: &TextTokenizer, ds: &Dataset, rows: &[usize]) -> Result<()> {
+    for chunk in rows.chunks(256) {
+        let texts: Vec<&str> = chunk
+            .iter()
+            .map(|&r| ds.text[r].as_deref().unwrap_or(""))
+            .collect();
+        tok.batch(&texts, &|k| {
+            format!("id {} (column 'text')", ds.ids[chunk[k]])
+        })?;
+    }
+    Ok(())
 }
 
 /// Reads the text model `model.init` names (a folder or zoo key): its architecture and

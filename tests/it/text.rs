@@ -514,6 +514,16 @@ fn fine_tuning_a_text_encoder_learns_validates_as_the_stages_and_resumes() {
     );
     let images = common::striped_dataset(&dir.join("img"), 0, 2, 2, false, 1);
     refused(&body, &images, "an image dataset");
+    // A train text the tokenizer keeps nothing of (control characters only): refused before
+    // the first step, naming its row's id.
+    let bell = dir.join("bell.csv");
+    let mut body_csv = std::fs::read_to_string(&csv).unwrap();
+    body_csv.push_str("99,\u{7}\u{7},train,,\n99,words here,train,,\n");
+    std::fs::write(&bell, body_csv).unwrap();
+    let bell_ds = dir.join("bell.parquet");
+    let r = common::run(PREPARE, &["csv", "--csv", s(&bell), "--out", s(&bell_ds)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    refused(&body, &bell_ds, "no tokens once normalised");
     // The zoo's smallcnn is an image model.
     refused(
         &body.replace(&format!("{:?}", s(&init)), "\"smallcnn\""),
