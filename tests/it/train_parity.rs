@@ -11,7 +11,7 @@
 use crate::common;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tch::Tensor;
 
 const PREPARE: &str = env!("CARGO_BIN_EXE_simile-prepare");
@@ -22,7 +22,7 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-fn tensors(p: &Path) -> HashMap<String, Tensor> {
+pub(crate) fn tensors(p: &Path) -> HashMap<String, Tensor> {
     Tensor::read_safetensors(p)
         .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
         .into_iter()
@@ -86,31 +86,7 @@ fn one_step_equals_pytorch_and_oml() {
         "oml_step.py: {}",
         String::from_utf8_lossy(&py.stderr)
     );
-    let ds = fx.join("dataset.parquet");
-    let r = common::run(
-        PREPARE,
-        &["csv", "--csv", s(&fx.join("df.csv")), "--out", s(&ds)],
-    );
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    let init = fx.join("init-model");
-    let r = common::run(
-        EMBED,
-        &[
-            "import",
-            "--arch",
-            "resnet18",
-            "--weights",
-            s(&fx.join("init.pth")),
-            "--size",
-            "64",
-            "--resize",
-            "stretch",
-            "--normalise",
-            "--out",
-            s(&init),
-        ],
-    );
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    let (ds, init) = prepare_with_init(fx, fx);
     let before = tensors(&init.join("model.safetensors"));
     for (name, optimizer) in [
         ("sgd", "name = \"sgd\"\nlr = 1.0"),
@@ -210,4 +186,36 @@ fn one_step_equals_pytorch_and_oml() {
             }
         }
     }
+}
+
+/// OML's fixture folder `src` (`df.csv`, `init.pth`: OML's ResnetExtractor state dict) as
+/// simile reads it: `src/dataset.parquet` (simile-prepare csv) and the init weights imported
+/// as a resnet18 model folder at 64 px, stretch, L2-normalised (`work/init-model`).
+pub(crate) fn prepare_with_init(src: &Path, work: &Path) -> (PathBuf, PathBuf) {
+    let ds = src.join("dataset.parquet");
+    let r = common::run(
+        PREPARE,
+        &["csv", "--csv", s(&src.join("df.csv")), "--out", s(&ds)],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let init = work.join("init-model");
+    let r = common::run(
+        EMBED,
+        &[
+            "import",
+            "--arch",
+            "resnet18",
+            "--weights",
+            s(&src.join("init.pth")),
+            "--size",
+            "64",
+            "--resize",
+            "stretch",
+            "--normalise",
+            "--out",
+            s(&init),
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    (ds, init)
 }

@@ -64,12 +64,11 @@
 //! checkpoints in the temporary folder. bench/train_run_vs_oml.sh runs the recipe's 16 x 4 on
 //! 300 labels for longer, with the free runs and the floor, and prints the tables quoted here.
 use crate::common;
+use crate::train_parity::tensors;
 
-use std::collections::HashMap;
 use std::path::Path;
 use tch::Tensor;
 
-const PREPARE: &str = env!("CARGO_BIN_EXE_simile-prepare");
 const TRAIN: &str = env!("CARGO_BIN_EXE_simile-train");
 const EMBED: &str = env!("CARGO_BIN_EXE_simile-embed");
 
@@ -89,13 +88,6 @@ const MOMENT_TOL: f64 = 1e-4;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-fn tensors(p: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(p)
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-        .into_iter()
-        .collect()
 }
 
 fn max_abs(t: &Tensor) -> f64 {
@@ -186,31 +178,7 @@ fn a_whole_run_steps_as_pytorch_and_oml() {
         "--seed",
         "0",
     ]);
-    let ds = data.join("dataset.parquet");
-    let r = common::run(
-        PREPARE,
-        &["csv", "--csv", s(&data.join("df.csv")), "--out", s(&ds)],
-    );
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    let init = fx.join("init-model");
-    let r = common::run(
-        EMBED,
-        &[
-            "import",
-            "--arch",
-            "resnet18",
-            "--weights",
-            s(&data.join("init.pth")),
-            "--size",
-            "64",
-            "--resize",
-            "stretch",
-            "--normalise",
-            "--out",
-            s(&init),
-        ],
-    );
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    let (ds, init) = crate::train_parity::prepare_with_init(&data, fx);
     let cfg = fx.join("recipe.toml");
     std::fs::write(&cfg, recipe(&init)).unwrap();
 
