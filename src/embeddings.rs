@@ -49,14 +49,7 @@ pub struct MergeSummary {
     pub skipped_list: Option<PathBuf>,
 }
 
-/// `<stem>.skipped.tsv` beside an embeddings file: the rows `--on-bad-image skip` left out.
-pub fn skipped_path(emb: &Path) -> PathBuf {
-    let stem = emb
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    emb.with_file_name(format!("{stem}.skipped.tsv"))
-}
+use crate::npy::skipped_path;
 
 /// The header line of a `.skipped.tsv` file.
 pub const SKIPPED_HEADER: &str = "id\tpath\treason";

@@ -83,10 +83,7 @@ fn conventional_companions(path: &Path) -> Vec<PathBuf> {
     let path = &io::resolve_link(path);
     let name = io::file_name(path);
     if name.ends_with(".npy") && !name.ends_with(".ids.npy") {
-        vec![
-            crate::npy::ids_path(path),
-            crate::embeddings::skipped_path(path),
-        ]
+        vec![crate::npy::ids_path(path), crate::npy::skipped_path(path)]
     } else {
         Vec::new()
     }

@@ -427,11 +427,21 @@ pub fn seal_f32_matrix(
 
 /// The ids file beside an embeddings file: `emb.npy` -> `emb.ids.npy`.
 pub fn ids_path(emb: &Path) -> PathBuf {
+    beside(emb, "ids.npy")
+}
+
+/// `<stem>.skipped.tsv` beside an embeddings file: the rows `--on-bad-image skip` left out.
+pub fn skipped_path(emb: &Path) -> PathBuf {
+    beside(emb, "skipped.tsv")
+}
+
+/// `<stem>.<suffix>` in the folder of `emb`.
+fn beside(emb: &Path, suffix: &str) -> PathBuf {
     let stem = emb
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    emb.with_file_name(format!("{stem}.ids.npy"))
+    emb.with_file_name(format!("{stem}.{suffix}"))
 }
 
 #[cfg(test)]

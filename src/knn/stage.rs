@@ -126,7 +126,7 @@ fn no_embedding(ds_path: &Path, id: i64, emb_path: &Path, role: &str) -> Error {
         return Error::input(format!(
             "{}: id {id} (a {role} row) has no embedding: simile-embed left it out (--on-bad-image skip), as {} says ({} rows in all; this one: {}). A search needs every query and gallery row: repair or replace those images and re-run simile-embed, or leave the rows out of the dataset (remove them from the CSV or folder and re-run simile-prepare)",
             ds_path.display(),
-            crate::embeddings::skipped_path(emb_path).display(),
+            crate::npy::skipped_path(emb_path).display(),
             skipped.len(),
             line.replace('\t', " | ")
         ));

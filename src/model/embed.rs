@@ -71,7 +71,7 @@ pub struct EmbedSummary {
     pub modality: crate::dataset::Modality,
 }
 
-pub use crate::embeddings::skipped_path;
+use crate::npy::skipped_path;
 
 /// An image that cannot be used: (id, path, why).
 pub type Bad = (i64, PathBuf, String);

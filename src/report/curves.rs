@@ -7,8 +7,7 @@ use crate::error::{Error, Result};
 use crate::train::log;
 use std::path::{Path, PathBuf};
 
-pub const TRAIN_LOG: &str = "train_log.parquet";
-pub const VAL_METRICS: &str = "val_metrics.parquet";
+pub use crate::train::log::{TRAIN_LOG, VAL_METRICS};
 
 /// Most points of the raw loss line: longer runs are averaged over equal runs of steps.
 const MAX_POINTS: usize = 1500;

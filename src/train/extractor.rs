@@ -10,7 +10,7 @@ use super::loss::{Criterion, Logs};
 use super::miner::MinerState;
 use super::optim::Param;
 use super::sampler::rng;
-use super::trainer::{self, Best, Plan, Setup, Task, TaskState};
+use super::task::{self, Best, Plan, Setup, Task, TaskState};
 use super::validate::Validator;
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
@@ -76,7 +76,7 @@ fn text_plan(cfg: &TrainConfig) -> Result<TextPlan> {
         .init
         .as_deref()
         .ok_or_else(|| Error::internal("a text config without model.init"))?;
-    let dir = trainer::init_dir(init)?;
+    let dir = task::init_dir(init)?;
     let mut spec =
         ModelSpec::read(&dir).map_err(|e| Error::input(format!("config key 'model.init': {e}")))?;
     let Some(text) = spec.text.as_mut() else {
@@ -173,7 +173,7 @@ impl Plan for ExtractorPlan {
                 let arch = cfg.model.arch_spec();
                 let net = Net::new(&vs.root(), &arch, cfg.model.normalise)?;
                 if let Some(init) = &cfg.model.init {
-                    load_init(&vs, &trainer::init_dir(init)?, &arch)?;
+                    load_init(&vs, &task::init_dir(init)?, &arch)?;
                 }
                 Encoder::Image(net)
             }
@@ -186,7 +186,7 @@ impl Plan for ExtractorPlan {
             s.ts.class_categories.as_deref(),
         )?;
         // Groups: backbone 0, projection head 1, the loss's parameters 2.
-        let mut params: Vec<Param> = trainer::trainable_sorted(&vs)
+        let mut params: Vec<Param> = task::trainable_sorted(&vs)
             .into_iter()
             .map(|(n, t)| Param {
                 group: if n.starts_with("proj.") { 1 } else { 0 },
@@ -194,7 +194,7 @@ impl Plan for ExtractorPlan {
                 tensor: t,
             })
             .collect();
-        for (n, t) in trainer::trainable_sorted(&crit_vs) {
+        for (n, t) in task::trainable_sorted(&crit_vs) {
             params.push(Param {
                 name: format!("criterion.{n}"),
                 group: 2,
@@ -263,15 +263,15 @@ impl Task for Extractor<'_> {
     }
 
     fn sync_tensors(&self) -> Vec<Tensor> {
-        trainer::sorted_vars(&self.vs)
+        task::sorted_vars(&self.vs)
             .into_iter()
-            .chain(trainer::sorted_vars(&self.crit_vs))
+            .chain(task::sorted_vars(&self.crit_vs))
             .map(|(_, t)| t)
             .collect()
     }
 
     fn buffers(&self) -> Vec<Tensor> {
-        trainer::buffers(&self.vs)
+        task::buffers(&self.vs)
     }
 
     fn flops_per_image(&self) -> Result<Option<f64>> {
@@ -326,17 +326,17 @@ impl Task for Extractor<'_> {
         let mut rng = serde_json::Map::new();
         rng.insert("miner".into(), "rng::seeded(seed, 2^32 + step)".into());
         Ok(TaskState {
-            net: trainer::cpu_copies(&trainer::sorted_vars(&self.vs)),
-            criterion: trainer::cpu_copies(&trainer::sorted_vars(&self.crit_vs)),
-            bank: trainer::cpu_copies(&bank.tensors),
+            net: task::cpu_copies(&task::sorted_vars(&self.vs)),
+            criterion: task::cpu_copies(&task::sorted_vars(&self.crit_vs)),
+            bank: task::cpu_copies(&bank.tensors),
             state,
             rng,
         })
     }
 
     fn restore(&mut self, ck: &Checkpoint) -> Result<()> {
-        trainer::load_into(&self.vs, &ck.net, "network")?;
-        trainer::load_into(&self.crit_vs, &ck.criterion, "loss parameters")?;
+        task::load_into(&self.vs, &ck.net, "network")?;
+        task::load_into(&self.crit_vs, &ck.criterion, "loss parameters")?;
         self.criterion.load_state(MinerState {
             meta: ck.state.get("criterion").cloned().unwrap_or_default(),
             tensors: ck
@@ -406,7 +406,7 @@ impl Task for Extractor<'_> {
             }
         }
         match net {
-            Some(t) => trainer::load_into(&cpu, t, "best checkpoint")?,
+            Some(t) => task::load_into(&cpu, t, "best checkpoint")?,
             None => cpu.copy(&self.vs)?,
         }
         model::seal_folder(&self.s.opts.out, &spec, &spec.weights, &cpu)
@@ -467,6 +467,6 @@ fn load_init(vs: &nn::VarStore, dir: &Path, arch: &crate::model::ArchSpec) -> Re
         }
         Ok(())
     })?;
-    trainer::report_missing("", &mut missing, dir);
+    task::report_missing("", &mut missing, dir);
     Ok(())
 }

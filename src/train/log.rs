@@ -10,6 +10,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
+/// The file names in a `simile-train --out` folder.
+pub const TRAIN_LOG: &str = "train_log.parquet";
+pub const VAL_METRICS: &str = "val_metrics.parquet";
+
 /// One row: integer columns (in order) and float values by key.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Row {

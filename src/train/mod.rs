@@ -30,6 +30,7 @@ pub mod monitor;
 pub mod optim;
 pub mod pairwise;
 pub mod sampler;
+pub mod task;
 pub mod tensorboard;
 pub mod trainer;
 pub mod utilisation;

@@ -26,7 +26,7 @@ use super::loss::Logs;
 use super::miner::{AllTriplets, HardTriplets};
 use super::optim::Param;
 use super::sampler::rng;
-use super::trainer::{self, Best, Plan, Setup, Task, TaskState};
+use super::task::{self, Best, Plan, Setup, Task, TaskState};
 use crate::dataset::{Dataset, Split};
 use crate::error::{Error, Result};
 use crate::knn::search;
@@ -331,7 +331,7 @@ impl Plan for PairwisePlan {
     }
 
     fn manifest(&self, m: &mut ManifestBuilder, out: &Path) -> Result<()> {
-        trainer::refuse_same_folder("pairwise.extractor", &self.ext.dir, out)?;
+        task::refuse_same_folder("pairwise.extractor", &self.ext.dir, out)?;
         m.param("mode", "pairwise".into());
         m.input("extractor", &self.ext.dir.join(model::MODEL_JSON))?;
         m.input("extractor_weights", &self.ext.weights_path())?;
@@ -351,12 +351,12 @@ impl Plan for PairwisePlan {
         let vs = nn::VarStore::new(s.dev);
         let net = PairwiseNet::new(&vs.root(), &arch, cfg.model.normalise, &head)?;
         if let Some(init) = &cfg.model.init {
-            let dir = trainer::init_dir(init)?;
+            let dir = task::init_dir(init)?;
             let mut missing = pw::init_backbone(&vs, &dir, &arch)
                 .map_err(|e| Error::input(format!("config key 'model.init': {e}")))?;
-            trainer::report_missing("backbone ", &mut missing, &dir);
+            task::report_missing("backbone ", &mut missing, &dir);
         }
-        let params: Vec<Param> = trainer::trainable_sorted(&vs)
+        let params: Vec<Param> = task::trainable_sorted(&vs)
             .into_iter()
             .map(|(n, t)| Param {
                 group: if n.starts_with("head.") { 1 } else { 0 },
@@ -420,7 +420,7 @@ impl Plan for PairwisePlan {
             eprintln!(
                 "simile-train: the extractor on {} validation queries: {}",
                 v.queries.len(),
-                trainer::short_scores(&v.baseline, &cfg.metric_for_checkpointing)
+                task::short_scores(&v.baseline, &cfg.metric_for_checkpointing)
             );
         }
         let spec = PairwiseSpec::new(arch, cfg.model.normalise, pre, head)?;
@@ -567,14 +567,14 @@ impl Task for Pairwise<'_> {
     }
 
     fn sync_tensors(&self) -> Vec<Tensor> {
-        trainer::sorted_vars(&self.vs)
+        task::sorted_vars(&self.vs)
             .into_iter()
             .map(|(_, t)| t)
             .collect()
     }
 
     fn buffers(&self) -> Vec<Tensor> {
-        trainer::buffers(&self.vs)
+        task::buffers(&self.vs)
     }
 
     fn validate(&mut self, _dist: Option<&Dist>) -> Result<Scores> {
@@ -595,7 +595,7 @@ impl Task for Pairwise<'_> {
         );
         rng.insert("val_queries".into(), "rng::seeded(seed, 3 * 2^32)".into());
         Ok(TaskState {
-            net: trainer::cpu_copies(&trainer::sorted_vars(&self.vs)),
+            net: task::cpu_copies(&task::sorted_vars(&self.vs)),
             criterion: Vec::new(),
             bank: Vec::new(),
             state,
@@ -604,7 +604,7 @@ impl Task for Pairwise<'_> {
     }
 
     fn restore(&mut self, ck: &Checkpoint) -> Result<()> {
-        trainer::load_into(&self.vs, &ck.net, "network")
+        task::load_into(&self.vs, &ck.net, "network")
     }
 
     fn seal(
@@ -637,7 +637,7 @@ impl Task for Pairwise<'_> {
             &spec.pairwise,
         )?;
         match net {
-            Some(t) => trainer::load_into(&cpu, t, "best checkpoint")?,
+            Some(t) => task::load_into(&cpu, t, "best checkpoint")?,
             None => cpu.copy(&self.vs)?,
         }
         pw::seal_folder(&self.s.opts.out, &spec, &cpu)

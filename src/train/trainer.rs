@@ -1,16 +1,17 @@
 //! The training loop, once for every kind of training: resume, the epoch loop, the NaN stop,
 //! clip/step/zero, checkpoints, keep-best, the logs, the manifest and the summary. What differs
 //! between an extractor and a pairwise re-ranker (the network, the loss, validation and the
-//! model folder) sits behind [`Task`] (`extractor.rs`, `pairwise.rs`).
+//! model folder) sits behind [`Task`] (`task.rs`; `extractor.rs`, `pairwise.rs`).
 use super::checkpoint::{self, Checkpoint};
 use super::config::TrainConfig;
-use super::data::{self, HostBatch, ImageCache, Input, Source};
+use super::data::{self, HostBatch, ImageCache, Source};
 use super::distributed::Dist;
-use super::log;
+use super::log::{self, TRAIN_LOG, VAL_METRICS};
 use super::loss::Logs;
 use super::monitor::Monitor;
-use super::optim::{self, LossScaler, Optimizer, Param, Schedule};
+use super::optim::{self, LossScaler, Optimizer, Schedule};
 use super::sampler::{rng, BatchSampler};
+use super::task::{self, Best, Plan, Setup, Task, TrainSet};
 use super::{extractor, pairwise, utilisation, TrainOptions, TrainSummary};
 use crate::dataset::{Dataset, Split};
 use crate::device;
@@ -22,124 +23,7 @@ use crate::model::{self, Compute};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
-use tch::{nn, Device, Kind, Tensor};
-
-/// The best validation so far: (value, epoch, step).
-pub(crate) type Best = Option<(f64, usize, usize)>;
-
-/// One kind of training, built on the trainer's [`Setup`]. Its randomness must be a function
-/// of the seed and the step, so that a resumed run repeats the uninterrupted one.
-pub(crate) trait Task {
-    /// The parameters the optimiser updates (fp32 in every compute mode), in a fixed order; group 0
-    /// is the backbone (frozen for `freeze_n_epochs`).
-    fn params(&self) -> &[Param];
-    /// The loss of one batch (`x`: its inputs on the device, images `[B, 3, S, S]` float32 or
-    /// token ids and mask; `batch`: positions in the train set), with what the log records
-    /// beside it. In a data-parallel job (`dist`), `x` holds this rank's share of the batch
-    /// (rank r: positions `r * B/W ..`), `batch` the whole batch, and the loss is the whole
-    /// batch's.
-    fn loss(
-        &mut self,
-        x: &Input,
-        batch: &[usize],
-        step: usize,
-        dist: Option<&Dist>,
-    ) -> Result<(Tensor, Logs)>;
-    /// Data-parallel: whether each rank gets its share of the batch's rows (`loss`'s `x`), or
-    /// the whole batch (a task that shares out other work, the pairwise re-ranker its pairs).
-    fn shards_rows(&self) -> bool {
-        true
-    }
-    /// Data-parallel: whether `loss` returns this rank's part of the batch's loss (the
-    /// parts add up to it), rather than the whole batch's loss on every rank.
-    fn loss_is_partial(&self) -> bool {
-        false
-    }
-    /// Every tensor of the task's state that all ranks must hold equal (parameters and
-    /// buffers of the network and of the loss), in a fixed order.
-    fn sync_tensors(&self) -> Vec<Tensor>;
-    /// The network's buffers (BatchNorm's running statistics), in a fixed order.
-    fn buffers(&self) -> Vec<Tensor>;
-    /// Whether the dataset has a validation split.
-    fn can_validate(&self) -> bool;
-    /// Validation scores of the weights now (eval mode); in a data-parallel job every rank
-    /// embeds its share of the rows and every rank gets the scores.
-    fn validate(&mut self, dist: Option<&Dist>) -> Result<Scores>;
-    /// What a checkpoint holds beyond the trainer's own state.
-    fn save(&self) -> Result<TaskState>;
-    fn restore(&mut self, ck: &Checkpoint) -> Result<()>;
-    /// The model folder's files: from `net` (the best checkpoint's tensors) when given, else
-    /// from the weights now.
-    fn seal(
-        &self,
-        net: Option<&[(String, Tensor)]>,
-        best: Best,
-        provenance: serde_json::Value,
-    ) -> Result<model::SealedFolder>;
-    /// Files the model folder holds besides the weights and `model.json` (a text model's
-    /// tokenizer), sealed, committed with them.
-    fn seal_extra(&self) -> Result<Vec<crate::io::Sealed>> {
-        Ok(Vec::new())
-    }
-    /// Forward + backward FLOPs per training image (None where it is not a fixed number).
-    fn flops_per_image(&self) -> Result<Option<f64>> {
-        Ok(None)
-    }
-    /// Timings the manifest records beside `image_cache`, `train` and `total`.
-    fn timings(&self) -> Vec<(&'static str, f64)> {
-        Vec::new()
-    }
-}
-
-/// A task's part of a checkpoint.
-pub(crate) struct TaskState {
-    pub net: Vec<(String, Tensor)>,
-    pub criterion: Vec<(String, Tensor)>,
-    pub bank: Vec<(String, Tensor)>,
-    /// Keys added to the checkpoint's state (`mode`, `criterion`).
-    pub state: serde_json::Map<String, serde_json::Value>,
-    /// Its random streams, for the checkpoint's `rng` record.
-    pub rng: serde_json::Map<String, serde_json::Value>,
-}
-
-/// Training rows, labels and their classes.
-pub(crate) struct TrainSet {
-    pub rows: Vec<usize>,
-    /// Class (0..C-1) of each training row.
-    pub classes: Vec<i64>,
-    /// The label of each class, ascending.
-    pub labels: Vec<i64>,
-    pub class_categories: Option<Vec<String>>,
-    pub label2category: Option<BTreeMap<i64, String>>,
-}
-
-impl TrainSet {
-    /// The label of each training row.
-    pub fn row_labels(&self) -> Vec<i64> {
-        self.classes
-            .iter()
-            .map(|&c| self.labels[c as usize])
-            .collect()
-    }
-}
-
-/// What every task is built from.
-#[derive(Clone, Copy)]
-pub(crate) struct Setup<'a> {
-    pub cfg: &'a TrainConfig,
-    pub opts: &'a TrainOptions,
-    pub ds: &'a Dataset,
-    pub ds_fp: &'a Fingerprint,
-    pub ts: &'a TrainSet,
-    pub dev: Device,
-    /// The decoded images of `cache_rows` at the config's input.
-    pub cache: &'a ImageCache,
-    pub cache_rows: &'a [usize],
-    pub images_fp: &'a Fingerprint,
-    pub cache_dir: &'a Path,
-    /// A text encoder's tokenizer (text datasets).
-    pub tokenizer: Option<&'a crate::tokenize::TextTokenizer>,
-}
+use tch::{Device, Kind, Tensor};
 
 /// Mutable progress of a run: what a checkpoint restores.
 #[derive(Default)]
@@ -640,22 +524,6 @@ pub fn run(opts: &TrainOptions, on_device: impl FnOnce(&str)) -> Result<TrainSum
     })
 }
 
-/// A task before its network exists.
-pub(crate) trait Plan {
-    /// Dataset rows validation reads (their images are cached with the train rows').
-    fn validation_rows(&self) -> Vec<usize>;
-    /// A text encoder's tokenizer: the batches are token ids.
-    fn tokenizer(&self) -> Option<std::sync::Arc<crate::tokenize::TextTokenizer>> {
-        None
-    }
-    /// The task's own parameters and inputs of the finished run's manifest (`out`: the
-    /// model folder the run writes).
-    fn manifest(&self, _m: &mut ManifestBuilder, _out: &Path) -> Result<()> {
-        Ok(())
-    }
-    fn build<'a>(self: Box<Self>, s: &Setup<'a>) -> Result<Box<dyn Task + 'a>>;
-}
-
 /// What the helpers below need that does not change during a run.
 struct Ctx<'a> {
     /// This rank's job (data-parallel training); `None` for one process.
@@ -725,7 +593,7 @@ impl Run<'_, '_> {
             let s = self.validate()?;
             let line = format!(
                 "simile-train: before training: {}",
-                short_scores(&s, &cfg.metric_for_checkpointing)
+                task::short_scores(&s, &cfg.metric_for_checkpointing)
             );
             self.mon.validation(self.prog.val_rows.last(), &line)?;
         }
@@ -823,7 +691,7 @@ impl Run<'_, '_> {
                     self.prog.epoch,
                     cfg.epochs,
                     self.prog.step,
-                    short_scores(&s, &cfg.metric_for_checkpointing)
+                    task::short_scores(&s, &cfg.metric_for_checkpointing)
                 );
                 self.mon.validation(self.prog.val_rows.last(), &line)?;
                 out.last_scores = Some(s);
@@ -1083,9 +951,6 @@ impl Run<'_, '_> {
     }
 }
 
-pub(crate) const TRAIN_LOG: &str = "train_log.parquet";
-pub(crate) const VAL_METRICS: &str = "val_metrics.parquet";
-
 /// Parity hook (issue 24's whole-run harness): with `SIMILE_TRAIN_TRACE=FILE`, every step
 /// appends one JSON line `{"step" (1-based), "epoch", "rows"}` to FILE: the dataset rows of the batch, in
 /// the order the network saw them, so that a reference can train on the same batch sequence.
@@ -1146,42 +1011,6 @@ fn step_row(
         ints: vec![("epoch".into(), epoch as i64), ("step".into(), step as i64)],
         values,
     }
-}
-
-/// The `OVERALL/` scores (and the checkpointing key) on one line.
-pub(crate) fn short_scores(s: &Scores, key: &str) -> String {
-    // The checkpointing metric's interval, right after its value.
-    let ci = |k: &str| match (
-        s.get(&format!("{k}/ci_low")).flatten(),
-        s.get(&format!("{k}/ci_high")).flatten(),
-    ) {
-        (Some(lo), Some(hi)) if k == key => format!(" [{lo:.4}, {hi:.4}]"),
-        _ => String::new(),
-    };
-    let is_interval = |k: &str| k.ends_with("/ci_low") || k.ends_with("/ci_high");
-    let mut parts: Vec<String> = s
-        .entries
-        .iter()
-        .filter(|(k, _)| k.starts_with("OVERALL/") && !k.contains("n_queries") && !is_interval(k))
-        .map(|(k, v)| {
-            format!(
-                "{}={}{}",
-                k.trim_start_matches("OVERALL/"),
-                v.map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into()),
-                ci(k)
-            )
-        })
-        .collect();
-    if !key.starts_with("OVERALL/") {
-        if let Some(v) = s.get(key) {
-            parts.push(format!(
-                "{key}={}{}",
-                v.map(|x| format!("{x:.4}")).unwrap_or_default(),
-                ci(key)
-            ));
-        }
-    }
-    parts.join(" ")
 }
 
 /// The train split's rows, their labels and classes, checked.
@@ -1295,8 +1124,8 @@ fn manifest_plan(
     // The starting weights are an input like any other: a changed init model makes the run
     // stale, and an --out that is the init folder is refused before anything is touched.
     if let Some(init) = &cfg.model.init {
-        let dir = init_dir(init)?;
-        refuse_same_folder("model.init", &dir, &opts.out)?;
+        let dir = task::init_dir(init)?;
+        task::refuse_same_folder("model.init", &dir, &opts.out)?;
         let spec = model::ModelSpec::read(&dir)
             .map_err(|e| Error::input(format!("config key 'model.init': {e}")))?;
         m.input("init", &dir.join(model::MODEL_JSON))?;
@@ -1435,107 +1264,6 @@ fn diff_keys(a: &serde_json::Value, b: &serde_json::Value, prefix: &str) -> Vec<
         }
         _ if a == b => Vec::new(),
         _ => vec![prefix.to_string()],
-    }
-}
-
-/// A var store's tensors sorted by name.
-pub(crate) fn sorted_vars(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-/// A var store's buffers (tensors without gradient: BatchNorm's running statistics), sorted
-/// by name.
-pub(crate) fn buffers(vs: &nn::VarStore) -> Vec<Tensor> {
-    sorted_vars(vs)
-        .into_iter()
-        .filter(|(_, t)| !t.requires_grad())
-        .map(|(_, t)| t)
-        .collect()
-}
-
-/// The trainable tensors of a var store, sorted by name.
-pub(crate) fn trainable_sorted(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
-    sorted_vars(vs)
-        .into_iter()
-        .filter(|(_, t)| t.requires_grad())
-        .collect()
-}
-
-/// Detached CPU copies (what a checkpoint stores).
-pub(crate) fn cpu_copies(v: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
-    v.iter()
-        .map(|(n, t)| (n.clone(), t.detach().to_device(Device::Cpu).copy()))
-        .collect()
-}
-
-/// Copies a checkpoint's tensors into a var store, every variable required, shapes checked.
-pub(crate) fn load_into(vs: &nn::VarStore, tensors: &[(String, Tensor)], what: &str) -> Result<()> {
-    let vars = vs.variables();
-    tch::no_grad(|| -> Result<()> {
-        for (name, var) in &vars {
-            let src = tensors
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, t)| t)
-                .ok_or_else(|| {
-                    Error::input(format!("the checkpoint's {what} has no tensor '{name}'"))
-                })?;
-            if src.size() != var.size() {
-                return Err(Error::input(format!(
-                    "the checkpoint's {what} tensor '{name}' has shape {:?}, this run's {:?}",
-                    src.size(),
-                    var.size()
-                )));
-            }
-            var.shallow_clone().f_copy_(src)?;
-        }
-        Ok(())
-    })
-}
-
-/// `model.init`: a model folder, or a zoo key (fetched into the zoo).
-pub(crate) fn init_dir(init: &str) -> Result<std::path::PathBuf> {
-    let p = Path::new(init);
-    if p.is_dir() {
-        Ok(p.to_path_buf())
-    } else if model::zoo::is_key(init) {
-        model::zoo::ensure(init)
-    } else {
-        Err(Error::input(format!(
-            "config key 'model.init': '{init}' is neither a model folder nor a zoo key ({})",
-            model::zoo::KEYS.join(", ")
-        )))
-    }
-}
-
-/// Refuses (exit 2) an `--out` folder that is a model folder the run reads (`model.init`,
-/// `pairwise.extractor`): training would replace the model it starts from.
-pub(crate) fn refuse_same_folder(key: &str, input: &Path, out: &Path) -> Result<()> {
-    let same = match (input.canonicalize(), out.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    if same {
-        return Err(Error::input(format!(
-            "config key '{key}': {} is also the --out folder; training would overwrite the model it reads. Train into another folder (and rename it afterwards if you want it in place)",
-            input.display()
-        )));
-    }
-    Ok(())
-}
-
-/// Lists the variables that kept their random initialisation after `model.init`.
-pub(crate) fn report_missing(what: &str, missing: &mut [String], dir: &Path) {
-    if !missing.is_empty() {
-        missing.sort();
-        eprintln!(
-            "simile-train: {} {what}variable(s) not in {} keep their random initialisation: {}",
-            missing.len(),
-            dir.display(),
-            missing.join(", ")
-        );
     }
 }
 
