@@ -2,7 +2,8 @@
 //! `--nproc` and through torchrun's environment. Two ranks train as one process with the same
 //! global batch (without BatchNorm, to 1e-5), with BatchNorm they train as well; a killed
 //! rank stops the other with its name and `--resume` ends as the uninterrupted job; ranks
-//! given different inputs are refused; ranks on two addresses (two "hosts") meet.
+//! given different inputs are refused; ranks on two addresses (two "hosts") meet; a text
+//! encoder fine-tunes on two ranks as in one process.
 use crate::common::{self, Run};
 use crate::integrity::{fx, s, Fx};
 use std::path::{Path, PathBuf};
@@ -39,9 +40,14 @@ fn config(f: &Fx, name: &str, arch: &str, loss: &str, epochs: usize) -> PathBuf 
 }
 
 fn args<'a>(f: &'a Fx, cfg: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    args_on(&f.ds, cfg, out, extra)
+}
+
+/// [`args`] on another dataset.
+fn args_on<'a>(ds: &'a Path, cfg: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
     let mut v = vec![
         "--dataset",
-        s(&f.ds),
+        s(ds),
         "--config",
         s(cfg),
         "--out",
@@ -427,4 +433,63 @@ fn the_pairwise_reranker_trains_on_two_ranks_as_in_one_process() {
         &weights(&two.join("model.safetensors")),
     );
     assert!(d < 1e-5, "weights differ by {d}");
+}
+
+/// Texts: each rank tokenizes its share of the batch and pads it to its own longest text, the
+/// loss is over the gathered batch; two ranks fine-tune a BERT as one process does (losses and
+/// weights within 1e-5 over 24 steps) and validate alike. Dropout 0: each rank draws its own
+/// dropout masks (seeded by rank), so with dropout the runs differ by design.
+#[test]
+fn two_ranks_fine_tune_a_text_encoder_as_one_process() {
+    let f = fx();
+    let dir = f.p("texts");
+    std::fs::create_dir_all(&dir).unwrap();
+    let csv = crate::text::text_csv(&dir, 30, 18);
+    let ds = dir.join("ds.parquet");
+    let r = common::run(
+        env!("CARGO_BIN_EXE_simile-prepare"),
+        &["csv", "--csv", s(&csv), "--out", s(&ds)],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let init = crate::text::tiny_model_with_dropout(&dir, Some(0.0));
+    let cfg = crate::text::text_train_config(&dir, &init, "max_length = 16");
+    // SGD for the equality (as `config` above); the rest as the one-process text test.
+    let body = std::fs::read_to_string(&cfg).unwrap().replace(
+        "name = \"adamw\"\nlr = 1e-3",
+        "name = \"sgd\"\nlr = 0.05\nmomentum = 0.9",
+    );
+    assert!(body.contains("sgd"), "{body}");
+    std::fs::write(&cfg, body).unwrap();
+    let run = |out: &Path, extra: &[&str]| ok(&f, &args_on(&ds, &cfg, out, extra));
+    let (one, two) = (dir.join("one"), dir.join("two"));
+    run(&one, &["--threads", "1"]);
+    let r = run(&two, &["--nproc", "2", "--threads", "2"]);
+    assert!(r.stderr.contains("2 data-parallel ranks"), "{}", r.stderr);
+    let (a, b) = (losses(&one), losses(&two));
+    assert_eq!(a.len(), 24);
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() < 1e-5, "step {}: {x} vs {y}", i + 1);
+    }
+    assert!(a[23] < 0.5 * a[0], "the run learns: {a:?}");
+    let d = max_diff(
+        &weights(&one.join("model.safetensors")),
+        &weights(&two.join("model.safetensors")),
+    );
+    assert!(d < 1e-5, "weights differ by {d}");
+    let cmc = |out: &Path| -> Vec<f64> {
+        simile::train::log::read(&out.join("val_metrics.parquet"), &["epoch", "step"])
+            .unwrap()
+            .iter()
+            .map(|r| r.value("OVERALL/cmc/1").unwrap())
+            .collect()
+    };
+    let (va, vb) = (cmc(&one), cmc(&two));
+    assert_eq!(va.len(), 5, "at the start and every 2 epochs: {va:?}");
+    assert_eq!(va, vb, "validation on two ranks");
+    // The folder is the one process's: a text model with its tokenizer.
+    assert_eq!(
+        std::fs::read(two.join("tokenizer.json")).unwrap(),
+        std::fs::read(init.join("tokenizer.json")).unwrap()
+    );
 }

@@ -29,7 +29,7 @@ fn s(p: &Path) -> &str {
 
 /// A text CSV of `labels` labels x 3 phrasings each (words shared within a label), the first
 /// `train` labels in train, the rest validation (queries and gallery).
-fn text_csv(dir: &Path, labels: usize, train: usize) -> PathBuf {
+pub(crate) fn text_csv(dir: &Path, labels: usize, train: usize) -> PathBuf {
     let mut csv = String::from("label,text,split,is_query,is_gallery\n");
     for l in 0..labels {
         let (a, b, c) = (WORDS[l % 3], WORDS[3 + (l / 3) % 3], WORDS[6 + l % 5]);
@@ -53,8 +53,20 @@ fn text_csv(dir: &Path, labels: usize, train: usize) -> PathBuf {
 
 /// A tiny HuggingFace folder imported as a simile model folder.
 fn tiny_model(dir: &Path) -> PathBuf {
+    tiny_model_with_dropout(dir, None)
+}
+
+/// [`tiny_model`] whose dropout probabilities are `dropout` (else its config's 0.1).
+pub(crate) fn tiny_model_with_dropout(dir: &Path, dropout: Option<f64>) -> PathBuf {
     let hf = dir.join("hf");
     simile::model::bert::write_tiny_hf_folder(&hf, WORDS, 1).unwrap();
+    if let Some(p) = dropout {
+        let c = hf.join("config.json");
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&c).unwrap()).unwrap();
+        v["hidden_dropout_prob"] = p.into();
+        v["attention_probs_dropout_prob"] = p.into();
+        std::fs::write(&c, v.to_string()).unwrap();
+    }
     let out = dir.join("model");
     let r = common::run(
         EMBED,
@@ -330,7 +342,7 @@ fn bad_text_input_is_refused_with_what_was_expected() {
 
 /// A text fine-tuning config on the tiny model: 6 labels x 3 texts a batch, in-batch
 /// negatives, `extra` lines appended to `[model]`.
-fn text_train_config(dir: &Path, init: &Path, extra: &str) -> PathBuf {
+pub(crate) fn text_train_config(dir: &Path, init: &Path, extra: &str) -> PathBuf {
     let p = dir.join("train.toml");
     std::fs::write(
         &p,
