@@ -120,6 +120,22 @@ impl TextTokenizer {
             tokens,
         })
     }
+
+    /// Each text's length in tokens before truncation (special tokens included), and whether
+    /// it has a token besides the special ones: what `simile-embed --check-only` reports.
+    pub fn lengths(&self, texts: &[&str]) -> Result<Vec<(usize, bool)>> {
+        let mut whole = self.tok.clone();
+        whole
+            .with_truncation(None)
+            .map_err(|e| Error::internal(format!("tokenizing: {e}")))?;
+        let enc = whole
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| Error::internal(format!("tokenizing: {e}")))?;
+        Ok(enc
+            .iter()
+            .map(|e| (e.len(), e.get_special_tokens_mask().contains(&0)))
+            .collect())
+    }
 }
 
 /// A small BERT-style `tokenizer.json` (lower-casing normaliser, BERT pre-tokenizer,
@@ -213,6 +229,12 @@ mod tests {
         assert!(e.to_string().contains("rows.csv:3"), "{e}");
         // Unknown words are tokens ([UNK]), not nothing.
         assert!(t.batch(&["zebra"], &|_| String::new()).is_ok());
+        // Lengths before truncation (max 16 here), special tokens included.
+        let long = "the cat sat on the mat ".repeat(4);
+        assert_eq!(
+            t.lengths(&["the cat", " \t ", &long, "cats"]).unwrap(),
+            [(4, true), (2, false), (26, true), (4, true)]
+        );
         let bad = d.path().join("bad.json");
         std::fs::write(&bad, "{}").unwrap();
         assert_eq!(TextTokenizer::load(&bad, 16).unwrap_err().exit_code(), 2);

@@ -30,6 +30,7 @@ use std::path::PathBuf;
   simile-embed import --hf ./bge-small-en-v1.5 --out work/bge      # a HuggingFace BERT folder
   simile-embed classify --model efficientnet-lite0-imagenet cat.png
   simile-embed --dataset work/verses.parquet --model minilm-l6-v2 --out work/emb.npy   # texts
+  simile-embed --dataset work/verses.parquet --model minilm-l6-v2 --split all --check-only
 
 Zoo keys: smallcnn (untrained baseline, random weights with seed 0), efficientnet-lite0-imagenet,
 minilm-l6-v2 (sentence-transformers' all-MiniLM-L6-v2, for text datasets).
@@ -86,7 +87,9 @@ struct EmbedArgs {
     #[arg(long, default_value_t = 2048)]
     cache_mib: usize,
     /// Only decode, crop and resize every image (as the model's input says) and report the
-    /// unreadable ones, with the images/s of decoding; run no model, write nothing.
+    /// unreadable ones, with the images/s of decoding; texts: tokenize every text, refuse
+    /// texts without tokens and list those longer than the model's max_length. Runs no
+    /// model, writes nothing.
     #[arg(long)]
     check_only: bool,
 }
@@ -272,17 +275,36 @@ fn run_embed(a: EmbedArgs) -> anyhow::Result<()> {
         cache_mib: a.cache_mib,
     };
     if a.check_only {
-        let c = embed::check_only(&opts)?;
-        for (id, p, why) in &c.bad {
-            println!("unreadable\t{id}\t{}\t{why}", p.display());
+        match embed::check_only(&opts)? {
+            embed::Check::Images(c) => {
+                for (id, p, why) in &c.bad {
+                    println!("unreadable\t{id}\t{}\t{why}", p.display());
+                }
+                println!(
+                    "checked {} images in {:.1} s ({:.0} images/s decode + crop + resize): {} unreadable",
+                    c.images,
+                    c.seconds,
+                    c.images as f64 / c.seconds.max(1e-9),
+                    c.bad.len()
+                );
+            }
+            embed::Check::Texts(c) => {
+                for (id, tokens) in &c.truncated {
+                    println!("truncated\t{id}\t{tokens}");
+                }
+                println!(
+                    "checked {} texts in {:.1} s ({:.0} texts/s tokenizing): {} longer than the model's {} tokens (embedded from their first {}); tokens a text: median {}, longest {}",
+                    c.texts,
+                    c.seconds,
+                    c.texts as f64 / c.seconds.max(1e-9),
+                    c.truncated.len(),
+                    c.max_length,
+                    c.max_length,
+                    c.median,
+                    c.longest
+                );
+            }
         }
-        println!(
-            "checked {} images in {:.1} s ({:.0} images/s decode + crop + resize): {} unreadable",
-            c.images,
-            c.seconds,
-            c.images as f64 / c.seconds.max(1e-9),
-            c.bad.len()
-        );
         return Ok(());
     }
     let s = embed::run(&opts, |d| eprintln!("device: {d}"))?;

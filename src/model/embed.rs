@@ -477,30 +477,39 @@ pub struct CheckSummary {
     pub seconds: f64,
 }
 
+pub use super::embed_text::TextCheck;
+
+/// What `--check-only` found: in images, or in texts.
+#[derive(Debug)]
+pub enum Check {
+    Images(CheckSummary),
+    Texts(TextCheck),
+}
+
 /// `--check-only`: decodes, crops and resizes every image the run would embed, as the model
-/// folder's input says, and reports the bad ones; runs no model and writes nothing. With
-/// `--on-bad-image error` (the default) bad images are an error, as in a real run.
-pub fn check_only(opts: &EmbedOptions) -> Result<CheckSummary> {
+/// folder's input says, and reports the bad ones (texts: tokenizes every text, see
+/// `embed_text::check`); runs no model and writes nothing. With `--on-bad-image error` (the
+/// default) bad images are an error, as in a real run.
+pub fn check_only(opts: &EmbedOptions) -> Result<Check> {
     let ds = Dataset::read(&opts.dataset)?;
-    if ds.modality() == super::Modality::Text {
-        return Err(Error::input(format!(
-            "{}: a text dataset; --check-only checks images (texts are checked as they are embedded)",
-            opts.dataset.display()
-        )));
-    }
     let (rows, start, end) = select_rows(opts, &ds)?;
+    let model = Model::load(&opts.model, tch::Device::Cpu)?;
+    check_modality(&ds, &model, opts)?;
+    if ds.modality() == super::Modality::Text {
+        let c = super::embed_text::check(opts, &ds, &rows[start..end], &model)?;
+        return Ok(Check::Texts(c));
+    }
     let items = image_items(opts, &ds, &rows[start..end])?;
-    let spec = Model::load(&opts.model, tch::Device::Cpu)?.spec;
     let images = items.len();
-    let (good, bad, seconds) = check_pass(items, &spec.input);
+    let (good, bad, seconds) = check_pass(items, &model.spec.input);
     if !bad.is_empty() && opts.on_bad_image == OnBadImage::Error {
         return Err(bad_images_error(&bad, good.len()));
     }
-    Ok(CheckSummary {
+    Ok(Check::Images(CheckSummary {
         images,
         bad,
         seconds,
-    })
+    }))
 }
 
 /// Where the time of a run went, in seconds of wall time. `decode` is the producer's time

@@ -46,20 +46,7 @@ impl Job<'_> {
             .text
             .as_ref()
             .ok_or_else(|| Error::internal("a text model without its text section"))?;
-        let missing: Vec<String> = rows
-            .iter()
-            .filter(|&&r| ds.text[r].is_none())
-            .take(6)
-            .map(|&r| format!("id {}", ds.ids[r]))
-            .collect();
-        if !missing.is_empty() {
-            return Err(Error::input(format!(
-                "{}: row(s) without a text ({}{}): a text model embeds a text per row",
-                opts.dataset.display(),
-                missing[..missing.len().min(5)].join(", "),
-                if missing.len() > 5 { ", ..." } else { "" }
-            )));
-        }
+        refuse_missing_texts(opts, ds, rows)?;
         let (out, mut params) = super::embed::output_and_params(opts, model);
         let (dim, bs) = (model.spec.embedding_dim as usize, opts.batch_size);
         params.insert("text".into(), serde_json::json!(text_spec));
@@ -84,13 +71,7 @@ impl Job<'_> {
         let mut w = NpyWriter::create(&out, opts.out_dtype, &[total, dim])?;
         let pb = crate::progress::bar(total as u64, "embed");
         let mut tokens = 0usize;
-        let name = |r: usize| {
-            format!(
-                "{}: id {} (column 'text')",
-                opts.dataset.display(),
-                ds.ids[r]
-            )
-        };
+        let name = |r: usize| text_name(opts, ds, r);
         let mut buf = vec![0f32; (WINDOW_BATCHES * bs).min(total) * dim];
         for window in rows.chunks(WINDOW_BATCHES * bs) {
             let mut order: Vec<usize> = (0..window.len()).collect();
@@ -137,6 +118,106 @@ impl Job<'_> {
             modality: crate::dataset::Modality::Text,
         })
     }
+}
+
+/// What `--check-only` found in a text dataset.
+#[derive(Debug)]
+pub struct TextCheck {
+    pub texts: usize,
+    /// The model's `max_length` (tokens, special tokens included).
+    pub max_length: usize,
+    /// Texts longer than `max_length` (embedded from their first `max_length` tokens): (id,
+    /// tokens before truncation), in id order.
+    pub truncated: Vec<(i64, usize)>,
+    /// Lengths in tokens before truncation: the median and the longest.
+    pub median: usize,
+    pub longest: usize,
+    /// Wall time of tokenizing them all.
+    pub seconds: f64,
+}
+
+/// `--check-only` on texts: tokenizes every text the run would embed with the model's
+/// tokenizer; refuses rows without a text or texts without a token (all of them listed, as
+/// the embedding would stop at the first), and counts the texts truncated at `max_length`.
+pub(super) fn check(
+    opts: &EmbedOptions,
+    ds: &Dataset,
+    rows: &[usize],
+    model: &Model,
+) -> Result<TextCheck> {
+    let tok = model
+        .tokenizer()
+        .ok_or_else(|| Error::internal("a text model without a tokenizer"))?;
+    refuse_missing_texts(opts, ds, rows)?;
+    let t = Instant::now();
+    let pb = crate::progress::bar(rows.len() as u64, "check");
+    let mut lengths = Vec::with_capacity(rows.len());
+    let mut empty = Vec::new();
+    for chunk in rows.chunks(4096) {
+        let texts: Vec<&str> = chunk.iter().map(|&r| text_of(ds, r)).collect();
+        for (&r, (len, words)) in chunk.iter().zip(tok.lengths(&texts)?) {
+            if !words {
+                empty.push(format!(
+                    "  {}: no tokens once normalised (only spaces, control or unknown characters?)",
+                    text_name(opts, ds, r)
+                ));
+            }
+            lengths.push((ds.ids[r], len));
+        }
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    if !empty.is_empty() {
+        let mut lines = vec![format!(
+            "{} of {} texts cannot be embedded (nothing was written):",
+            empty.len(),
+            rows.len()
+        )];
+        lines.extend(empty);
+        return Err(Error::InputMany(lines));
+    }
+    let max_length = tok.max_length;
+    let mut sorted: Vec<usize> = lengths.iter().map(|&(_, l)| l).collect();
+    sorted.sort_unstable();
+    Ok(TextCheck {
+        texts: rows.len(),
+        max_length,
+        truncated: lengths
+            .into_iter()
+            .filter(|&(_, l)| l > max_length)
+            .collect(),
+        median: sorted.get(sorted.len() / 2).copied().unwrap_or(0),
+        longest: sorted.last().copied().unwrap_or(0),
+        seconds: t.elapsed().as_secs_f64(),
+    })
+}
+
+/// Refuses rows without a text (a dataset with both columns), naming the first few.
+fn refuse_missing_texts(opts: &EmbedOptions, ds: &Dataset, rows: &[usize]) -> Result<()> {
+    let missing: Vec<String> = rows
+        .iter()
+        .filter(|&&r| ds.text[r].is_none())
+        .take(6)
+        .map(|&r| format!("id {}", ds.ids[r]))
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::input(format!(
+            "{}: row(s) without a text ({}{}): a text model embeds a text per row",
+            opts.dataset.display(),
+            missing[..missing.len().min(5)].join(", "),
+            if missing.len() > 5 { ", ..." } else { "" }
+        )));
+    }
+    Ok(())
+}
+
+/// How errors name a row's text.
+fn text_name(opts: &EmbedOptions, ds: &Dataset, r: usize) -> String {
+    format!(
+        "{}: id {} (column 'text')",
+        opts.dataset.display(),
+        ds.ids[r]
+    )
 }
 
 fn text_of(ds: &Dataset, row: usize) -> &str {

@@ -451,7 +451,7 @@ fn two_ranks_fine_tune_a_text_encoder_as_one_process() {
         &["csv", "--csv", s(&csv), "--out", s(&ds)],
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let init = crate::text::tiny_model_with_dropout(&dir, Some(0.0));
+    let init = crate::text::tiny_model_with(&dir, Some(0.0), &["--pooling", "mean", "--normalise"]);
     let cfg = crate::text::text_train_config(&dir, &init, "max_length = 16");
     // SGD for the equality (as `config` above); the rest as the one-process text test.
     let body = std::fs::read_to_string(&cfg).unwrap().replace(

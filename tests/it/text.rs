@@ -51,13 +51,14 @@ pub(crate) fn text_csv(dir: &Path, labels: usize, train: usize) -> PathBuf {
     p
 }
 
-/// A tiny HuggingFace folder imported as a simile model folder.
+/// A tiny HuggingFace folder imported as a simile model folder (mean pooling, L2).
 fn tiny_model(dir: &Path) -> PathBuf {
-    tiny_model_with_dropout(dir, None)
+    tiny_model_with(dir, None, &["--pooling", "mean", "--normalise"])
 }
 
-/// [`tiny_model`] whose dropout probabilities are `dropout` (else its config's 0.1).
-pub(crate) fn tiny_model_with_dropout(dir: &Path, dropout: Option<f64>) -> PathBuf {
+/// [`tiny_model`] with dropout probabilities `dropout` (else its config's 0.1) and these
+/// `simile-embed import` options.
+pub(crate) fn tiny_model_with(dir: &Path, dropout: Option<f64>, options: &[&str]) -> PathBuf {
     let hf = dir.join("hf");
     simile::model::bert::write_tiny_hf_folder(&hf, WORDS, 1).unwrap();
     if let Some(p) = dropout {
@@ -68,19 +69,10 @@ pub(crate) fn tiny_model_with_dropout(dir: &Path, dropout: Option<f64>) -> PathB
         std::fs::write(&c, v.to_string()).unwrap();
     }
     let out = dir.join("model");
-    let r = common::run(
-        EMBED,
-        &[
-            "import",
-            "--hf",
-            s(&hf),
-            "--pooling",
-            "mean",
-            "--normalise",
-            "--out",
-            s(&out),
-        ],
-    );
+    let mut args = vec!["import", "--hf", s(&hf)];
+    args.extend_from_slice(options);
+    args.extend(["--out", s(&out)]);
+    let r = common::run(EMBED, &args);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     assert!(r.stdout.contains("32-d"), "{}", r.stdout);
     out
@@ -204,6 +196,79 @@ fn a_text_dataset_runs_through_every_stage() {
         r.stderr
     );
     assert!(!dir.join("x.npy").exists());
+}
+
+/// `--check-only` on texts: every text tokenized with the model's tokenizer, nothing written;
+/// the texts longer than the model's max_length listed with their lengths; texts without a
+/// token refused, every one named (an embedding run stops at the first).
+#[test]
+fn check_only_tokenizes_every_text_and_lists_the_truncated_ones() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let csv = text_csv(dir, 12, 4);
+    let mut body = std::fs::read_to_string(&csv).unwrap();
+    // ids 36 and 37: 18 words, 20 tokens with [CLS] and [SEP].
+    let long = "the red cat ".repeat(6);
+    body.push_str(&format!(
+        "99,{long},validation,True,True\n99,{long} ,validation,True,True\n"
+    ));
+    std::fs::write(&csv, &body).unwrap();
+    let ds = dir.join("ds.parquet");
+    assert_eq!(
+        common::run(PREPARE, &["csv", "--csv", s(&csv), "--out", s(&ds)]).code,
+        0
+    );
+    let model = tiny_model_with(dir, None, &["--max-length", "16"]);
+    let check = |ds: &Path| {
+        common::run(
+            EMBED,
+            &[
+                "--dataset",
+                s(ds),
+                "--model",
+                s(&model),
+                "--split",
+                "all",
+                "--check-only",
+            ],
+        )
+    };
+    let before = common::listing(dir);
+    let r = check(&ds);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(
+        lines[..2],
+        ["truncated\t36\t20", "truncated\t37\t20"],
+        "{}",
+        r.stdout
+    );
+    assert!(
+        lines[2].starts_with("checked 38 texts")
+            && lines[2].contains("2 longer than the model's 16 tokens")
+            && lines[2].contains("longest 20"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(common::listing(dir), before, "wrote nothing");
+
+    // Two texts the tokenizer keeps nothing of: both named, exit 2.
+    body.push_str("98,\u{7}\u{7},validation,True,True\n98,\u{7},validation,True,True\n");
+    std::fs::write(&csv, &body).unwrap();
+    let bad = dir.join("bad.parquet");
+    assert_eq!(
+        common::run(PREPARE, &["csv", "--csv", s(&csv), "--out", s(&bad)]).code,
+        0
+    );
+    let r = check(&bad);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("2 of 40 texts")
+            && r.stderr.contains("id 38 (column 'text')")
+            && r.stderr.contains("id 39 (column 'text')"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
