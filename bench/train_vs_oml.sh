@@ -9,7 +9,7 @@
 #
 # --data glyphs: instead of Font-ID, a held-out glyph set nobody tuned for (issue 24): 64 px grey
 # PNGs of 600 train and 600 validation DejaVu characters, 23 samples each, generated once by
-# tests/fixtures_py/oml_run.py gen (seed 0) into work/glyphs. The summary gives each side's mean
+# bench/glyphs.sh (tests/fixtures_py/oml_run.py gen, seed 0) into work/glyphs. The summary gives each side's mean
 # and standard deviation over the seeds and the difference of the means with its standard
 # error (Welch): with seeds differing by up to 0.05 CMC@1, use 8 or more a side.
 #   bench/train_vs_oml.sh --config bench/configs/train_vs_oml_smallcnn.toml --compute fp32
@@ -74,11 +74,7 @@ fontid)
     ;;
 glyphs)
     WORK="${WORK:-$ROOT/work/glyphs}"
-    if [ ! -f "$WORK/dataset.parquet" ]; then
-        "$VENV/bin/python" tests/fixtures_py/oml_run.py gen "$WORK" --train-labels 600 \
-            --val-labels 600 --samples 23 --seed 0 >&2
-        "$BIN/simile-prepare" csv --csv "$WORK/df.csv" --out "$WORK/dataset.parquet" >/dev/null
-    fi
+    bench/glyphs.sh "$WORK" "$VENV/bin/python" "$BIN"
     ;;
 *) echo "--data: fontid or glyphs, not '$DATA'" >&2; exit 2 ;;
 esac

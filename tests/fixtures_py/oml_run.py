@@ -49,6 +49,9 @@ Modes:
 
   python oml_run.py evaluate OUT --weights FILE --dest DIR
       OML's validation of given weights (simile's model.safetensors): `val_emb.npy`, `val.json`.
+  python oml_run.py evaluate OUT --init-seeds 0,1,... --dest DIR
+      OML's validation of its own untrained extractor (init_model) for each seed: one line of
+      metrics a seed in DIR/untrained.jsonl (bench/init_vs_oml.sh).
 
   python oml_run.py floor OUT --trace TRACE --steps N --dest DIR [--a DIR] [--deterministic]
       The non-determinism floor: `train` again with the same threads (DIR/b; it validates), and
@@ -407,7 +410,8 @@ def forced(a):
 
 def evaluate(a):
     """OML's validation of given weights (simile's, to check simile's validation path): the
-    validation rows embedded in eval mode by OML's extractor holding them, OML's metrics."""
+    validation rows embedded in eval mode by OML's extractor holding them, OML's metrics.
+    `--init-seeds`: instead, OML's own untrained extractor of each seed (init_model)."""
     from safetensors.torch import load_file
 
     from oml.models import ResnetExtractor
@@ -415,6 +419,14 @@ def evaluate(a):
     torch.set_num_threads(a.threads)
     df = read_csv(a.out)
     imgs = Images(a.out, list(df["path"]))
+    val = df[df["split"] == "validation"]
+    os.makedirs(a.dest, exist_ok=True)
+    if a.init_seeds is not None:
+        with open(os.path.join(a.dest, "untrained.jsonl"), "w") as f:
+            for seed in [int(x) for x in a.init_seeds.split(",")]:
+                m = cmc(a.out, val, embed(init_model(seed), imgs, list(val.index)))
+                print(json.dumps({"seed": seed, **m}), file=f, flush=True)
+        return
     model = ResnetExtractor(weights=None, arch="resnet18", gem_p=None, remove_fc=True, normalise_features=True)
     w = load_file(a.weights)
     sd = model.state_dict()
@@ -422,9 +434,7 @@ def evaluate(a):
         if not k.endswith("num_batches_tracked"):
             sd[k] = w[k[len("model."):]]
     model.load_state_dict(sd)
-    val = df[df["split"] == "validation"]
     emb = embed(model, imgs, list(val.index))
-    os.makedirs(a.dest, exist_ok=True)
     np.save(os.path.join(a.dest, "val_emb.npy"), emb.numpy().astype(np.float32))
     with open(os.path.join(a.dest, "val.json"), "w") as f:
         json.dump(cmc(a.out, val, emb), f)
@@ -826,7 +836,9 @@ def main():
             t.add_argument("--at", required=True, help="comma-separated k")
     e = sub.add_parser("evaluate")
     e.add_argument("out")
-    e.add_argument("--weights", required=True, help="a model.safetensors (torchvision names)")
+    w = e.add_mutually_exclusive_group(required=True)
+    w.add_argument("--weights", help="a model.safetensors (torchvision names)")
+    w.add_argument("--init-seeds", help="comma-separated seeds: OML's untrained extractor of each (DEST/untrained.jsonl)")
     e.add_argument("--dest", required=True)
     e.add_argument("--threads", type=int, default=2)
     c = sub.add_parser("compare")
