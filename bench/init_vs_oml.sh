@@ -38,7 +38,7 @@ for seed in $SEEDS; do
     run="$OUT/simile-$seed"
     "$BIN/simile-train" --dataset "$WORK/dataset.parquet" \
         --config bench/configs/train_vs_oml_resnet18.toml --out "$run" --device cpu \
-        --set "seed=$seed" --set valid_at_start=true --stop-after-steps 1 2>"$run.log" ||
+        --set "seed=$seed" --set valid_at_start=true --stop-after-steps 1 >"$run.log" 2>&1 ||
         { cat "$run.log" >&2; exit 1; }
     "$VENV/bin/python" - "$run/val_metrics.parquet" "$seed" >>"$OUT/simile.jsonl" <<'EOF'
 import json, sys
