@@ -121,20 +121,44 @@ impl TextTokenizer {
         })
     }
 
-    /// Each text's length in tokens before truncation (special tokens included), and whether
-    /// it has a token besides the special ones: what `simile-embed --check-only` reports.
-    pub fn lengths(&self, texts: &[&str]) -> Result<Vec<(usize, bool)>> {
+    /// Each text's length in tokens before truncation (special tokens included), tokenized a
+    /// chunk at a time (`progress` gets each chunk's size); refuses, listing every one of them
+    /// by `names`, the texts with no token besides the special ones. What training checks
+    /// before its first step and `simile-embed --check-only` reports.
+    pub fn check_all(
+        &self,
+        texts: &[&str],
+        names: &dyn Fn(usize) -> String,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Vec<usize>> {
         let mut whole = self.tok.clone();
         whole
             .with_truncation(None)
             .map_err(|e| Error::internal(format!("tokenizing: {e}")))?;
-        let enc = whole
-            .encode_batch(texts.to_vec(), true)
-            .map_err(|e| Error::internal(format!("tokenizing: {e}")))?;
-        Ok(enc
-            .iter()
-            .map(|e| (e.len(), e.get_special_tokens_mask().contains(&0)))
-            .collect())
+        let mut lengths = Vec::with_capacity(texts.len());
+        let mut empty = Vec::new();
+        for (c, chunk) in texts.chunks(4096).enumerate() {
+            let enc = whole
+                .encode_batch(chunk.to_vec(), true)
+                .map_err(|e| Error::internal(format!("tokenizing: {e}")))?;
+            for (k, e) in enc.iter().enumerate() {
+                if !e.get_special_tokens_mask().contains(&0) {
+                    empty.push(format!("  {}", names(c * 4096 + k)));
+                }
+                lengths.push(e.len());
+            }
+            progress(chunk.len());
+        }
+        if !empty.is_empty() {
+            let mut lines = vec![format!(
+                "{} of {} texts have no tokens once normalised (only spaces, control or unknown characters?); nothing was written:",
+                empty.len(),
+                texts.len()
+            )];
+            lines.extend(empty);
+            return Err(Error::InputMany(lines));
+        }
+        Ok(lengths)
     }
 }
 
@@ -229,11 +253,25 @@ mod tests {
         assert!(e.to_string().contains("rows.csv:3"), "{e}");
         // Unknown words are tokens ([UNK]), not nothing.
         assert!(t.batch(&["zebra"], &|_| String::new()).is_ok());
-        // Lengths before truncation (max 16 here), special tokens included.
+        // Lengths before truncation (max 16 here), special tokens included; every text
+        // without a token named.
         let long = "the cat sat on the mat ".repeat(4);
+        let names = |i: usize| format!("text {i}");
+        let mut seen = 0;
         assert_eq!(
-            t.lengths(&["the cat", " \t ", &long, "cats"]).unwrap(),
-            [(4, true), (2, false), (26, true), (4, true)]
+            t.check_all(&["the cat", &long, "cats"], &names, &mut |n| seen += n)
+                .unwrap(),
+            [4, 26, 4]
+        );
+        assert_eq!(seen, 3);
+        let e = t
+            .check_all(&["the cat", " \t ", "cats", "\u{7}"], &names, &mut |_| {})
+            .unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        let m = e.to_string();
+        assert!(
+            m.contains("2 of 4 texts") && m.contains("text 1") && m.contains("text 3"),
+            "{m}"
         );
         let bad = d.path().join("bad.json");
         std::fs::write(&bad, "{}").unwrap();

@@ -151,41 +151,24 @@ pub(super) fn check(
     refuse_missing_texts(opts, ds, rows)?;
     let t = Instant::now();
     let pb = crate::progress::bar(rows.len() as u64, "check");
-    let mut lengths = Vec::with_capacity(rows.len());
-    let mut empty = Vec::new();
-    for chunk in rows.chunks(4096) {
-        let texts: Vec<&str> = chunk.iter().map(|&r| text_of(ds, r)).collect();
-        for (&r, (len, words)) in chunk.iter().zip(tok.lengths(&texts)?) {
-            if !words {
-                empty.push(format!(
-                    "  {}: no tokens once normalised (only spaces, control or unknown characters?)",
-                    text_name(opts, ds, r)
-                ));
-            }
-            lengths.push((ds.ids[r], len));
-        }
-        pb.inc(chunk.len() as u64);
-    }
+    let texts: Vec<&str> = rows.iter().map(|&r| text_of(ds, r)).collect();
+    let lengths = tok.check_all(&texts, &|k| text_name(opts, ds, rows[k]), &mut |n| {
+        pb.inc(n as u64)
+    })?;
     pb.finish_and_clear();
-    if !empty.is_empty() {
-        let mut lines = vec![format!(
-            "{} of {} texts cannot be embedded (nothing was written):",
-            empty.len(),
-            rows.len()
-        )];
-        lines.extend(empty);
-        return Err(Error::InputMany(lines));
-    }
     let max_length = tok.max_length;
-    let mut sorted: Vec<usize> = lengths.iter().map(|&(_, l)| l).collect();
+    let truncated = rows
+        .iter()
+        .zip(&lengths)
+        .filter(|&(_, &l)| l > max_length)
+        .map(|(&r, &l)| (ds.ids[r], l))
+        .collect();
+    let mut sorted = lengths;
     sorted.sort_unstable();
     Ok(TextCheck {
         texts: rows.len(),
         max_length,
-        truncated: lengths
-            .into_iter()
-            .filter(|&(_, l)| l > max_length)
-            .collect(),
+        truncated,
         median: sorted.get(sorted.len() / 2).copied().unwrap_or(0),
         longest: sorted.last().copied().unwrap_or(0),
         seconds: t.elapsed().as_secs_f64(),

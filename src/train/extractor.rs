@@ -53,18 +53,15 @@ pub(crate) fn plan(ds: &Dataset, cfg: &TrainConfig) -> Result<ExtractorPlan> {
     Ok(ExtractorPlan { validator, text })
 }
 
-/// Tokenizes every text training and validation read, before anything is written: a text
-/// with no token but the special ones is refused naming its id, rather than at its step.
+/// Tokenizes every text training and validation read, before anything is written: the texts
+/// with no token but the special ones are refused, all named, rather than one at its step.
 fn check_texts(tok: &TextTokenizer, ds: &Dataset, rows: &[usize]) -> Result<()> {
-    for chunk in rows.chunks(256) {
-        let texts: Vec<&str> = chunk
-            .iter()
-            .map(|&r| ds.text[r].as_deref().unwrap_or(""))
-            .collect();
-        tok.batch(&texts, &|k| {
-            format!("id {} (column 'text')", ds.ids[chunk[k]])
-        })?;
-    }
+    let texts: Vec<&str> = rows
+        .iter()
+        .map(|&r| ds.text[r].as_deref().unwrap_or(""))
+        .collect();
+    let name = |k: usize| format!("id {} (column 'text')", ds.ids[rows[k]]);
+    tok.check_all(&texts, &name, &mut |_| {})?;
     Ok(())
 }
 
