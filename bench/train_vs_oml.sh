@@ -9,9 +9,10 @@
 #
 # --data glyphs: instead of Font-ID, a held-out glyph set nobody tuned for (issue 24): 64 px grey
 # PNGs of 600 train and 600 validation DejaVu characters, 23 samples each, generated once by
-# bench/glyphs.sh (tests/fixtures_py/oml_run.py gen, seed 0) into work/glyphs. The summary gives each side's mean
-# and standard deviation over the seeds and the difference of the means with its standard
-# error (Welch): with seeds differing by up to 0.05 CMC@1, use 8 or more a side.
+# bench/glyphs.sh (tests/fixtures_py/oml_run.py gen, seed 0) into work/glyphs. The summary
+# gives each side's mean and standard deviation over the seeds and the difference of the means
+# with its standard error (Welch): with seeds differing by up to 0.05 CMC@1, use 8 or more a
+# side (8 seeds: about an hour on 2 cores for glyphs, 40 minutes for Font-ID).
 #   bench/train_vs_oml.sh --config bench/configs/train_vs_oml_smallcnn.toml --compute fp32
 #
 # Per seed, interleaved so that the machine's load hits both alike: simile (the first
