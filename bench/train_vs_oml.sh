@@ -12,7 +12,7 @@
 # bench/glyphs.sh (tests/fixtures_py/oml_run.py gen, seed 0) into work/glyphs. The summary
 # gives each side's mean and standard deviation over the seeds and the difference of the means
 # with its standard error (Welch): with seeds differing by up to 0.05 CMC@1, use 8 or more a
-# side (8 seeds: about an hour on 2 cores for glyphs, 40 minutes for Font-ID).
+# side (8 seeds: about 70 minutes on 2 shared cores for glyphs, 45 for Font-ID).
 #   bench/train_vs_oml.sh --config bench/configs/train_vs_oml_smallcnn.toml --compute fp32
 #
 # Per seed, interleaved so that the machine's load hits both alike: simile (the first
