@@ -7,13 +7,15 @@ Embed (writes float32 [N, D] .npy atomically; prints one JSON line on stdout wit
 sentences/s of the encode call alone, model load and tokenizer-length counting excluded):
   PY=$(scripts/bootstrap-text.sh); MD=$(scripts/bootstrap-text.sh --model-dir)
   $PY bench/text_reference.py --texts texts.jsonl --model-dir "$MD" --pooling mean \\
-      --normalise --max-length 256 --out emb.npy [--batch-size 32] [--threads 2] [--dtype fp32|bf16]
+      --normalise --max-length 256 --out emb.npy [--batch-size 32] [--threads 2] [--dtype fp32|bf16|int8]
   --pooling mean: sentence-transformers: the folder's own SentenceTransformer(model_dir) when
     its modules.json says Transformer+Pooling(mean)[+Normalize] and that matches --normalise;
     otherwise built explicitly as models.Transformer(max_seq_length) + Pooling(mean)
     [+ Normalize] (--st-load explicit forces that). max_seq_length = --max-length.
   --pooling cls: plain transformers AutoModel, last_hidden_state[:, 0] (what OML 4.0's
     HFWrapper returns), tokenised with truncation to --max-length; --normalise L2s it.
+  --dtype int8: torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    on the loaded model (CPU), as simile's --quantize int8 does.
   --dtype bf16: torch.autocast(bfloat16) around the forward pass (weights stay fp32, output
     cast to fp32), as simile's --compute bf16 does.
   --texts: .jsonl (each line a JSON string or an object with "text") or .csv (a "text" column).
@@ -201,7 +203,16 @@ def build(a):
     if a.threads:
         torch.set_num_threads(a.threads)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return (MeanST(a, device) if a.pooling == "mean" else ClsHF(a, device)), device
+    m = MeanST(a, device) if a.pooling == "mean" else ClsHF(a, device)
+    if a.dtype == "int8":
+        import warnings
+
+        if device != "cpu":
+            raise SystemExit("text_reference: --dtype int8 runs on the CPU (--device cpu)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+            m.model = torch.ao.quantization.quantize_dynamic(m.model, {torch.nn.Linear}, dtype=torch.qint8)
+    return m, device
 
 
 def run_embed(a):
@@ -393,7 +404,7 @@ def main():
     ap.add_argument("--max-length", type=int, default=256, help="word pieces, [CLS]/[SEP] included (default 256)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32")
     ap.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when there is one)")
     ap.add_argument("--warmup", type=int, default=0, help="untimed batches encoded first (default 0)")
     ap.add_argument("--st-load", choices=["auto", "folder", "explicit"], default="auto",

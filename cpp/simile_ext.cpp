@@ -38,6 +38,14 @@ static_assert(sizeof(c10d::ProcessGroupGloo::Options) == 184,
 
 using namespace simile_detail;
 
+// The packed weights of one dynamic int8 linear layer: quantized::linear_prepack's result, a
+// TorchScript custom class (LinearPackedParamsBase: fbgemm's or oneDNN's, after the quantized
+// engine), held as an IValue and passed back to quantized::linear_dynamic through the
+// dispatcher, boxed, as torch.ao.nn.quantized.dynamic.Linear does from Python.
+struct simile_qlinear {
+  c10::IValue packed;
+};
+
 extern "C" {
 
 void simile_error_free(simile_error* err) {
@@ -507,5 +515,38 @@ simile_error* simile_flops_end(double* flops) {
     *flops = total;
   });
 }
+
+// ---- Dynamic int8 linear layers ---------------------------------------------------------
+
+simile_error* simile_qlinear_new(const simile_tensor* qweight, const simile_tensor* bias,
+                                 simile_qlinear** out) {
+  *out = nullptr;
+  return protect(SIMILE_ERR_INTERNAL, "quantized::linear_prepack", [&] {
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("quantized::linear_prepack", "");
+    std::vector<c10::IValue> stack;
+    stack.emplace_back(*qweight);
+    stack.emplace_back(bias != nullptr ? c10::IValue(*bias) : c10::IValue());
+    op.callBoxed(&stack);
+    TORCH_CHECK(stack.size() == 1 && stack[0].isObject(),
+                "linear_prepack did not return packed weights");
+    *out = new simile_qlinear{std::move(stack[0])};
+  });
+}
+
+simile_error* simile_qlinear_forward(const simile_qlinear* q, const simile_tensor* input,
+                                     bool reduce_range, simile_tensor** out) {
+  *out = nullptr;
+  return protect(SIMILE_ERR_INTERNAL, "quantized::linear_dynamic", [&] {
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("quantized::linear_dynamic", "");
+    std::vector<c10::IValue> stack{c10::IValue(*input), q->packed, c10::IValue(reduce_range)};
+    op.callBoxed(&stack);
+    TORCH_CHECK(stack.size() == 1 && stack[0].isTensor(), "linear_dynamic returned no tensor");
+    *out = new at::Tensor(stack[0].toTensor());
+  });
+}
+
+void simile_qlinear_free(simile_qlinear* q) { delete q; }
 
 }  // extern "C"

@@ -1,6 +1,6 @@
 // simile's C++ shim over libtorch: c10d (TCPStore, ProcessGroupGloo, ProcessGroupNCCL), CPU/CUDA autocast, and
 // the ATen ops and facilities tch does not reach (fused optimiser steps, GradScaler's unscale,
-// oneDNN's bf16 check, the profiler's FLOP count).
+// oneDNN's bf16 check, the profiler's FLOP count, dynamic int8 linear layers).
 // Its only caller is src/torch_ext/ (Rust), which declares these same functions.
 //
 // Rules of the API:
@@ -9,7 +9,8 @@
 //   this boundary.
 // - Tensors are `at::Tensor*`, i.e. tch's `C_tensor` (`Tensor::as_ptr()`); tensors returned
 //   through `at::Tensor**` are new heap objects that the caller owns (`Tensor::from_ptr`).
-// - Handles (`simile_store*`, `simile_pg*`) are released with their _free function.
+// - Handles (`simile_store*`, `simile_pg*`, `simile_qlinear*`) are released with their _free
+//   function.
 #pragma once
 
 #include <stddef.h>
@@ -145,6 +146,20 @@ simile_error* simile_cpu_has_bf16_kernels(bool* out);
 // add).
 simile_error* simile_flops_begin(void);
 simile_error* simile_flops_end(double* flops);
+
+// ---- Dynamic int8 linear layers ---------------------------------------------------------
+// torch.ao.nn.quantized.dynamic.Linear (what torch.ao.quantization.quantize_dynamic puts in
+// place of nn.Linear) on the CPU: int8 weights, activations quantized per call.
+typedef struct simile_qlinear simile_qlinear;
+
+// quantized::linear_prepack(qweight, bias): qweight a per-tensor qint8 tensor [out, in] (the
+// caller quantizes it, as PyTorch's weight observer does); bias float32 [out] or NULL.
+simile_error* simile_qlinear_new(const simile_tensor* qweight, const simile_tensor* bias,
+                                 simile_qlinear** out);
+// quantized::linear_dynamic(input, packed, reduce_range): float32 [.., in] -> float32 [.., out].
+simile_error* simile_qlinear_forward(const simile_qlinear* q, const simile_tensor* input,
+                                     bool reduce_range, simile_tensor** out);
+void simile_qlinear_free(simile_qlinear* q);
 
 #ifdef __cplusplus
 }

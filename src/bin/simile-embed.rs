@@ -8,7 +8,7 @@ use simile::dataset::Split;
 use simile::device::DeviceArg;
 use simile::image::{Preprocess, ResizeMode};
 use simile::model::embed::{self, EmbedOptions, OnBadImage};
-use simile::model::{self, import, ArchSpec, Compute, ModelSpec, Pool};
+use simile::model::{self, import, ArchSpec, Compute, ModelSpec, Pool, Quantize};
 use simile::npy::DType;
 use simile::shard::ShardSpec;
 use std::path::PathBuf;
@@ -30,6 +30,7 @@ use std::path::PathBuf;
   simile-embed import --hf ./bge-small-en-v1.5 --out work/bge      # a HuggingFace BERT folder
   simile-embed classify --model efficientnet-lite0-imagenet cat.png
   simile-embed --dataset work/verses.parquet --model minilm-l6-v2 --out work/emb.npy   # texts
+  simile-embed --dataset work/verses.parquet --model minilm-l6-v2 --quantize int8 --out work/emb8.npy
   simile-embed --dataset work/verses.parquet --model minilm-l6-v2 --split all --check-only
 
 Zoo keys: smallcnn (untrained baseline, random weights with seed 0), efficientnet-lite0-imagenet,
@@ -67,6 +68,11 @@ struct EmbedArgs {
     /// fp16 (CUDA only).
     #[arg(long, default_value = "fp32")]
     compute: Compute,
+    /// Text models: `int8` runs the encoder's linear layers in int8, as PyTorch's
+    /// `quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)` does (CPU, fp32 compute; about
+    /// 2x fp32 on a CPU; the embeddings move a little: see docs/models.md). none or int8.
+    #[arg(long, default_value = "none")]
+    quantize: Quantize,
     /// Element type of the output file: f32 or f16.
     #[arg(long, default_value = "f32")]
     out_dtype: String,
@@ -273,6 +279,7 @@ fn run_embed(a: EmbedArgs) -> anyhow::Result<()> {
         on_bad_image: a.on_bad_image,
         root: a.root,
         cache_mib: a.cache_mib,
+        quantize: a.quantize,
     };
     if a.check_only {
         match embed::check_only(&opts)? {

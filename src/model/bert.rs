@@ -5,6 +5,7 @@
 //! HuggingFace's (`embeddings.word_embeddings.weight`, `encoder.layer.N.attention.self.query`),
 //! so a `model.safetensors` loads after prefix stripping alone.
 use crate::error::{Error, Result};
+use crate::torch_ext::QLinear;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
 
@@ -190,6 +191,25 @@ struct Layer {
     out_norm: nn::LayerNorm,
 }
 
+/// A layer's linear maps in int8 (see [`Bert::quantize_int8`]).
+#[derive(Debug)]
+struct QLayer {
+    query: QLinear,
+    key: QLinear,
+    value: QLinear,
+    attn_out: QLinear,
+    inter: QLinear,
+    out: QLinear,
+}
+
+/// `x` through a linear map: its int8 copy when the encoder is quantized.
+fn linear_of(x: &Tensor, lin: &nn::Linear, q: Option<&QLinear>) -> Result<Tensor> {
+    match q {
+        Some(q) => q.forward(x),
+        None => Ok(x.apply(lin)),
+    }
+}
+
 /// A BERT encoder (without the pretraining pooler).
 #[derive(Debug)]
 pub struct Bert {
@@ -198,6 +218,8 @@ pub struct Bert {
     token_type: Tensor,
     emb_norm: nn::LayerNorm,
     layers: Vec<Layer>,
+    /// Int8 copies of the layers' linear maps, used instead of them (inference only).
+    quant: Option<Vec<QLayer>>,
     cfg: BertConfig,
 }
 
@@ -235,8 +257,32 @@ impl Bert {
             token_type,
             emb_norm,
             layers,
+            quant: None,
             cfg: cfg.clone(),
         })
+    }
+
+    /// PyTorch's `quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)` on the encoder:
+    /// from now on every layer's six linear maps run in int8 (weights quantized once, per
+    /// tensor; activations per call), on the CPU, for inference. Embeddings, attention and
+    /// LayerNorms stay float32, as in PyTorch.
+    pub fn quantize_int8(&mut self) -> Result<()> {
+        let q = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(QLayer {
+                    query: QLinear::new(&l.query)?,
+                    key: QLinear::new(&l.key)?,
+                    value: QLinear::new(&l.value)?,
+                    attn_out: QLinear::new(&l.attn_out)?,
+                    inter: QLinear::new(&l.inter)?,
+                    out: QLinear::new(&l.out)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.quant = Some(q);
+        Ok(())
     }
 
     pub fn config(&self) -> &BertConfig {
@@ -246,8 +292,11 @@ impl Bert {
     /// The last layer's token states `[B, L, H]` of `ids` `[B, L]` (int64) where `mask`
     /// `[B, L]` (int64, 1 = token, 0 = padding) says which positions are real. Padding never
     /// changes a real token's state: keys at padded positions are masked out of attention.
-    pub fn forward_t(&self, ids: &Tensor, mask: &Tensor, train: bool) -> Tensor {
-        let (b, l) = ids.size2().expect("token ids are [batch, length]");
+    pub fn forward_t(&self, ids: &Tensor, mask: &Tensor, train: bool) -> Result<Tensor> {
+        if train && self.quant.is_some() {
+            return Err(Error::internal("an int8-quantized encoder cannot train"));
+        }
+        let (b, l) = ids.size2()?;
         let h = self.cfg.hidden_size;
         let heads = self.cfg.num_attention_heads;
         let (pd, ad) = (
@@ -262,10 +311,11 @@ impl Bert {
         // [B, 1, 1, L]: true where a key may be attended to.
         let keep = mask.ne(0).view([b, 1, 1, l]);
         let split = |t: Tensor| t.view([b, l, heads, h / heads]).transpose(1, 2);
-        for layer in &self.layers {
-            let q = split(x.apply(&layer.query));
-            let k = split(x.apply(&layer.key));
-            let v = split(x.apply(&layer.value));
+        for (i, layer) in self.layers.iter().enumerate() {
+            let q8 = self.quant.as_ref().map(|q| &q[i]);
+            let q = split(linear_of(&x, &layer.query, q8.map(|q| &q.query))?);
+            let k = split(linear_of(&x, &layer.key, q8.map(|q| &q.key))?);
+            let v = split(linear_of(&x, &layer.value, q8.map(|q| &q.value))?);
             // Autocast has no CPU rule for a bool mask with low-precision q/k/v; the mask is
             // boolean, so nothing is cast.
             let a = Tensor::scaled_dot_product_attention(
@@ -279,16 +329,13 @@ impl Bert {
                 false,
             );
             let a = a.transpose(1, 2).reshape([b, l, h]);
-            let a = a.apply(&layer.attn_out).dropout(pd, train);
+            let a = linear_of(&a, &layer.attn_out, q8.map(|q| &q.attn_out))?.dropout(pd, train);
             x = (a + &x).apply(&layer.attn_norm);
-            let f = x
-                .apply(&layer.inter)
-                .gelu("none")
-                .apply(&layer.out)
-                .dropout(pd, train);
+            let f = linear_of(&x, &layer.inter, q8.map(|q| &q.inter))?.gelu("none");
+            let f = linear_of(&f, &layer.out, q8.map(|q| &q.out))?.dropout(pd, train);
             x = (f + &x).apply(&layer.out_norm);
         }
-        x
+        Ok(x)
     }
 }
 
@@ -350,7 +397,7 @@ impl TextNet {
     ) -> Result<Tensor> {
         let pooled = {
             let _amp = compute.autocast(device)?;
-            let states = self.bert.forward_t(ids, mask, train);
+            let states = self.bert.forward_t(ids, mask, train)?;
             pool(&states, mask, self.pool)
         };
         let f = pooled.f_to_kind(Kind::Float)?;
@@ -499,7 +546,7 @@ mod tests {
         let b = Bert::new(&vs.root(), &cfg).unwrap();
         let ids = Tensor::from_slice(&[5i64, 9, 11, 0]).view([1, 4]);
         let mask = Tensor::from_slice(&[1i64, 1, 1, 0]).view([1, 4]);
-        let got = tch::no_grad(|| b.forward_t(&ids, &mask, false));
+        let got = tch::no_grad(|| b.forward_t(&ids, &mask, false)).unwrap();
         let v = vs.variables();
         let w = |n: &str| v[n].shallow_clone();
         let ln = |x: &Tensor, p: &str| {

@@ -55,6 +55,8 @@ pub struct EmbedOptions {
     pub root: Option<PathBuf>,
     /// Prepared images are kept in memory up to this many MiB (else decoded twice).
     pub cache_mib: usize,
+    /// Text models: int8 linear layers (`Model::quantize`).
+    pub quantize: super::Quantize,
 }
 
 #[derive(Debug)]
@@ -107,6 +109,7 @@ pub fn run(opts: &EmbedOptions, on_device: impl FnOnce(&str)) -> Result<EmbedSum
     }
     check_modality(&ds, &model, opts)?;
     model.set_compute(opts.compute)?;
+    model.quantize(opts.quantize)?;
     if let Some(w) = opts.compute.slow_on(dev) {
         eprintln!("simile-embed: {w}");
     }
@@ -366,9 +369,13 @@ pub(super) fn output_and_params(
         "compute": opts.compute.to_string(),
         "out_dtype": if opts.out_dtype == DType::F16 { "f16" } else { "f32" },
     });
-    let serde_json::Value::Object(map) = params else {
+    let serde_json::Value::Object(mut map) = params else {
         unreachable!("a JSON object literal")
     };
+    // Only when set: the fingerprints of unquantized runs stay what they were.
+    if opts.quantize != super::Quantize::None {
+        map.insert("quantize".into(), opts.quantize.as_str().into());
+    }
     (out, map)
 }
 

@@ -291,6 +291,17 @@ pub fn seal_tensors(tensors: &[(String, Tensor)], dest: &Path) -> Result<Sealed>
     f.seal()
 }
 
+/// The weights a forward pass uses: as stored, or an int8 copy of a text encoder's linear
+/// layers (PyTorch's dynamic quantization, `Model::quantize`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Quantize {
+    #[default]
+    None,
+    Int8,
+}
+
+crate::named!(Quantize { None => "none", Int8 => "int8" });
+
 /// Numeric precision of a forward pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compute {
@@ -494,6 +505,36 @@ impl Model {
 
     pub fn compute(&self) -> Compute {
         self.compute
+    }
+
+    /// `--quantize int8`: `torch.ao.quantization.quantize_dynamic(model, {nn.Linear},
+    /// dtype=torch.qint8)` on a text model, whose linear layers then run in int8 (about 2x
+    /// fp32 on a CPU; the embeddings move a little, see docs/models.md). CPU and fp32 compute
+    /// only (PyTorch's dynamic int8 kernels are the CPU's); image models are refused (their
+    /// work is convolutions, which dynamic quantization leaves in float).
+    pub fn quantize(&mut self, q: Quantize) -> Result<()> {
+        if q == Quantize::None {
+            return Ok(());
+        }
+        let Runner::Text { net, .. } = &mut self.runner else {
+            return Err(Error::input(format!(
+                "--quantize {q}: {} is an image model; dynamic int8 quantization is for text models (a BERT encoder's linear layers)",
+                self.source
+            )));
+        };
+        if self.device != Device::Cpu {
+            return Err(Error::input(format!(
+                "--quantize {q} runs on the CPU (PyTorch's dynamic int8 kernels are CPU kernels), not on {:?}: add --device cpu",
+                self.device
+            )));
+        }
+        if self.compute != Compute::Fp32 {
+            return Err(Error::input(format!(
+                "--quantize {q} with --compute {}: the int8 layers take float32 inputs; use --compute fp32",
+                self.compute
+            )));
+        }
+        net.bert.quantize_int8()
     }
 
     /// The tokenizer of a text model.

@@ -27,6 +27,11 @@ pub(super) struct SimilePg {
 }
 
 #[repr(C)]
+pub(super) struct SimileQLinear {
+    _private: [u8; 0],
+}
+
+#[repr(C)]
 #[derive(Clone, Copy, Default)]
 pub(super) struct AutocastPrev {
     pub enabled: bool,
@@ -154,6 +159,19 @@ extern "C" {
     pub(super) fn simile_cpu_has_bf16_kernels(out: *mut bool) -> *mut SimileError;
     pub(super) fn simile_flops_begin() -> *mut SimileError;
     pub(super) fn simile_flops_end(flops: *mut f64) -> *mut SimileError;
+
+    pub(super) fn simile_qlinear_new(
+        qweight: *const C_tensor,
+        bias: *const C_tensor,
+        out: *mut *mut SimileQLinear,
+    ) -> *mut SimileError;
+    pub(super) fn simile_qlinear_forward(
+        q: *const SimileQLinear,
+        input: *const C_tensor,
+        reduce_range: bool,
+        out: *mut *mut C_tensor,
+    ) -> *mut SimileError;
+    pub(super) fn simile_qlinear_free(q: *mut SimileQLinear);
 }
 
 /// Turns the shim's returned error (null: success) into a `Result`, freeing it.

@@ -355,3 +355,41 @@ fn nccl_group_on_the_machines_gpus() {
         }
     }
 }
+
+/// A dynamic int8 linear layer against its float32 layer on the same weights: the error is
+/// what 8-bit weights and 7-bit activations leave (each term off by at most half a step of
+/// each), not zero, and a bias-less layer works too.
+#[test]
+fn int8_linear_is_the_float_layer_within_its_quantization_error() {
+    use super::QLinear;
+    tch::manual_seed(0);
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    for bias in [true, false] {
+        let cfg = tch::nn::LinearConfig {
+            bias,
+            ..Default::default()
+        };
+        let lin = tch::nn::linear(vs.root() / format!("l{bias}"), 96, 48, cfg);
+        let x = Tensor::randn([2, 7, 96], (Kind::Float, Device::Cpu));
+        let q = QLinear::new(&lin).unwrap();
+        let (got, want) = tch::no_grad(|| (q.forward(&x).unwrap(), x.apply(&lin)));
+        assert_eq!(got.size(), [2, 7, 48]);
+        assert_eq!(got.kind(), Kind::Float);
+        // Per output: |sum_k x_k w_k - sum_k qx_k qw_k| <= sum_k (|x_k| dw + |w_k| dx + dx dw),
+        // with half a step of each: dw = max|w| / 127.5 / 2, dx = range(x) / 127 / 2.
+        let dw = lin.ws.abs().max().double_value(&[]) / 127.5 / 2.0;
+        let dx = (x.max() - x.min()).double_value(&[]) / 127.0 / 2.0;
+        let bound = x.abs().sum_dim_intlist(-1, true, Kind::Float) * dw
+            + lin.ws.abs().sum_dim_intlist(-1, false, Kind::Float) * dx
+            + 96.0 * dx * dw;
+        let err = (&got - &want).abs();
+        let over = (&err - &bound).max().double_value(&[]);
+        assert!(over <= 1e-5, "error above the bound by {over}");
+        let rel = (err.max() / want.abs().max()).double_value(&[]);
+        assert!(
+            rel > 1e-4,
+            "int8 gave float32's result (relative error {rel})"
+        );
+        assert!(rel < 0.05, "relative error {rel}");
+    }
+}

@@ -119,7 +119,7 @@ fn text_plan(cfg: &TrainConfig) -> Result<TextPlan> {
 /// The network being trained.
 enum Encoder {
     Image(Net),
-    Text(TextNet),
+    Text(Box<TextNet>),
 }
 
 impl Encoder {
@@ -164,7 +164,7 @@ impl Plan for ExtractorPlan {
                 let pool = t.spec.text.as_ref().map(|x| x.pooling).unwrap_or_default();
                 let net = TextNet::new(&vs.root(), &t.spec.architecture, pool, t.spec.normalise)?;
                 load_init(&vs, &t.dir, &t.spec.architecture)?;
-                Encoder::Text(net)
+                Encoder::Text(Box::new(net))
             }
             None => {
                 let arch = cfg.model.arch_spec();
